@@ -1,0 +1,33 @@
+# Shared helpers for hack/ scripts: sourced, not run.
+
+# Installs the Debian packages named as arguments that are not installed yet.
+ensure_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "hack: installing ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# Makes cargo available: the machine's toolchain if there is one, else rustup's stable.
+ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        if [ -x "$HOME/.cargo/bin/cargo" ]; then
+            export PATH="$HOME/.cargo/bin:$PATH"
+        else
+            ensure_packages curl ca-certificates
+            echo "hack: installing the Rust toolchain with rustup" >&2
+            curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy >&2
+            export PATH="$HOME/.cargo/bin:$PATH"
+        fi
+    fi
+}
+
+# What building and running berthd needs.
+BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev)
+RUN_PACKAGES=(iproute2 nftables util-linux)

@@ -1,0 +1,444 @@
+//! berthd's configuration: a TOML file whose sections later subsystems read, the built-in
+//! defaults, and the command-line overrides. Parsing is strict: an unknown key or a wrong type is
+//! an error naming the file, the line and the key, so a typo never silently becomes a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::network::cidr::Ipv4Cidr;
+
+/// Where berthd looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
+
+/// Errors from reading or checking a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for our schema.
+    #[error("{path}:{line}:{column}: {key}{message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the offending key or value.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// "key `a.b`: " when the key is known, else empty.
+        key: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value that parsed but makes no sense (e.g. an empty bridge name).
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file (or `<defaults>`).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The complete configuration of one berthd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistent data: content store, snapshots, metadata.
+    pub root: PathBuf,
+    /// Runtime state that a reboot clears: sockets, pod dirs, bundles.
+    pub state: PathBuf,
+    /// The CRI socket.
+    pub listen: PathBuf,
+    /// A tracing level (`info`) or a full filter (`berth=debug,h2=warn`).
+    pub log_level: String,
+    /// Seconds that in-flight calls get to finish after SIGTERM before berthd exits anyway.
+    pub shutdown_timeout_seconds: u64,
+    /// Per-registry-host settings; the key `*` applies to every host.
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Image pulls and the image store.
+    pub images: ImagesConfig,
+    /// The built-in bridge network.
+    pub network: NetworkConfig,
+    /// Extra runtime handlers by name (the empty handler is always the embedded runtime).
+    pub runtimes: BTreeMap<String, RuntimeHandlerConfig>,
+    /// The exec/attach/port-forward streaming server.
+    pub streaming: StreamingConfig,
+    /// The metrics endpoint.
+    pub metrics: MetricsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from("/var/lib/berth"),
+            state: PathBuf::from("/run/berth"),
+            listen: PathBuf::from("/run/berth/berth.sock"),
+            log_level: "info".into(),
+            shutdown_timeout_seconds: 10,
+            registries: BTreeMap::new(),
+            images: ImagesConfig::default(),
+            network: NetworkConfig::default(),
+            runtimes: BTreeMap::new(),
+            streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+/// Settings for one registry host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Endpoints tried in order before the host itself; `http://` means plain HTTP.
+    pub mirrors: Vec<String>,
+    /// Talk plain HTTP to the host itself (not only to `http://` mirrors).
+    pub insecure: bool,
+}
+
+/// Image pull settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// A Docker-style `config.json` with an `auths` map, used when the CRI sends no credentials.
+    pub credentials_file: Option<PathBuf>,
+    /// Layers of one pull downloaded at the same time.
+    pub max_concurrent_downloads: usize,
+    /// A pull that receives no bytes for this many seconds fails.
+    pub pull_progress_timeout_seconds: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig {
+            credentials_file: None,
+            max_concurrent_downloads: 3,
+            pull_progress_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The built-in pod network: a bridge, a veth per pod, host-local IPAM, nftables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// The bridge pods attach to; created when missing.
+    pub bridge: String,
+    /// The pod subnet; the bridge takes its first address as the pods' gateway.
+    pub subnet: Ipv4Cidr,
+    /// Masquerade traffic from pods that leaves the subnet.
+    pub masquerade: bool,
+    /// MTU of the bridge and the pods' interfaces (0 = kernel default).
+    pub mtu: u32,
+    /// The nftables table (family `ip`) that holds berth's rules.
+    pub nft_table: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            bridge: "berth0".into(),
+            subnet: "10.88.0.0/16".parse().expect("valid built-in subnet"),
+            masquerade: true,
+            mtu: 0,
+            nft_table: "berth".into(),
+        }
+    }
+}
+
+/// A named runtime handler (RuntimeClass).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeHandlerConfig {
+    /// An OCI runtime binary (e.g. `/usr/bin/runc`); absent = the embedded runtime.
+    pub path: Option<PathBuf>,
+}
+
+/// The streaming server (exec, attach, port-forward).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// Address the streaming server listens on.
+    pub address: String,
+    /// Port (0 = any free port).
+    pub port: u16,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: "127.0.0.1".into(),
+            port: 0,
+        }
+    }
+}
+
+/// The metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` to serve metrics on; empty = off.
+    pub address: String,
+}
+
+impl Config {
+    /// Parses a configuration from TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(e, text, path))?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Checks what the types alone cannot.
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })
+        };
+        if !crate::network::is_valid_ifname(&self.network.bridge) {
+            return invalid(format!(
+                "network.bridge {:?} is not a valid interface name (1-15 characters, no '/', ':' or whitespace)",
+                self.network.bridge
+            ));
+        }
+        if self.network.subnet.prefix_len() > 30 {
+            return invalid(format!(
+                "network.subnet {} leaves no room for pods (prefix must be /30 or shorter)",
+                self.network.subnet
+            ));
+        }
+        for (host, reg) in &self.registries {
+            for m in &reg.mirrors {
+                if !(m.starts_with("http://") || m.starts_with("https://")) && m.contains("://") {
+                    return invalid(format!(
+                        "registries.\"{host}\".mirrors: {m:?} must be host[:port], http://host[:port] or https://host[:port]"
+                    ));
+                }
+            }
+        }
+        for name in self.runtimes.keys() {
+            if name.is_empty() {
+                return invalid(
+                    "runtimes: the empty handler name is the embedded runtime and cannot be redefined"
+                        .into(),
+                );
+            }
+        }
+        if self.images.max_concurrent_downloads == 0 {
+            return invalid("images.max_concurrent_downloads must be at least 1".into());
+        }
+        for p in [&self.root, &self.state, &self.listen] {
+            if !p.is_absolute() {
+                return invalid(format!("{} must be an absolute path", p.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns a toml error into file:line:column plus the key it concerns.
+fn parse_error(e: toml::de::Error, text: &str, path: &Path) -> ConfigError {
+    let (line, column, key) = match e.span() {
+        Some(span) => {
+            let (line, column) = line_col(text, span.start);
+            (line, column, key_at(text, line))
+        }
+        None => (1, 1, None),
+    };
+    ConfigError::Parse {
+        path: path.to_owned(),
+        line,
+        column,
+        key: key.map(|k| format!("key `{k}`: ")).unwrap_or_default(),
+        message: e.message().to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The dotted key defined on a line (`network.subnet`), from the nearest table header above it
+/// and the `key =` on the line itself. A best effort for messages only.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let this = lines.get(line - 1)?.trim();
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('[') && !this.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    if this.starts_with('[') {
+        return Some(
+            this.trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string(),
+        );
+    }
+    let key = this.split('=').next()?.trim();
+    if key.is_empty() {
+        return table;
+    }
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_string(),
+    })
+}
+
+/// The complete default configuration as commented TOML (what `berthd config default` prints).
+/// A unit test checks that it parses back to `Config::default()`.
+pub const DEFAULT_TOML: &str = r#"# berthd configuration. Every key is shown with its built-in default.
+# Command-line flags (--root, --state, --listen, --log-level) override this file.
+
+# Persistent data: content store, unpacked layers, metadata.
+root = "/var/lib/berth"
+# Runtime state cleared by a reboot: the socket, pod and container state, bundles.
+state = "/run/berth"
+# The CRI socket kubelet and crictl connect to (mode 0660, owned by root).
+listen = "/run/berth/berth.sock"
+# A level (error, warn, info, debug, trace) or a filter such as "berth=debug,h2=warn".
+log_level = "info"
+# After SIGTERM/SIGINT, in-flight calls get this long to finish.
+shutdown_timeout_seconds = 10
+
+# Registry hosts. The key is a host ("registry.k8s.io", "docker.io", "127.0.0.1:5000"), or "*"
+# for every host. Mirrors are tried in order before the host itself; an http:// mirror is
+# spoken to in plain HTTP. `insecure = true` makes the host itself plain HTTP too.
+#
+# [registries."registry.k8s.io"]
+# mirrors = ["http://127.0.0.1:5000"]
+# insecure = false
+
+[images]
+# A Docker-style credentials file ({"auths": {"host": {"auth": "base64(user:pass)"}}}),
+# used for hosts the CRI request carries no credentials for.
+# credentials_file = "/etc/berth/auth.json"
+# Layers of one pull downloaded in parallel.
+max_concurrent_downloads = 3
+# A pull that receives no bytes for this many seconds fails (a slow pull that moves goes on).
+pull_progress_timeout_seconds = 60
+
+[network]
+# The bridge pods are attached to; created when missing. Its address is the subnet's first.
+bridge = "berth0"
+# Pod addresses come from here (UpdateRuntimeConfig's pod CIDR replaces it for new pods).
+subnet = "10.88.0.0/16"
+# Masquerade pod traffic that leaves the subnet.
+masquerade = true
+# MTU of the bridge and pod interfaces; 0 keeps the kernel's default.
+mtu = 0
+# The nftables table (family ip) holding berth's NAT rules.
+nft_table = "berth"
+
+# Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime.
+#
+# [runtimes.runc]
+# path = "/usr/bin/runc"
+
+[streaming]
+# The exec/attach/port-forward server; port 0 picks a free port.
+address = "127.0.0.1"
+port = 0
+
+[metrics]
+# host:port for metrics; empty turns them off.
+address = ""
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/berth/config.toml"))
+    }
+
+    #[test]
+    fn default_toml_parses_to_the_built_in_defaults() {
+        assert_eq!(parse(DEFAULT_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn registry_mirrors_and_network_keys_are_read() {
+        let c = parse(
+            "[registries.\"registry.k8s.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n\
+             [network]\nbridge = \"br-test\"\nsubnet = \"10.200.0.0/24\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.registries["registry.k8s.io"].mirrors,
+            vec!["http://127.0.0.1:5000".to_string()]
+        );
+        assert_eq!(c.network.bridge, "br-test");
+        assert_eq!(c.network.subnet.to_string(), "10.200.0.0/24");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = parse("[network]\nbridge = \"b\"\nbrigde = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/berth/config.toml:3:"), "{err}");
+        assert!(err.contains("network.brigde"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_file_line_and_key() {
+        let err = parse("root = \"/x\"\n\n[images]\nmax_concurrent_downloads = \"three\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("/etc/berth/config.toml:4:"), "{err}");
+        assert!(err.contains("images.max_concurrent_downloads"), "{err}");
+    }
+
+    #[test]
+    fn bad_subnet_is_rejected_with_its_line() {
+        let err = parse("[network]\nsubnet = \"10.0.0.0/33\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":2:"), "{err}");
+        assert!(err.contains("network.subnet"), "{err}");
+    }
+
+    #[test]
+    fn invalid_bridge_name_is_rejected() {
+        let err = parse("[network]\nbridge = \"a-very-long-bridge-name\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network.bridge"), "{err}");
+    }
+
+    #[test]
+    fn relative_paths_are_rejected() {
+        assert!(parse("root = \"var/lib\"\n").is_err());
+    }
+}

@@ -1,0 +1,364 @@
+//! The gRPC façade: kubelet's CRI calls are validated here, translated into the runtime core's
+//! terms, and its errors mapped back to gRPC codes. Nothing in here touches the kernel.
+//! One file per RPC family; this file wires them into the two tonic services.
+
+mod runtime_info;
+mod trace;
+
+use std::sync::Arc;
+
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use tonic::{Request, Response, Status};
+
+use crate::runtime::{Error, Runtime};
+use trace::rpc;
+
+/// Both CRI services over one runtime core.
+#[derive(Clone)]
+pub struct Cri {
+    rt: Arc<Runtime>,
+}
+
+impl Cri {
+    /// A façade over `rt`.
+    pub fn new(rt: Arc<Runtime>) -> Self {
+        Cri { rt }
+    }
+
+    /// The tonic services to mount on a server.
+    pub fn services(self) -> (RuntimeServiceServer<Cri>, ImageServiceServer<Cri>) {
+        (
+            RuntimeServiceServer::new(self.clone()),
+            ImageServiceServer::new(self),
+        )
+    }
+}
+
+/// The answer for an RPC berth does not serve (yet). kubelet falls back only on this code.
+fn unimplemented(method: &str) -> Status {
+    Status::unimplemented(format!("{method} is not implemented by berth"))
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            Error::Unavailable(_) => Status::unavailable(msg),
+            Error::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl RuntimeService for Cri {
+    type GetContainerEventsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<cri::ContainerEventResponse, Status>>;
+
+    async fn version(&self, r: Request<cri::VersionRequest>) -> RpcResult<cri::VersionResponse> {
+        rpc("Version", async { self.version(r.into_inner()) }).await
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _r: Request<cri::RunPodSandboxRequest>,
+    ) -> RpcResult<cri::RunPodSandboxResponse> {
+        rpc("RunPodSandbox", async {
+            Err(unimplemented("RunPodSandbox"))
+        })
+        .await
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _r: Request<cri::StopPodSandboxRequest>,
+    ) -> RpcResult<cri::StopPodSandboxResponse> {
+        rpc("StopPodSandbox", async {
+            Err(unimplemented("StopPodSandbox"))
+        })
+        .await
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _r: Request<cri::RemovePodSandboxRequest>,
+    ) -> RpcResult<cri::RemovePodSandboxResponse> {
+        rpc("RemovePodSandbox", async {
+            Err(unimplemented("RemovePodSandbox"))
+        })
+        .await
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _r: Request<cri::PodSandboxStatusRequest>,
+    ) -> RpcResult<cri::PodSandboxStatusResponse> {
+        rpc("PodSandboxStatus", async {
+            Err(unimplemented("PodSandboxStatus"))
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _r: Request<cri::ListPodSandboxRequest>,
+    ) -> RpcResult<cri::ListPodSandboxResponse> {
+        rpc("ListPodSandbox", async {
+            Err(unimplemented("ListPodSandbox"))
+        })
+        .await
+    }
+
+    async fn create_container(
+        &self,
+        _r: Request<cri::CreateContainerRequest>,
+    ) -> RpcResult<cri::CreateContainerResponse> {
+        rpc("CreateContainer", async {
+            Err(unimplemented("CreateContainer"))
+        })
+        .await
+    }
+
+    async fn start_container(
+        &self,
+        _r: Request<cri::StartContainerRequest>,
+    ) -> RpcResult<cri::StartContainerResponse> {
+        rpc("StartContainer", async {
+            Err(unimplemented("StartContainer"))
+        })
+        .await
+    }
+
+    async fn stop_container(
+        &self,
+        _r: Request<cri::StopContainerRequest>,
+    ) -> RpcResult<cri::StopContainerResponse> {
+        rpc("StopContainer", async {
+            Err(unimplemented("StopContainer"))
+        })
+        .await
+    }
+
+    async fn remove_container(
+        &self,
+        _r: Request<cri::RemoveContainerRequest>,
+    ) -> RpcResult<cri::RemoveContainerResponse> {
+        rpc("RemoveContainer", async {
+            Err(unimplemented("RemoveContainer"))
+        })
+        .await
+    }
+
+    async fn list_containers(
+        &self,
+        _r: Request<cri::ListContainersRequest>,
+    ) -> RpcResult<cri::ListContainersResponse> {
+        rpc("ListContainers", async {
+            Err(unimplemented("ListContainers"))
+        })
+        .await
+    }
+
+    async fn container_status(
+        &self,
+        _r: Request<cri::ContainerStatusRequest>,
+    ) -> RpcResult<cri::ContainerStatusResponse> {
+        rpc("ContainerStatus", async {
+            Err(unimplemented("ContainerStatus"))
+        })
+        .await
+    }
+
+    async fn update_container_resources(
+        &self,
+        _r: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> RpcResult<cri::UpdateContainerResourcesResponse> {
+        rpc("UpdateContainerResources", async {
+            Err(unimplemented("UpdateContainerResources"))
+        })
+        .await
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _r: Request<cri::ReopenContainerLogRequest>,
+    ) -> RpcResult<cri::ReopenContainerLogResponse> {
+        rpc("ReopenContainerLog", async {
+            Err(unimplemented("ReopenContainerLog"))
+        })
+        .await
+    }
+
+    async fn exec_sync(
+        &self,
+        _r: Request<cri::ExecSyncRequest>,
+    ) -> RpcResult<cri::ExecSyncResponse> {
+        rpc("ExecSync", async { Err(unimplemented("ExecSync")) }).await
+    }
+
+    async fn exec(&self, _r: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
+        rpc("Exec", async { Err(unimplemented("Exec")) }).await
+    }
+
+    async fn attach(&self, _r: Request<cri::AttachRequest>) -> RpcResult<cri::AttachResponse> {
+        rpc("Attach", async { Err(unimplemented("Attach")) }).await
+    }
+
+    async fn port_forward(
+        &self,
+        _r: Request<cri::PortForwardRequest>,
+    ) -> RpcResult<cri::PortForwardResponse> {
+        rpc("PortForward", async { Err(unimplemented("PortForward")) }).await
+    }
+
+    async fn container_stats(
+        &self,
+        _r: Request<cri::ContainerStatsRequest>,
+    ) -> RpcResult<cri::ContainerStatsResponse> {
+        rpc("ContainerStats", async {
+            Err(unimplemented("ContainerStats"))
+        })
+        .await
+    }
+
+    async fn list_container_stats(
+        &self,
+        _r: Request<cri::ListContainerStatsRequest>,
+    ) -> RpcResult<cri::ListContainerStatsResponse> {
+        rpc("ListContainerStats", async {
+            Err(unimplemented("ListContainerStats"))
+        })
+        .await
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _r: Request<cri::PodSandboxStatsRequest>,
+    ) -> RpcResult<cri::PodSandboxStatsResponse> {
+        rpc("PodSandboxStats", async {
+            Err(unimplemented("PodSandboxStats"))
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _r: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> RpcResult<cri::ListPodSandboxStatsResponse> {
+        rpc("ListPodSandboxStats", async {
+            Err(unimplemented("ListPodSandboxStats"))
+        })
+        .await
+    }
+
+    async fn update_runtime_config(
+        &self,
+        r: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> RpcResult<cri::UpdateRuntimeConfigResponse> {
+        rpc("UpdateRuntimeConfig", async {
+            self.update_runtime_config(r.into_inner())
+        })
+        .await
+    }
+
+    async fn status(&self, r: Request<cri::StatusRequest>) -> RpcResult<cri::StatusResponse> {
+        rpc("Status", async { self.status(r.into_inner()) }).await
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _r: Request<cri::CheckpointContainerRequest>,
+    ) -> RpcResult<cri::CheckpointContainerResponse> {
+        rpc("CheckpointContainer", async {
+            Err(unimplemented("CheckpointContainer"))
+        })
+        .await
+    }
+
+    async fn get_container_events(
+        &self,
+        _r: Request<cri::GetEventsRequest>,
+    ) -> RpcResult<Self::GetContainerEventsStream> {
+        rpc("GetContainerEvents", async {
+            Err(unimplemented("GetContainerEvents"))
+        })
+        .await
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _r: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> RpcResult<cri::ListMetricDescriptorsResponse> {
+        rpc("ListMetricDescriptors", async {
+            Err(unimplemented("ListMetricDescriptors"))
+        })
+        .await
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> RpcResult<cri::ListPodSandboxMetricsResponse> {
+        rpc("ListPodSandboxMetrics", async {
+            Err(unimplemented("ListPodSandboxMetrics"))
+        })
+        .await
+    }
+
+    async fn runtime_config(
+        &self,
+        r: Request<cri::RuntimeConfigRequest>,
+    ) -> RpcResult<cri::RuntimeConfigResponse> {
+        rpc("RuntimeConfig", async {
+            self.runtime_config(r.into_inner())
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for Cri {
+    async fn list_images(
+        &self,
+        _r: Request<cri::ListImagesRequest>,
+    ) -> RpcResult<cri::ListImagesResponse> {
+        rpc("ListImages", async { Err(unimplemented("ListImages")) }).await
+    }
+
+    async fn image_status(
+        &self,
+        _r: Request<cri::ImageStatusRequest>,
+    ) -> RpcResult<cri::ImageStatusResponse> {
+        rpc("ImageStatus", async { Err(unimplemented("ImageStatus")) }).await
+    }
+
+    async fn pull_image(
+        &self,
+        _r: Request<cri::PullImageRequest>,
+    ) -> RpcResult<cri::PullImageResponse> {
+        rpc("PullImage", async { Err(unimplemented("PullImage")) }).await
+    }
+
+    async fn remove_image(
+        &self,
+        _r: Request<cri::RemoveImageRequest>,
+    ) -> RpcResult<cri::RemoveImageResponse> {
+        rpc("RemoveImage", async { Err(unimplemented("RemoveImage")) }).await
+    }
+
+    async fn image_fs_info(
+        &self,
+        _r: Request<cri::ImageFsInfoRequest>,
+    ) -> RpcResult<cri::ImageFsInfoResponse> {
+        rpc("ImageFsInfo", async { Err(unimplemented("ImageFsInfo")) }).await
+    }
+}

@@ -1,0 +1,116 @@
+//! Version, Status, RuntimeConfig and UpdateRuntimeConfig.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use super::Cri;
+use crate::runtime::{Condition, RUNTIME_API_VERSION, RUNTIME_NAME};
+
+/// The CRI condition types kubelet looks for.
+const RUNTIME_READY: &str = "RuntimeReady";
+const NETWORK_READY: &str = "NetworkReady";
+
+/// The Version response's `version` field: the CRI API version of the kubelet-facing wire
+/// (kept at 0.1.0 like other CRI runtimes, as kubelet only logs it).
+const KUBELET_API_VERSION: &str = "0.1.0";
+
+fn condition(kind: &str, c: Condition) -> cri::RuntimeCondition {
+    cri::RuntimeCondition {
+        r#type: kind.into(),
+        status: c.ready,
+        reason: c.reason,
+        message: c.message,
+    }
+}
+
+impl Cri {
+    pub(super) fn version(
+        &self,
+        _req: cri::VersionRequest,
+    ) -> Result<cri::VersionResponse, Status> {
+        Ok(cri::VersionResponse {
+            version: KUBELET_API_VERSION.into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: self.rt.version().into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        })
+    }
+
+    pub(super) fn status(&self, req: cri::StatusRequest) -> Result<cri::StatusResponse, Status> {
+        let conditions = vec![
+            condition(RUNTIME_READY, self.rt.runtime_condition()),
+            condition(NETWORK_READY, self.rt.network_condition()),
+        ];
+        let mut info = HashMap::new();
+        if req.verbose {
+            let config = serde_json::to_string(self.rt.config())
+                .map_err(|e| Status::internal(format!("serializing the configuration: {e}")))?;
+            info.insert("config".to_string(), config);
+            if let Some(cidr) = self.rt.pod_cidr() {
+                info.insert(
+                    "podCIDR".to_string(),
+                    serde_json::json!(cidr.to_string()).to_string(),
+                );
+            }
+        }
+        Ok(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info,
+            runtime_handlers: self.runtime_handlers(),
+            // Features are claimed only once they are implemented: kubelet trusts them.
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: false,
+            }),
+        })
+    }
+
+    /// The handlers berth serves: "" (the embedded runtime) and every configured one.
+    fn runtime_handlers(&self) -> Vec<cri::RuntimeHandler> {
+        let features = || {
+            Some(cri::RuntimeHandlerFeatures {
+                recursive_read_only_mounts: false,
+                user_namespaces: false,
+            })
+        };
+        std::iter::once(String::new())
+            .chain(self.rt.config().runtimes.keys().cloned())
+            .map(|name| cri::RuntimeHandler {
+                name,
+                features: features(),
+            })
+            .collect()
+    }
+
+    pub(super) fn runtime_config(
+        &self,
+        _req: cri::RuntimeConfigRequest,
+    ) -> Result<cri::RuntimeConfigResponse, Status> {
+        Ok(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        })
+    }
+
+    pub(super) fn update_runtime_config(
+        &self,
+        req: cri::UpdateRuntimeConfigRequest,
+    ) -> Result<cri::UpdateRuntimeConfigResponse, Status> {
+        let cidr = req
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        // kubelet may send several CIDRs separated by commas (dual stack); berth's network is
+        // IPv4 only, so it takes the IPv4 one.
+        let v4 = cidr
+            .split(',')
+            .map(str::trim)
+            .find(|c| !c.contains(':'))
+            .unwrap_or("");
+        self.rt.update_pod_cidr(v4)?;
+        Ok(cri::UpdateRuntimeConfigResponse {})
+    }
+}

@@ -1,0 +1,9 @@
+//! berth: a container runtime for Kubernetes nodes. `berthd` serves the CRI (runtime.v1) on a
+//! unix socket; this library holds everything behind it. `cri` translates gRPC calls into the
+//! domain modules, which act on the kernel, the registry and the disk.
+
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod network;
+pub mod runtime;

@@ -1,0 +1,157 @@
+//! The runtime core: the state one berthd owns and the operations the CRI façade calls. It knows
+//! nothing of protobuf; `cri/` translates to and from it.
+
+use std::path::Path;
+use std::sync::RwLock;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::network::cidr::Ipv4Cidr;
+
+/// The name berthd reports as its runtime.
+pub const RUNTIME_NAME: &str = "berth";
+/// The CRI API version berthd serves.
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+/// One readiness condition, as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    /// Ready or not.
+    pub ready: bool,
+    /// A CamelCase reason when not ready.
+    pub reason: String,
+    /// A human explanation when not ready.
+    pub message: String,
+}
+
+impl Condition {
+    fn ready() -> Self {
+        Condition {
+            ready: true,
+            reason: String::new(),
+            message: String::new(),
+        }
+    }
+
+    fn not_ready(reason: &str, message: String) -> Self {
+        Condition {
+            ready: false,
+            reason: reason.into(),
+            message,
+        }
+    }
+}
+
+/// Errors of the runtime core; `cri/` maps each kind to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message names what.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object exists but is in the wrong state for this call.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The object (or its name) exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The call was cancelled or ran out of time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The host ran out of something (disk, addresses).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A dependency (registry, kernel facility) is not reachable right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: a bug or an unexpected failure of the host.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The result type of the runtime core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The runtime core shared by every RPC.
+pub struct Runtime {
+    config: Config,
+    /// The pod CIDR kubelet last sent with UpdateRuntimeConfig.
+    pod_cidr: RwLock<Option<Ipv4Cidr>>,
+}
+
+impl Runtime {
+    /// Builds the core over an already-locked root and state directory.
+    pub fn new(config: Config) -> Self {
+        Runtime {
+            config,
+            pod_cidr: RwLock::new(None),
+        }
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// This build's version.
+    pub fn version(&self) -> &'static str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    /// Whether containers can be run: the root and state directories are usable.
+    pub fn runtime_condition(&self) -> Condition {
+        for dir in [&self.config.root, &self.config.state] {
+            if let Err(e) = writable_dir(dir) {
+                return Condition::not_ready(
+                    "RuntimeDirectoryUnusable",
+                    format!("{} is not a writable directory: {e}", dir.display()),
+                );
+            }
+        }
+        Condition::ready()
+    }
+
+    /// Whether pods can get a network.
+    pub fn network_condition(&self) -> Condition {
+        Condition::not_ready(
+            "NetworkNotImplemented",
+            "the built-in bridge network is not implemented yet".into(),
+        )
+    }
+
+    /// The pod CIDR from UpdateRuntimeConfig, if any.
+    pub fn pod_cidr(&self) -> Option<Ipv4Cidr> {
+        *self.pod_cidr.read().expect("pod_cidr lock poisoned")
+    }
+
+    /// Records the pod CIDR kubelet assigned to this node; an empty string leaves it unchanged.
+    pub fn update_pod_cidr(&self, cidr: &str) -> Result<()> {
+        if cidr.is_empty() {
+            return Ok(());
+        }
+        let parsed: Ipv4Cidr = cidr
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("pod CIDR: {e}")))?;
+        if parsed.prefix_len() > 30 {
+            return Err(Error::InvalidArgument(format!(
+                "pod CIDR {parsed} is too small to hold pods"
+            )));
+        }
+        let mut cur = self.pod_cidr.write().expect("pod_cidr lock poisoned");
+        if *cur != Some(parsed) {
+            tracing::info!(pod_cidr = %parsed, "pod CIDR updated");
+            *cur = Some(parsed);
+        }
+        Ok(())
+    }
+}
+
+fn writable_dir(dir: &Path) -> nix::Result<()> {
+    nix::unistd::access(
+        dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+}
