@@ -31,3 +31,5 @@ ensure_rust() {
 # What building and running berthd needs.
 BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev)
 RUN_PACKAGES=(iproute2 nftables util-linux)
+# What the test fixtures (offline images, a local registry) need.
+FIXTURE_PACKAGES=(python3 docker-registry zstd gcc libc6-dev apache2-utils)

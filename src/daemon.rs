@@ -50,6 +50,9 @@ pub enum DaemonError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The runtime core could not start.
+    #[error("{0}")]
+    Runtime(#[from] crate::runtime::Error),
     /// The gRPC server failed.
     #[error("serving the CRI: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -184,7 +187,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let listen = config.listen.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);
-    let rt = Arc::new(Runtime::new(config));
+    let rt = Arc::new(tokio::task::block_in_place(|| Runtime::open(config))?);
     let (runtime_svc, image_svc) = Cri::new(rt).services();
 
     let listener = bind_socket(&listen)?;

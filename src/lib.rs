@@ -5,5 +5,8 @@
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod fsutil;
+pub mod image;
 pub mod network;
 pub mod runtime;
+pub mod store;

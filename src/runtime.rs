@@ -1,12 +1,14 @@
 //! The runtime core: the state one berthd owns and the operations the CRI façade calls. It knows
 //! nothing of protobuf; `cri/` translates to and from it.
 
-use std::path::Path;
-use std::sync::RwLock;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::image::{ImageStore, Usage};
 use crate::network::cidr::Ipv4Cidr;
 
 /// The name berthd reports as its runtime.
@@ -55,6 +57,9 @@ pub enum Error {
     /// The object exists but is in the wrong state for this call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (e.g. a registry refused the credentials).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The object (or its name) exists already.
     #[error("{0}")]
     AlreadyExists(String),
@@ -75,20 +80,59 @@ pub enum Error {
 /// The result type of the runtime core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How long a measured container-filesystem usage is reused: kubelet asks every few seconds
+/// and walking every writable layer each time would cost more than the answer is worth.
+const CONTAINER_FS_CACHE: Duration = Duration::from_secs(10);
+
 /// The runtime core shared by every RPC.
 pub struct Runtime {
     config: Config,
     /// The pod CIDR kubelet last sent with UpdateRuntimeConfig.
     pod_cidr: RwLock<Option<Ipv4Cidr>>,
+    /// Images, their content and snapshots.
+    pub images: ImageStore,
+    container_fs: Mutex<Option<(Instant, Usage)>>,
 }
 
 impl Runtime {
-    /// Builds the core over an already-locked root and state directory.
-    pub fn new(config: Config) -> Self {
-        Runtime {
+    /// Opens the core over an already-locked root and state directory: loads images and
+    /// reconciles what a previous run left.
+    pub fn open(config: Config) -> Result<Self> {
+        let images = ImageStore::open(&config)
+            .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?;
+        Ok(Runtime {
             config,
             pod_cidr: RwLock::new(None),
+            images,
+            container_fs: Mutex::new(None),
+        })
+    }
+
+    /// Where containers' writable layers live.
+    pub fn containers_dir(&self) -> PathBuf {
+        self.config.root.join("containers")
+    }
+
+    /// Bytes and inodes used by containers' writable layers (measured at most every 10 s).
+    pub fn container_fs_usage(&self) -> Usage {
+        let mut cache = self
+            .container_fs
+            .lock()
+            .expect("container fs cache poisoned");
+        if let Some((at, u)) = cache.as_ref()
+            && at.elapsed() < CONTAINER_FS_CACHE
+        {
+            return u.clone();
         }
+        let dir = self.containers_dir();
+        let (bytes, inodes) = crate::fsutil::disk_usage(&dir);
+        let u = Usage {
+            mountpoint: dir,
+            bytes,
+            inodes,
+        };
+        *cache = Some((Instant::now(), u.clone()));
+        u
     }
 
     /// The effective configuration.

@@ -2,6 +2,7 @@
 //! terms, and its errors mapped back to gRPC codes. Nothing in here touches the kernel.
 //! One file per RPC family; this file wires them into the two tonic services.
 
+mod image;
 mod runtime_info;
 mod trace;
 
@@ -49,6 +50,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Status::not_found(msg),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::PermissionDenied(_) => Status::permission_denied(msg),
             Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
@@ -329,36 +331,36 @@ impl RuntimeService for Cri {
 impl ImageService for Cri {
     async fn list_images(
         &self,
-        _r: Request<cri::ListImagesRequest>,
+        r: Request<cri::ListImagesRequest>,
     ) -> RpcResult<cri::ListImagesResponse> {
-        rpc("ListImages", async { Err(unimplemented("ListImages")) }).await
+        rpc("ListImages", async { self.list_images(r.into_inner()) }).await
     }
 
     async fn image_status(
         &self,
-        _r: Request<cri::ImageStatusRequest>,
+        r: Request<cri::ImageStatusRequest>,
     ) -> RpcResult<cri::ImageStatusResponse> {
-        rpc("ImageStatus", async { Err(unimplemented("ImageStatus")) }).await
+        rpc("ImageStatus", async { self.image_status(r.into_inner()) }).await
     }
 
     async fn pull_image(
         &self,
-        _r: Request<cri::PullImageRequest>,
+        r: Request<cri::PullImageRequest>,
     ) -> RpcResult<cri::PullImageResponse> {
-        rpc("PullImage", async { Err(unimplemented("PullImage")) }).await
+        rpc("PullImage", self.pull_image(r.into_inner())).await
     }
 
     async fn remove_image(
         &self,
-        _r: Request<cri::RemoveImageRequest>,
+        r: Request<cri::RemoveImageRequest>,
     ) -> RpcResult<cri::RemoveImageResponse> {
-        rpc("RemoveImage", async { Err(unimplemented("RemoveImage")) }).await
+        rpc("RemoveImage", self.remove_image(r.into_inner())).await
     }
 
     async fn image_fs_info(
         &self,
-        _r: Request<cri::ImageFsInfoRequest>,
+        r: Request<cri::ImageFsInfoRequest>,
     ) -> RpcResult<cri::ImageFsInfoResponse> {
-        rpc("ImageFsInfo", async { Err(unimplemented("ImageFsInfo")) }).await
+        rpc("ImageFsInfo", async { self.image_fs_info(r.into_inner()) }).await
     }
 }

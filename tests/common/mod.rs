@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -31,6 +33,8 @@ pub struct Berthd {
     pub config: PathBuf,
     /// berthd's stderr.
     pub log: PathBuf,
+    /// The network namespace it runs in.
+    pub netns: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -41,6 +45,10 @@ pub struct Options {
     pub extra_config: String,
     /// Log level (default debug, so failures show every call).
     pub log_level: Option<String>,
+    /// The network namespace berthd runs in (by path), if not the test's own.
+    pub netns: Option<PathBuf>,
+    /// A root directory to use instead of a fresh one under the temp dir.
+    pub root: Option<PathBuf>,
 }
 
 impl Berthd {
@@ -55,7 +63,7 @@ impl Berthd {
             .prefix("berth-test-")
             .tempdir()
             .expect("creating temp dir");
-        let root = dir.path().join("root");
+        let root = opts.root.clone().unwrap_or_else(|| dir.path().join("root"));
         let state = dir.path().join("state");
         let socket = dir.path().join("berth.sock");
         let config = dir.path().join("config.toml");
@@ -68,15 +76,19 @@ impl Berthd {
             socket,
             config,
             log,
+            netns: opts.netns.clone(),
             child: None,
         };
         b.spawn(opts.log_level.as_deref().unwrap_or("debug"));
         b
     }
 
-    /// The command line this berthd runs with.
+    /// The command line this berthd runs with (inside its network namespace, if any).
     pub fn command(&self, log_level: &str) -> Command {
         let mut cmd = Command::new(BERTHD);
+        if let Some(ns) = &self.netns {
+            in_netns(&mut cmd, ns);
+        }
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--root")
@@ -88,6 +100,12 @@ impl Berthd {
             .arg("--log-level")
             .arg(log_level);
         cmd
+    }
+
+    /// Starts berthd again (after it exited) on the same directories.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "berthd still running");
+        self.spawn("debug");
     }
 
     fn spawn(&mut self, log_level: &str) {
@@ -225,6 +243,242 @@ impl Drop for Berthd {
                 self.log.display(),
                 self.log_text()
             );
+        }
+    }
+}
+
+/// Makes `cmd` enter the network namespace at `ns` before it executes.
+pub fn in_netns(cmd: &mut Command, ns: &Path) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::open(ns).expect("opening netns");
+    // SAFETY: between fork and exec only setns(2), an async-signal-safe syscall, runs; the
+    // file stays open because the closure owns it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A network namespace made for one test (`ip netns add`), with `lo` up; deleted on drop.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+    /// `/run/netns/<name>`.
+    pub path: PathBuf,
+}
+
+impl Netns {
+    /// Creates a fresh namespace with a unique name.
+    pub fn new() -> Netns {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "berth-t{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns {
+            path: PathBuf::from(format!("/run/netns/{name}")),
+            name,
+        };
+        run(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it makes live there).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path.clone();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("opening netns");
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread panicked")
+    }
+
+    /// Whether a TCP connection to `addr` succeeds from inside the namespace.
+    pub fn can_connect(&self, addr: &str) -> bool {
+        let addr = addr.to_string();
+        self.run_in(move || std::net::TcpStream::connect(addr).is_ok())
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(args[0]);
+        cmd.args(&args[1..]);
+        in_netns(&mut cmd, &self.path);
+        cmd.output().expect("running command in netns")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The prepared test images (see hack/fixtures/build).
+pub fn fixtures() -> PathBuf {
+    let p = std::env::var_os("BERTH_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/berth-fixtures/current"));
+    assert!(
+        p.join("done").exists(),
+        "test images missing at {}: run hack/fixtures/build (hack/test does)",
+        p.display()
+    );
+    p
+}
+
+/// One tag of the fixture images.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Tag {
+    /// `repo:tag` without a host.
+    pub repo_tag: String,
+    /// The digest of what the tag points at (manifest or index).
+    pub digest: String,
+    /// Its media type.
+    pub media_type: String,
+    /// The image ID this host gets.
+    pub image_id: String,
+    /// Layer blob digests.
+    pub layers: Vec<String>,
+}
+
+/// The fixture tag `repo_tag`.
+pub fn tag(repo_tag: &str) -> Tag {
+    let text = std::fs::read_to_string(fixtures().join("tags.json")).expect("reading tags.json");
+    let tags: Vec<Tag> = serde_json::from_str(&text).expect("parsing tags.json");
+    tags.into_iter()
+        .find(|t| t.repo_tag == repo_tag)
+        .unwrap_or_else(|| panic!("no fixture tag {repo_tag}"))
+}
+
+/// A Debian docker-registry serving the fixture images on 127.0.0.1:PORT inside a namespace.
+pub struct Registry {
+    child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Serves the prepared fixture storage read-only on `port` in `ns`.
+    pub fn start(ns: &Netns, port: u16) -> Registry {
+        Registry::start_with(ns, port, &fixtures().join("registry"), true, "")
+    }
+
+    /// Serves `storage` on `port` in `ns`; `extra` is appended to the registry config.
+    pub fn start_with(
+        ns: &Netns,
+        port: u16,
+        storage: &Path,
+        readonly: bool,
+        extra: &str,
+    ) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let template = include_str!("../../hack/fixtures/registry.yml.in");
+        let config = template
+            .replace("@STORAGE@", storage.to_str().unwrap())
+            .replace("@PORT@", &port.to_string())
+            .replace("@READONLY@", if readonly { "true" } else { "false" })
+            + extra;
+        let cfg = dir.path().join("registry.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        in_netns(&mut cmd, &ns.path);
+        let child = cmd.spawn().expect("starting docker-registry");
+        let r = Registry {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ns.can_connect(&r.addr) {
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        r
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// Config mapping the upstream hosts of the fixture images to the local registry at `addr`.
+pub fn mirror_config(addr: &str) -> String {
+    let mut s = String::new();
+    for host in ["registry.k8s.io", "gcr.io", "docker.io"] {
+        s.push_str(&format!(
+            "[registries.\"{host}\"]\nmirrors = [\"http://{addr}\"]\n"
+        ));
+    }
+    s.push_str(&format!("[registries.\"{addr}\"]\ninsecure = true\n"));
+    s
+}
+
+/// A test's world: a namespace, the fixture registry in it, and a berthd in it using the
+/// registry as mirror for the upstream hosts.
+pub struct Env {
+    /// berthd (dropped first).
+    pub berthd: Berthd,
+    /// The registry.
+    pub registry: Registry,
+    /// The namespace (dropped last).
+    pub netns: Netns,
+}
+
+impl Env {
+    /// The default world.
+    pub fn new() -> Env {
+        Env::with(Options::default())
+    }
+
+    /// A world with extra berthd options (`extra_config` is added after the mirrors).
+    pub fn with(mut opts: Options) -> Env {
+        let netns = Netns::new();
+        let registry = Registry::start(&netns, 5000);
+        opts.extra_config = format!("{}{}", mirror_config(&registry.addr), opts.extra_config);
+        opts.netns = Some(netns.path.clone());
+        let berthd = Berthd::start_with(opts);
+        Env {
+            berthd,
+            registry,
+            netns,
         }
     }
 }

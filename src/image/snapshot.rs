@@ -1,0 +1,436 @@
+//! Layer snapshots: each layer unpacked once into `root/snapshots/<chain-id hex>/fs`, ready to be
+//! an overlayfs lower dir. A snapshot is built in `.tmp-*` and renamed into place only when whole
+//! and verified, so a snapshot directory under its chain ID is always complete; `.tmp-*` and
+//! `.del-*` directories a crash left are removed when the store opens.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::reference::Digest;
+use super::unpack::{UnpackError, UnpackStats, unpack};
+use crate::store::{self, StoreError};
+
+const META: &str = "meta.json";
+const TMP_PREFIX: &str = ".tmp-";
+const DEL_PREFIX: &str = ".del-";
+
+/// What is recorded beside each snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The chain ID naming the snapshot.
+    pub chain_id: String,
+    /// The uncompressed layer digest.
+    pub diff_id: String,
+    /// The compressed blob digest it was unpacked from.
+    pub digest: String,
+    /// Bytes and inodes it holds.
+    pub stats: UnpackStats,
+}
+
+/// Why a layer could not become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    /// The tar was hostile, corrupt or could not be written.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+    /// The downloaded bytes are not the blob the manifest names.
+    #[error("downloaded blob hashes to {actual}, the manifest says {expected}")]
+    DigestMismatch {
+        /// From the manifest.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// The uncompressed layer is not the one the image config names.
+    #[error("uncompressed layer hashes to {actual}, the image config says {expected}")]
+    DiffIdMismatch {
+        /// From the config.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// Decompression failed.
+    #[error("decompressing the layer: {0}")]
+    Decompress(std::io::Error),
+    /// The snapshot directory could not be prepared or committed.
+    #[error("snapshot {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The snapshot's record could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl LayerError {
+    /// Whether the disk filled up.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            LayerError::Unpack(u) => u.is_no_space(),
+            LayerError::Io { source, .. } | LayerError::Decompress(source) => {
+                store::is_no_space(source)
+            }
+            LayerError::Store(s) => s.is_no_space(),
+            _ => false,
+        }
+    }
+}
+
+/// The unpacked layers.
+pub struct SnapshotStore {
+    dir: PathBuf,
+    known: RwLock<HashMap<String, SnapshotMeta>>,
+    building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    seq: AtomicU64,
+}
+
+/// A snapshot being built; removed on drop unless committed.
+pub struct TempSnapshot {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl TempSnapshot {
+    /// The directory the layer is unpacked into.
+    pub fn fs(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+}
+
+impl Drop for TempSnapshot {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn chain_hex(chain_id: &str) -> &str {
+    chain_id.strip_prefix("sha256:").unwrap_or(chain_id)
+}
+
+impl SnapshotStore {
+    /// Opens the store under `dir`, loading every complete snapshot and removing leftovers.
+    pub fn open(dir: &Path) -> Result<SnapshotStore, LayerError> {
+        std::fs::create_dir_all(dir).map_err(|source| LayerError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut known = HashMap::new();
+        for e in std::fs::read_dir(dir).map_err(|source| LayerError::Io {
+            path: dir.to_owned(),
+            source,
+        })? {
+            let Ok(e) = e else { continue };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) || name.starts_with(DEL_PREFIX) {
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            match store::read_json::<SnapshotMeta>(&e.path().join(META)) {
+                Ok(Some(m)) if chain_hex(&m.chain_id) == name => {
+                    known.insert(m.chain_id.clone(), m);
+                }
+                // A directory without a valid record is not a snapshot (it cannot be proven
+                // whole): drop it; a later pull rebuilds it.
+                _ => {
+                    tracing::warn!(path = %e.path().display(), "removing incomplete snapshot");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(SnapshotStore {
+            dir: dir.to_owned(),
+            known: RwLock::new(known),
+            building: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The lower dir of a snapshot.
+    pub fn fs_path(&self, chain_id: &str) -> PathBuf {
+        self.dir.join(chain_hex(chain_id)).join("fs")
+    }
+
+    /// The directory holding every snapshot.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A snapshot's record, if it exists.
+    pub fn get(&self, chain_id: &str) -> Option<SnapshotMeta> {
+        self.known
+            .read()
+            .expect("snapshots lock poisoned")
+            .get(chain_id)
+            .cloned()
+    }
+
+    /// Every snapshot's chain ID.
+    pub fn chain_ids(&self) -> Vec<String> {
+        self.known
+            .read()
+            .expect("snapshots lock poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Serializes builders of one chain ID, so concurrent pulls unpack each layer once.
+    pub async fn lock(&self, chain_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut b = self.building.lock().expect("snapshot build lock poisoned");
+            b.retain(|_, m| Arc::strong_count(m) > 1);
+            b.entry(chain_id.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    /// Starts building a snapshot.
+    pub fn begin(&self, chain_id: &str) -> Result<TempSnapshot, LayerError> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir.join(format!(
+            "{TMP_PREFIX}{}-{}-{n}",
+            &chain_hex(chain_id)[..12.min(chain_hex(chain_id).len())],
+            std::process::id()
+        ));
+        let t = TempSnapshot {
+            dir,
+            committed: false,
+        };
+        std::fs::create_dir_all(t.fs()).map_err(|source| LayerError::Io {
+            path: t.fs(),
+            source,
+        })?;
+        Ok(t)
+    }
+
+    /// Makes a built snapshot visible under its chain ID.
+    pub fn commit(&self, mut temp: TempSnapshot, meta: SnapshotMeta) -> Result<(), LayerError> {
+        store::write_json(&temp.dir.join(META), &meta)?;
+        let dest = self.dir.join(chain_hex(&meta.chain_id));
+        std::fs::rename(&temp.dir, &dest).map_err(|source| LayerError::Io {
+            path: dest.clone(),
+            source,
+        })?;
+        temp.committed = true;
+        store::sync_dir(&self.dir)?;
+        self.known
+            .write()
+            .expect("snapshots lock poisoned")
+            .insert(meta.chain_id.clone(), meta);
+        Ok(())
+    }
+
+    /// Removes a snapshot: renamed aside first (so it vanishes atomically), then deleted.
+    pub fn remove(&self, chain_id: &str) {
+        let Some(_meta) = self
+            .known
+            .write()
+            .expect("snapshots lock poisoned")
+            .remove(chain_id)
+        else {
+            return;
+        };
+        let src = self.dir.join(chain_hex(chain_id));
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let aside = self
+            .dir
+            .join(format!("{DEL_PREFIX}{}-{n}", chain_hex(chain_id)));
+        match std::fs::rename(&src, &aside) {
+            Ok(()) => {
+                if let Err(e) = std::fs::remove_dir_all(&aside) {
+                    tracing::warn!(path = %aside.display(), error = %e, "could not remove snapshot; retried at next start");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %src.display(), error = %e, "could not remove snapshot")
+            }
+        }
+        tracing::info!(chain_id, "snapshot removed");
+    }
+
+    /// Bytes and inodes held by all snapshots.
+    pub fn usage(&self) -> (u64, u64) {
+        let k = self.known.read().expect("snapshots lock poisoned");
+        k.values()
+            .fold((0, 0), |(b, i), m| (b + m.stats.bytes, i + m.stats.inodes))
+    }
+}
+
+/// Hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Unpacks a (possibly compressed) layer stream into `dest`, checking both the compressed
+/// digest and the uncompressed diff ID. The compression is sniffed from the first bytes, not
+/// trusted from the media type: gzip, zstd and plain tar are accepted.
+pub fn unpack_verified(
+    compressed: impl Read,
+    dest: &Path,
+    digest: &str,
+    diff_id: &str,
+) -> Result<UnpackStats, LayerError> {
+    let mut outer = BufReader::with_capacity(
+        256 * 1024,
+        Hashing {
+            inner: compressed,
+            hash: Sha256::new(),
+        },
+    );
+    let head = outer.fill_buf().map_err(LayerError::Decompress)?.to_vec();
+    let (stats, diff) = {
+        let decoded: Box<dyn Read + '_> = if head.starts_with(&[0x1f, 0x8b]) {
+            Box::new(flate2::bufread::MultiGzDecoder::new(&mut outer))
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(&mut outer)
+                    .map_err(LayerError::Decompress)?,
+            )
+        } else {
+            Box::new(&mut outer)
+        };
+        let mut inner = Hashing {
+            inner: decoded,
+            hash: Sha256::new(),
+        };
+        let stats = unpack(&mut inner, dest)?;
+        // The diff ID covers the whole uncompressed stream, padding after the tar's end too.
+        std::io::copy(&mut inner, &mut std::io::sink()).map_err(LayerError::Decompress)?;
+        (stats, Digest::from_sha256(&inner.hash.finalize()))
+    };
+    std::io::copy(&mut outer, &mut std::io::sink())
+        .map_err(|e| LayerError::Unpack(UnpackError::Read(e)))?;
+    let got = Digest::from_sha256(&outer.into_inner().hash.finalize());
+    if got.as_str() != digest {
+        return Err(LayerError::DigestMismatch {
+            expected: digest.to_string(),
+            actual: got.to_string(),
+        });
+    }
+    if diff.as_str() != diff_id {
+        return Err(LayerError::DiffIdMismatch {
+            expected: diff_id.to_string(),
+            actual: diff.to_string(),
+        });
+    }
+    Ok(stats)
+}
+
+/// Chain IDs of a layer stack: the first is its diff ID, each next one
+/// `sha256(previous + " " + diff ID)`.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => {
+                Digest::from_sha256(&Sha256::digest(format!("{prev} {d}").as_bytes())).to_string()
+            }
+        };
+        out.push(next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn layer_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("hello").unwrap();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, &b"world"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn sha(b: &[u8]) -> String {
+        Digest::from_sha256(&Sha256::digest(b)).to_string()
+    }
+
+    #[test]
+    fn gzip_zstd_and_plain_layers_unpack_and_verify() {
+        let tar = layer_tar();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        for blob in [&gz, &zst, &tar] {
+            let d = tempfile::tempdir().unwrap();
+            let stats = unpack_verified(&blob[..], d.path(), &sha(blob), &sha(&tar)).unwrap();
+            assert_eq!(stats.bytes, 5);
+            assert_eq!(std::fs::read(d.path().join("hello")).unwrap(), b"world");
+        }
+    }
+
+    #[test]
+    fn wrong_digests_are_caught() {
+        let tar = layer_tar();
+        let d = tempfile::tempdir().unwrap();
+        let e = unpack_verified(&tar[..], d.path(), &sha(b"x"), &sha(&tar)).unwrap_err();
+        assert!(matches!(e, LayerError::DigestMismatch { .. }), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let e = unpack_verified(&tar[..], d.path(), &sha(&tar), &sha(b"x")).unwrap_err();
+        assert!(matches!(e, LayerError::DiffIdMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn chain_ids_follow_the_spec() {
+        let a = sha(b"a");
+        let b = sha(b"b");
+        let c = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(c[0], a);
+        assert_eq!(c[1], sha(format!("{a} {b}").as_bytes()));
+    }
+
+    #[test]
+    fn temp_snapshots_vanish_unless_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SnapshotStore::open(d.path()).unwrap();
+        let chain = sha(b"c");
+        let t = s.begin(&chain).unwrap();
+        std::fs::write(t.fs().join("f"), b"x").unwrap();
+        drop(t);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        let t = s.begin(&chain).unwrap();
+        let meta = SnapshotMeta {
+            chain_id: chain.clone(),
+            diff_id: chain.clone(),
+            digest: chain.clone(),
+            stats: UnpackStats {
+                bytes: 1,
+                inodes: 1,
+            },
+        };
+        s.commit(t, meta.clone()).unwrap();
+        assert!(s.fs_path(&chain).exists());
+        let reopened = SnapshotStore::open(d.path()).unwrap();
+        assert_eq!(reopened.get(&chain), Some(meta));
+        reopened.remove(&chain);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+}

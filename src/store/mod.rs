@@ -1,0 +1,185 @@
+//! Metadata persistence: the one place that knows how records reach the disk. A record is a
+//! JSON file replaced atomically (write a temp file, fsync, rename, fsync the directory), so a
+//! kill at any instant leaves either the old or the new record, never a torn one.
+
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A failed read or write of a record.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The filesystem refused.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A record that does not parse (written by another version, or damaged by hand).
+    #[error("record {path} is unreadable: {source}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether the disk is full (or over quota).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if is_no_space(source))
+    }
+}
+
+/// Whether an I/O error means "no space left" (ENOSPC or EDQUOT).
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Io { what, path, source }
+}
+
+/// Writes `data` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().unwrap_or(OsStr::new("record"));
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&tmp)
+            .map_err(io("creating", &tmp))?;
+        f.write_all(data).map_err(io("writing", &tmp))?;
+        f.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// fsyncs a directory, making renames and unlinks in it durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("syncing directory", dir))
+}
+
+/// Serializes `value` as JSON into `path`, atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let data = serde_json::to_vec(value).expect("records always serialize");
+    write_atomic(path, &data)
+}
+
+/// Reads a JSON record; `Ok(None)` when the file does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    match std::fs::read(path) {
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt {
+                path: path.to_owned(),
+                source,
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("reading", path)(e)),
+    }
+}
+
+/// Removes a record durably; a missing file is fine.
+pub fn remove(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_dir(path.parent().unwrap_or(Path::new("/"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io("removing", path)(e)),
+    }
+}
+
+/// Every `*.json` record in `dir` (temp files skipped), read in no particular order. Unreadable
+/// records are returned as errors beside the good ones, so one bad file does not hide the rest.
+pub fn read_all<T: DeserializeOwned>(dir: &Path) -> Result<Vec<Result<T, StoreError>>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("listing", dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io("listing", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        match read_json(&entry.path()) {
+            Ok(Some(v)) => out.push(Ok(v)),
+            Ok(None) => {}
+            Err(e) => out.push(Err(e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Removes temp files a crash left in `dir`.
+pub fn clean_temp(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_roundtrips_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.json");
+        write_json(&p, &vec![1, 2, 3]).unwrap();
+        write_json(&p, &vec![4]).unwrap();
+        assert_eq!(read_json::<Vec<i32>>(&p).unwrap(), Some(vec![4]));
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a.json")]);
+    }
+
+    #[test]
+    fn missing_is_none_and_corrupt_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            read_json::<i32>(&d.path().join("x.json"))
+                .unwrap()
+                .is_none()
+        );
+        std::fs::write(d.path().join("bad.json"), b"{").unwrap();
+        std::fs::write(d.path().join("good.json"), b"7").unwrap();
+        let all = read_all::<i32>(d.path()).unwrap();
+        assert_eq!(all.iter().filter(|r| r.is_ok()).count(), 1);
+        assert_eq!(all.iter().filter(|r| r.is_err()).count(), 1);
+    }
+}
