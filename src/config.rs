@@ -61,6 +61,8 @@ pub struct Config {
     pub log_level: String,
     /// Seconds that in-flight calls get to finish after SIGTERM before berthd exits anyway.
     pub shutdown_timeout_seconds: u64,
+    /// The cgroup (cgroupfs path) under which pods without a cgroup parent from kubelet go.
+    pub cgroup_parent: String,
     /// Per-registry-host settings; the key `*` applies to every host.
     pub registries: BTreeMap<String, RegistryConfig>,
     /// Image pulls and the image store.
@@ -83,6 +85,7 @@ impl Default for Config {
             listen: PathBuf::from("/run/berth/berth.sock"),
             log_level: "info".into(),
             shutdown_timeout_seconds: 10,
+            cgroup_parent: "/berth".into(),
             registries: BTreeMap::new(),
             images: ImagesConfig::default(),
             network: NetworkConfig::default(),
@@ -242,6 +245,12 @@ impl Config {
                 );
             }
         }
+        if crate::cgroup::relative(&self.cgroup_parent).is_err() {
+            return invalid(format!(
+                "cgroup_parent {:?} must be a cgroup path without '..'",
+                self.cgroup_parent
+            ));
+        }
         if self.images.max_concurrent_downloads == 0 {
             return invalid("images.max_concurrent_downloads must be at least 1".into());
         }
@@ -323,6 +332,8 @@ listen = "/run/berth/berth.sock"
 log_level = "info"
 # After SIGTERM/SIGINT, in-flight calls get this long to finish.
 shutdown_timeout_seconds = 10
+# Pods whose RunPodSandbox names no cgroup parent get one under this cgroup (cgroupfs path).
+cgroup_parent = "/berth"
 
 # Registry hosts. The key is a host ("registry.k8s.io", "docker.io", "127.0.0.1:5000"), or "*"
 # for every host. Mirrors are tried in order before the host itself; an http:// mirror is

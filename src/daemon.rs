@@ -187,7 +187,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let listen = config.listen.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);
-    let rt = Arc::new(tokio::task::block_in_place(|| Runtime::open(config))?);
+    let rt = Arc::new(Runtime::open(config).await?);
     let (runtime_svc, image_svc) = Cri::new(rt).services();
 
     let listener = bind_socket(&listen)?;

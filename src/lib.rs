@@ -2,6 +2,7 @@
 //! unix socket; this library holds everything behind it. `cri` translates gRPC calls into the
 //! domain modules, which act on the kernel, the registry and the disk.
 
+pub mod cgroup;
 pub mod config;
 pub mod cri;
 pub mod daemon;
@@ -9,4 +10,6 @@ pub mod fsutil;
 pub mod image;
 pub mod network;
 pub mod runtime;
+pub mod sandbox;
 pub mod store;
+pub mod zygote;

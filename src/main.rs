@@ -38,6 +38,9 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
+    /// The helper that forks pod processes (started by berthd, not by hand).
+    #[command(hide = true)]
+    Zygote,
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,7 +111,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(Command::Zygote) = cli.command {
+        // Before any thread exists: the zygote forks.
+        berth::zygote::main();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("berthd: {e:#}");

@@ -10,6 +10,8 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::image::{ImageStore, Usage};
 use crate::network::cidr::Ipv4Cidr;
+use crate::sandbox::Sandboxes;
+use std::sync::Arc;
 
 /// The name berthd reports as its runtime.
 pub const RUNTIME_NAME: &str = "berth";
@@ -91,19 +93,32 @@ pub struct Runtime {
     pod_cidr: RwLock<Option<Ipv4Cidr>>,
     /// Images, their content and snapshots.
     pub images: ImageStore,
+    /// Pod sandboxes and their network.
+    pub pods: Arc<Sandboxes>,
     container_fs: Mutex<Option<(Instant, Usage)>>,
 }
 
 impl Runtime {
-    /// Opens the core over an already-locked root and state directory: loads images and
-    /// reconciles what a previous run left.
-    pub fn open(config: Config) -> Result<Self> {
-        let images = ImageStore::open(&config)
+    /// Opens the core over an already-locked root and state directory: loads images and pods
+    /// and reconciles what a previous run left.
+    pub async fn open(config: Config) -> Result<Self> {
+        let images = tokio::task::block_in_place(|| ImageStore::open(&config))
             .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?;
+        let handlers: Vec<String> = std::iter::once(String::new())
+            .chain(config.runtimes.keys().cloned())
+            .collect();
+        let pods = Sandboxes::open(
+            &config.state,
+            &config.network,
+            &config.cgroup_parent,
+            handlers,
+        )
+        .await?;
         Ok(Runtime {
             config,
             pod_cidr: RwLock::new(None),
             images,
+            pods,
             container_fs: Mutex::new(None),
         })
     }
@@ -160,10 +175,10 @@ impl Runtime {
 
     /// Whether pods can get a network.
     pub fn network_condition(&self) -> Condition {
-        Condition::not_ready(
-            "NetworkNotImplemented",
-            "the built-in bridge network is not implemented yet".into(),
-        )
+        match self.pods.network.not_ready_reason() {
+            None => Condition::ready(),
+            Some(why) => Condition::not_ready("BridgeNetworkNotReady", why),
+        }
     }
 
     /// The pod CIDR from UpdateRuntimeConfig, if any.
@@ -171,8 +186,9 @@ impl Runtime {
         *self.pod_cidr.read().expect("pod_cidr lock poisoned")
     }
 
-    /// Records the pod CIDR kubelet assigned to this node; an empty string leaves it unchanged.
-    pub fn update_pod_cidr(&self, cidr: &str) -> Result<()> {
+    /// Records the pod CIDR kubelet assigned to this node (new pods get addresses from it); an
+    /// empty string leaves it unchanged.
+    pub async fn update_pod_cidr(&self, cidr: &str) -> Result<()> {
         if cidr.is_empty() {
             return Ok(());
         }
@@ -184,12 +200,34 @@ impl Runtime {
                 "pod CIDR {parsed} is too small to hold pods"
             )));
         }
-        let mut cur = self.pod_cidr.write().expect("pod_cidr lock poisoned");
-        if *cur != Some(parsed) {
+        {
+            let mut cur = self.pod_cidr.write().expect("pod_cidr lock poisoned");
+            if *cur == Some(parsed) {
+                return Ok(());
+            }
             tracing::info!(pod_cidr = %parsed, "pod CIDR updated");
             *cur = Some(parsed);
         }
+        self.pods.set_pod_cidr(parsed).await;
         Ok(())
+    }
+}
+
+/// Pod lifecycle: the order of work across pods and (later) their containers.
+impl Runtime {
+    /// RunPodSandbox.
+    pub async fn run_pod(&self, spec: crate::sandbox::PodSpec) -> Result<String> {
+        self.pods.run(spec).await
+    }
+
+    /// StopPodSandbox: idempotent.
+    pub async fn stop_pod(&self, id: &str) -> Result<()> {
+        self.pods.stop(id).await
+    }
+
+    /// RemovePodSandbox: idempotent.
+    pub async fn remove_pod(&self, id: &str) -> Result<()> {
+        self.pods.remove(id).await
     }
 }
 

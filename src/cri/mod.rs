@@ -4,6 +4,7 @@
 
 mod image;
 mod runtime_info;
+mod sandbox;
 mod trace;
 
 use std::sync::Arc;
@@ -72,50 +73,41 @@ impl RuntimeService for Cri {
 
     async fn run_pod_sandbox(
         &self,
-        _r: Request<cri::RunPodSandboxRequest>,
+        r: Request<cri::RunPodSandboxRequest>,
     ) -> RpcResult<cri::RunPodSandboxResponse> {
-        rpc("RunPodSandbox", async {
-            Err(unimplemented("RunPodSandbox"))
-        })
-        .await
+        rpc("RunPodSandbox", self.run_pod_sandbox(r.into_inner())).await
     }
 
     async fn stop_pod_sandbox(
         &self,
-        _r: Request<cri::StopPodSandboxRequest>,
+        r: Request<cri::StopPodSandboxRequest>,
     ) -> RpcResult<cri::StopPodSandboxResponse> {
-        rpc("StopPodSandbox", async {
-            Err(unimplemented("StopPodSandbox"))
-        })
-        .await
+        rpc("StopPodSandbox", self.stop_pod_sandbox(r.into_inner())).await
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _r: Request<cri::RemovePodSandboxRequest>,
+        r: Request<cri::RemovePodSandboxRequest>,
     ) -> RpcResult<cri::RemovePodSandboxResponse> {
-        rpc("RemovePodSandbox", async {
-            Err(unimplemented("RemovePodSandbox"))
-        })
-        .await
+        rpc("RemovePodSandbox", self.remove_pod_sandbox(r.into_inner())).await
     }
 
     async fn pod_sandbox_status(
         &self,
-        _r: Request<cri::PodSandboxStatusRequest>,
+        r: Request<cri::PodSandboxStatusRequest>,
     ) -> RpcResult<cri::PodSandboxStatusResponse> {
         rpc("PodSandboxStatus", async {
-            Err(unimplemented("PodSandboxStatus"))
+            self.pod_sandbox_status(r.into_inner())
         })
         .await
     }
 
     async fn list_pod_sandbox(
         &self,
-        _r: Request<cri::ListPodSandboxRequest>,
+        r: Request<cri::ListPodSandboxRequest>,
     ) -> RpcResult<cri::ListPodSandboxResponse> {
         rpc("ListPodSandbox", async {
-            Err(unimplemented("ListPodSandbox"))
+            self.list_pod_sandbox(r.into_inner())
         })
         .await
     }
@@ -266,9 +258,10 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::UpdateRuntimeConfigRequest>,
     ) -> RpcResult<cri::UpdateRuntimeConfigResponse> {
-        rpc("UpdateRuntimeConfig", async {
-            self.update_runtime_config(r.into_inner())
-        })
+        rpc(
+            "UpdateRuntimeConfig",
+            self.update_runtime_config(r.into_inner()),
+        )
         .await
     }
 

@@ -94,7 +94,7 @@ impl Cri {
         })
     }
 
-    pub(super) fn update_runtime_config(
+    pub(super) async fn update_runtime_config(
         &self,
         req: cri::UpdateRuntimeConfigRequest,
     ) -> Result<cri::UpdateRuntimeConfigResponse, Status> {
@@ -110,7 +110,7 @@ impl Cri {
             .map(str::trim)
             .find(|c| !c.contains(':'))
             .unwrap_or("");
-        self.rt.update_pod_cidr(v4)?;
+        self.rt.update_pod_cidr(v4).await?;
         Ok(cri::UpdateRuntimeConfigResponse {})
     }
 }

@@ -42,6 +42,8 @@ impl ContentError {
 pub struct ContentStore {
     blobs: PathBuf,
     ingest: PathBuf,
+    /// Makes temp names unique: two pulls may write the same blob at once.
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl ContentStore {
@@ -60,7 +62,11 @@ impl ContentStore {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(ContentStore { blobs, ingest })
+        Ok(ContentStore {
+            blobs,
+            ingest,
+            seq: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// Where the blob with `digest` lives.
@@ -92,9 +98,8 @@ impl ContentStore {
         if dest.exists() {
             return Ok(());
         }
-        let tmp = self
-            .ingest
-            .join(format!("{}.{}", digest.hex(), std::process::id()));
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self.ingest.join(format!("{}.{n}", digest.hex()));
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ContentError::Io { path, source }
@@ -166,5 +171,23 @@ mod tests {
             std::fs::read_dir(d.path().join("ingest")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_blob_all_succeed() {
+        let d = tempfile::tempdir().unwrap();
+        let cs = std::sync::Arc::new(ContentStore::open(d.path()).unwrap());
+        let data = vec![7u8; 1 << 20];
+        let digest = Digest::from_sha256(&Sha256::digest(&data));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (cs, data, digest) = (cs.clone(), data.clone(), digest.clone());
+                std::thread::spawn(move || cs.write(&digest, &data))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(cs.read(&digest).unwrap(), data);
     }
 }

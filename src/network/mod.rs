@@ -1,6 +1,26 @@
 //! The built-in pod network: a bridge, a veth pair per pod, host-local IPAM and nftables NAT.
+//!
+//! berthd sets the bridge up when it starts (creating it if missing). A failure there does not
+//! stop berthd: NetworkReady reports it, host-network pods still run, and every pod network
+//! attach tries the bridge again, so fixing the cause heals the node without a restart.
 
 pub mod cidr;
+pub mod ipam;
+pub mod netlink;
+pub mod nft;
+
+use std::net::Ipv4Addr;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::NetworkConfig;
+use cidr::Ipv4Cidr;
+use ipam::{Ipam, IpamError};
+use netlink::NetlinkError;
+use nft::{HostPort, Nft, NftError, Proto};
 
 /// Whether `name` is acceptable to the kernel as an interface name.
 pub fn is_valid_ifname(name: &str) -> bool {
@@ -11,4 +31,376 @@ pub fn is_valid_ifname(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// A pod's port mapping as requested (before it has an address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// The protocol.
+    pub proto: Proto,
+    /// The pod's port.
+    pub container_port: u16,
+    /// The node's port (0: no mapping on the node).
+    pub host_port: u16,
+    /// Only this node address, if given.
+    pub host_ip: Option<Ipv4Addr>,
+}
+
+/// What a pod's network is made of, recorded with the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodNet {
+    /// The pod's address.
+    pub ip: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The default gateway (the bridge).
+    pub gateway: Ipv4Addr,
+    /// The host end of the veth pair.
+    pub veth: String,
+    /// The hostPorts mapped to it.
+    pub host_ports: Vec<HostPort>,
+}
+
+/// Why a pod's network could not be set up, naming the step.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The bridge is not usable.
+    #[error("network setup: {0}")]
+    Bridge(NetlinkError),
+    /// No address left.
+    #[error("network setup: {0}")]
+    Ipam(#[from] IpamError),
+    /// Creating or configuring the veth pair failed.
+    #[error("network setup: {0}")]
+    Link(NetlinkError),
+    /// The hostPorts could not be added.
+    #[error("network setup: {0}")]
+    HostPorts(NftError),
+}
+
+/// The veth name of a pod: derived from its id, so a restart can always find it.
+pub fn veth_name(pod_id: &str) -> String {
+    format!("veth{}", &pod_id[..10.min(pod_id.len())])
+}
+
+struct State {
+    /// The bridge's index, or why it is not usable.
+    bridge: Result<u32, String>,
+    /// Subnet new pods get addresses from.
+    subnet: Ipv4Cidr,
+    /// Every subnet the bridge serves (the configured one and a pod CIDR from kubelet).
+    subnets: Vec<Ipv4Cidr>,
+}
+
+/// The node's pod network.
+pub struct Network {
+    cfg: NetworkConfig,
+    ipam: Ipam,
+    nft: Nft,
+    host: rtnetlink::Handle,
+    state: RwLock<State>,
+    /// Serializes table rebuilds against per-pod changes.
+    nft_lock: tokio::sync::Mutex<()>,
+    /// Veth removals and address releases still running, by pod.
+    pending: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl Network {
+    /// Opens the network: IPAM state under `state_dir`, a netlink socket in berthd's namespace,
+    /// then the bridge and the nftables table (with the hostPorts of `pods`, which exist).
+    pub async fn start(
+        cfg: &NetworkConfig,
+        state_dir: &Path,
+        pods: &[PodNet],
+    ) -> Result<Network, String> {
+        let ipam = Ipam::open(&state_dir.join("ipam")).map_err(|e| e.to_string())?;
+        let (conn, host, _) =
+            rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+        tokio::spawn(conn);
+        let n = Network {
+            cfg: cfg.clone(),
+            ipam,
+            nft: Nft::new(&cfg.nft_table),
+            host,
+            state: RwLock::new(State {
+                bridge: Err("not set up yet".into()),
+                subnet: cfg.subnet,
+                subnets: vec![cfg.subnet],
+            }),
+            nft_lock: tokio::sync::Mutex::new(()),
+            pending: Default::default(),
+        };
+        // Subnets of existing pods stay served (their pod CIDR may have come from kubelet).
+        for p in pods {
+            let s = Ipv4Cidr::new(p.ip, p.prefix_len).expect("recorded prefix is valid");
+            let mut st = n.state.write().expect("network state poisoned");
+            if !st.subnets.contains(&s) {
+                st.subnets.push(s);
+            }
+        }
+        let ports: Vec<HostPort> = pods
+            .iter()
+            .flat_map(|p| p.host_ports.iter().copied())
+            .collect();
+        match n.setup_bridge().await {
+            Ok(_) => {
+                if let Err(e) = n.sync_table(&ports).await {
+                    n.state.write().expect("network state poisoned").bridge = Err(e.to_string());
+                    tracing::warn!(error = %e, "network not ready");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "network not ready"),
+        }
+        Ok(n)
+    }
+
+    /// (Re)creates the bridge with its addresses and the sysctls it needs; records the outcome.
+    async fn setup_bridge(&self) -> Result<u32, NetError> {
+        let (gateways, bridge_name) = {
+            let st = self.state.read().expect("network state poisoned");
+            let g: Vec<(Ipv4Addr, u8)> = st
+                .subnets
+                .iter()
+                .map(|s| (s.gateway(), s.prefix_len()))
+                .collect();
+            (g, self.cfg.bridge.clone())
+        };
+        let r = netlink::ensure_bridge(&self.host, &bridge_name, &gateways, self.cfg.mtu).await;
+        let r = match r {
+            Ok(idx) => {
+                // Forwarding for pod traffic leaving the node and hostPorts from outside;
+                // route_localnet for 127.0.0.1:hostPort (the DNATed packet keeps its
+                // loopback source until masqueraded on the way out to the bridge).
+                let sysctls = [
+                    ("net/ipv4/ip_forward".to_string(), "1"),
+                    (format!("net/ipv4/conf/{bridge_name}/route_localnet"), "1"),
+                ];
+                for (k, v) in sysctls {
+                    if let Err(e) = std::fs::write(Path::new("/proc/sys").join(&k), v) {
+                        tracing::warn!(sysctl = %k, error = %e, "could not set sysctl");
+                    }
+                }
+                Ok(idx)
+            }
+            Err(e) => Err(NetError::Bridge(e)),
+        };
+        let mut st = self.state.write().expect("network state poisoned");
+        let was_ready = st.bridge.is_ok();
+        st.bridge = r.as_ref().map(|i| *i).map_err(|e| e.to_string());
+        match (&r, was_ready) {
+            (Ok(_), false) => {
+                tracing::info!(bridge = %bridge_name, subnets = ?st.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "bridge ready")
+            }
+            (Err(e), true) => tracing::warn!(error = %e, "bridge not usable"),
+            _ => {}
+        }
+        r
+    }
+
+    async fn sync_table(&self, ports: &[HostPort]) -> Result<(), NftError> {
+        let _l = self.nft_lock.lock().await;
+        let subnets = self
+            .state
+            .read()
+            .expect("network state poisoned")
+            .subnets
+            .clone();
+        self.nft
+            .sync(&self.cfg.bridge, &subnets, self.cfg.masquerade, ports)
+            .await
+    }
+
+    /// NetworkReady: `None` when ready, else why not.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.state
+            .read()
+            .expect("network state poisoned")
+            .bridge
+            .as_ref()
+            .err()
+            .cloned()
+    }
+
+    /// The subnet new pods get addresses from.
+    pub fn subnet(&self) -> Ipv4Cidr {
+        self.state.read().expect("network state poisoned").subnet
+    }
+
+    /// Switches new pods to `cidr` (kubelet's pod CIDR); the bridge serves it from now on.
+    pub async fn set_pod_cidr(&self, cidr: Ipv4Cidr, ports: &[HostPort]) {
+        {
+            let mut st = self.state.write().expect("network state poisoned");
+            if st.subnet == cidr {
+                return;
+            }
+            st.subnet = cidr;
+            if !st.subnets.contains(&cidr) {
+                st.subnets.push(cidr);
+            }
+        }
+        if self.setup_bridge().await.is_ok()
+            && let Err(e) = self.sync_table(ports).await
+        {
+            tracing::warn!(error = %e, "updating nftables for the new pod CIDR");
+        }
+    }
+
+    /// Connects a pod: an address, a veth pair into `netns` (configured through `pod_handle`,
+    /// a netlink handle inside it) and its hostPorts. All or nothing: on failure what was made
+    /// is undone and the error names the step.
+    pub async fn attach(
+        &self,
+        pod_id: &str,
+        netns: BorrowedFd<'_>,
+        pod_handle: &rtnetlink::Handle,
+        ports: &[PortSpec],
+    ) -> Result<PodNet, NetError> {
+        let known = self
+            .state
+            .read()
+            .expect("network state poisoned")
+            .bridge
+            .clone();
+        let bridge = match known {
+            Ok(i) => i,
+            Err(_) => self.setup_bridge().await?,
+        };
+        let subnet = self.subnet();
+        let ip = self.ipam.allocate(&subnet, pod_id)?;
+        let veth = veth_name(pod_id);
+        let net = PodNet {
+            ip,
+            prefix_len: subnet.prefix_len(),
+            gateway: subnet.gateway(),
+            veth: veth.clone(),
+            host_ports: ports
+                .iter()
+                .filter(|p| p.host_port != 0)
+                .map(|p| HostPort {
+                    proto: p.proto,
+                    host_ip: p.host_ip.filter(|ip| !ip.is_unspecified()),
+                    host_port: p.host_port,
+                    pod_ip: ip,
+                    container_port: p.container_port,
+                })
+                .collect(),
+        };
+        let r: Result<(), NetError> = async {
+            netlink::loopback_up(pod_handle)
+                .await
+                .map_err(NetError::Link)?;
+            netlink::create_veth(&self.host, &veth, bridge, netns, self.cfg.mtu)
+                .await
+                .map_err(NetError::Link)?;
+            netlink::configure_pod_eth0(pod_handle, ip, subnet.prefix_len(), subnet.gateway())
+                .await
+                .map_err(NetError::Link)?;
+            if !net.host_ports.is_empty() {
+                let _l = self.nft_lock.lock().await;
+                self.nft
+                    .add_ports(&net.host_ports)
+                    .await
+                    .map_err(NetError::HostPorts)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            // Undo in reverse; hostPorts were all-or-nothing and are not there.
+            let _ = netlink::delete_link(&self.host, &veth).await;
+            self.ipam.release(ip, pod_id);
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    /// Disconnects a pod: its hostPorts at once, then (in the background) its veth and its
+    /// address. The caller unpins the pod's network namespace right after this returns: the
+    /// kernel then destroys the namespace, and with it the veth pair, in its own batched
+    /// cleanup, which is far cheaper than deleting links one by one under the rtnl lock. Only
+    /// once the veth is gone is the address released, so no two live links ever share it.
+    /// Safe to run twice and on partial state; a restart finishes what was pending.
+    pub async fn detach(self: &std::sync::Arc<Self>, pod_id: &str, net: Option<&PodNet>) {
+        if let Some(net) = net
+            && !net.host_ports.is_empty()
+        {
+            let _l = self.nft_lock.lock().await;
+            self.nft.remove_ports(&net.host_ports).await;
+        }
+        let this = self.clone();
+        let id = pod_id.to_string();
+        let task = tokio::spawn(async move { this.release(&id).await });
+        self.pending
+            .lock()
+            .expect("pending releases poisoned")
+            .insert(pod_id.to_string(), task);
+    }
+
+    /// Waits until a detached pod's veth is gone and its address free (RemovePodSandbox
+    /// promises that much).
+    pub async fn released(&self, pod_id: &str) {
+        let task = self
+            .pending
+            .lock()
+            .expect("pending releases poisoned")
+            .remove(pod_id);
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits for the pod's veth to vanish (deleting it after 2 s if something keeps the
+    /// namespace alive), then releases its address.
+    async fn release(&self, pod_id: &str) {
+        let veth = veth_name(pod_id);
+        let mut gone = false;
+        for _ in 0..200 {
+            match netlink::link_by_name(&self.host, &veth).await {
+                Ok(None) => {
+                    gone = true;
+                    break;
+                }
+                Ok(Some(_)) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                Err(_) => break,
+            }
+        }
+        if !gone && let Err(e) = netlink::delete_link(&self.host, &veth).await {
+            tracing::warn!(pod = pod_id, error = %e, "deleting the pod's veth");
+        }
+        self.ipam.release_owner(pod_id);
+    }
+
+    /// After a restart: releases addresses and deletes veths of pods that are not `live`.
+    pub async fn reconcile(&self, live: &[String]) {
+        for (ip, owner) in self.ipam.allocations() {
+            if !live.contains(&owner) {
+                tracing::info!(%ip, pod = %owner, "releasing the address of a pod that is gone");
+                let _ = netlink::delete_link(&self.host, &veth_name(&owner)).await;
+                self.ipam.release(ip, &owner);
+            }
+        }
+        let known = self
+            .state
+            .read()
+            .expect("network state poisoned")
+            .bridge
+            .clone();
+        let Ok(bridge) = known else {
+            return;
+        };
+        let live_veths: Vec<String> = live.iter().map(|id| veth_name(id)).collect();
+        if let Ok(ports) = netlink::bridge_ports(&self.host, bridge).await {
+            for p in ports {
+                if p.starts_with("veth") && !live_veths.contains(&p) {
+                    tracing::info!(veth = %p, "deleting the veth of a pod that is gone");
+                    let _ = netlink::delete_link(&self.host, &p).await;
+                }
+            }
+        }
+    }
+
+    /// The configured bridge's name.
+    pub fn bridge_name(&self) -> &str {
+        &self.cfg.bridge
+    }
 }

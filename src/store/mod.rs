@@ -76,6 +76,29 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// Writes `data` to `path` atomically but without fsync: for records under the state
+/// directory, which a reboot clears anyway. A killed process cannot tear the record (the rename
+/// is atomic and the page cache survives the process); only a power cut could, and after a power
+/// cut the state directory is gone.
+pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().unwrap_or(OsStr::new("record"));
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let result = std::fs::write(&tmp, data)
+        .map_err(io("writing", &tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io("renaming into place", path)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Serializes `value` as JSON into a state-directory record (see `write_atomic_volatile`).
+pub fn write_json_volatile<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let data = serde_json::to_vec(value).expect("records always serialize");
+    write_atomic_volatile(path, &data)
+}
+
 /// fsyncs a directory, making renames and unlinks in it durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)

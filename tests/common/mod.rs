@@ -35,7 +35,12 @@ pub struct Berthd {
     pub log: PathBuf,
     /// The network namespace it runs in.
     pub netns: Option<PathBuf>,
+    /// The cgroup (relative to each hierarchy's root) its pods go under by default; removed
+    /// with everything in it on drop.
+    pub cgroup_root: String,
     child: Option<Child>,
+    /// A namespace made for this berthd when the test gave none (dropped after berthd).
+    own_netns: Option<Netns>,
 }
 
 /// Options for starting a berthd.
@@ -64,11 +69,32 @@ impl Berthd {
             .tempdir()
             .expect("creating temp dir");
         let root = opts.root.clone().unwrap_or_else(|| dir.path().join("root"));
+        // berthd always runs in a namespace a test made: its bridge, veths, nft table and
+        // sysctls never touch the machine's own network.
+        let own_netns = if opts.netns.is_none() {
+            Some(Netns::new())
+        } else {
+            None
+        };
+        let netns_path = opts
+            .netns
+            .clone()
+            .or_else(|| own_netns.as_ref().map(|n| n.path.clone()));
         let state = dir.path().join("state");
         let socket = dir.path().join("berth.sock");
         let config = dir.path().join("config.toml");
         let log = dir.path().join("berthd.log");
-        std::fs::write(&config, &opts.extra_config).expect("writing config");
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cgroup_root = format!(
+            "berth-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        std::fs::write(
+            &config,
+            format!("cgroup_parent = \"/{cgroup_root}\"\n{}", opts.extra_config),
+        )
+        .expect("writing config");
         let mut b = Berthd {
             dir,
             root,
@@ -76,8 +102,10 @@ impl Berthd {
             socket,
             config,
             log,
-            netns: opts.netns.clone(),
+            netns: netns_path,
+            cgroup_root,
             child: None,
+            own_netns,
         };
         b.spawn(opts.log_level.as_deref().unwrap_or("debug"));
         b
@@ -243,6 +271,85 @@ impl Drop for Berthd {
                 self.log.display(),
                 self.log_text()
             );
+        }
+        cleanup_cgroups(&self.cgroup_root);
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Every cgroup hierarchy mount point on this host.
+pub fn cgroup_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+        .collect()
+}
+
+/// Kills whatever runs in cgroups under `root` and removes them, deepest first.
+pub fn cleanup_cgroups(root: &str) {
+    for m in cgroup_mounts() {
+        let top = m.join(root);
+        if !top.exists() {
+            continue;
+        }
+        let mut dirs = Vec::new();
+        let mut stack = vec![top.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        stack.push(e.path());
+                    }
+                }
+            }
+            dirs.push(d);
+        }
+        for d in &dirs {
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            for _ in 0..50 {
+                if std::fs::remove_dir(&d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Mount points under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    v.dedup();
+    v
+}
+
+/// Unmounts everything under `dir`.
+pub fn unmount_under(dir: &Path) {
+    for _ in 0..3 {
+        let mounts = mounts_under(dir);
+        if mounts.is_empty() {
+            return;
+        }
+        for m in mounts {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }

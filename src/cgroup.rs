@@ -1,0 +1,258 @@
+//! cgroup hierarchies as mounted on this host (v1, hybrid or unified v2), and the directories
+//! berth makes in them for pods. Containers' own cgroups are made by the OCI runtime from the
+//! spec's cgroupsPath; this module only prepares and removes the pod level above them.
+
+use std::path::{Component, Path, PathBuf};
+
+/// How this host mounts cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Mode {
+    /// Only cgroup v2, at /sys/fs/cgroup.
+    Unified,
+    /// cgroup v1 controllers, possibly with a cgroup2 mount beside them (hybrid).
+    Legacy,
+}
+
+/// One mounted hierarchy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Hierarchy {
+    /// Where it is mounted.
+    pub mount: PathBuf,
+    /// Its v1 controllers (`cpu`, `memory`, ... or `name=systemd`); empty for cgroup2.
+    pub controllers: Vec<String>,
+    /// Whether this is the cgroup2 hierarchy.
+    pub v2: bool,
+}
+
+/// The hierarchies of this host.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cgroups {
+    /// v1/hybrid or unified.
+    pub mode: Mode,
+    /// Every hierarchy berth makes pod directories in.
+    pub hierarchies: Vec<Hierarchy>,
+}
+
+/// A cgroup operation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {source}")]
+pub struct CgroupError {
+    /// Where.
+    pub path: PathBuf,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+/// A cgroup parent that is not a plain path.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cgroup parent {0:?} must be a path without '..' (cgroupfs driver, e.g. /kubepods/burstable/pod<uid>)"
+)]
+pub struct BadParent(pub String);
+
+/// Checks a cgroup path from a request and makes it relative to each hierarchy's root.
+pub fn relative(parent: &str) -> Result<PathBuf, BadParent> {
+    let p = Path::new(parent);
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            _ => return Err(BadParent(parent.to_string())),
+        }
+    }
+    if out.as_os_str().is_empty() || parent.contains('\0') {
+        return Err(BadParent(parent.to_string()));
+    }
+    Ok(out)
+}
+
+impl Cgroups {
+    /// Reads the hierarchies from /proc/self/mountinfo.
+    pub fn detect() -> Cgroups {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut hierarchies = Vec::new();
+        let mut mode = Mode::Legacy;
+        for line in info.lines() {
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mount = pre.split(' ').nth(4).unwrap_or("");
+            let mut post = post.split(' ');
+            let fstype = post.next().unwrap_or("");
+            let _source = post.next();
+            let opts = post.next().unwrap_or("");
+            match fstype {
+                "cgroup" => {
+                    let controllers: Vec<String> = opts
+                        .split(',')
+                        .filter(|o| {
+                            !matches!(
+                                *o,
+                                "rw" | "ro"
+                                    | "nosuid"
+                                    | "nodev"
+                                    | "noexec"
+                                    | "relatime"
+                                    | "clone_children"
+                            ) && !o.starts_with("release_agent")
+                        })
+                        .map(String::from)
+                        .collect();
+                    hierarchies.push(Hierarchy {
+                        mount: PathBuf::from(mount),
+                        controllers,
+                        v2: false,
+                    });
+                }
+                "cgroup2" => {
+                    if mount == "/sys/fs/cgroup" {
+                        mode = Mode::Unified;
+                    }
+                    hierarchies.push(Hierarchy {
+                        mount: PathBuf::from(mount),
+                        controllers: Vec::new(),
+                        v2: true,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if mode == Mode::Unified {
+            hierarchies.retain(|h| h.v2);
+        }
+        Cgroups { mode, hierarchies }
+    }
+
+    /// The unified (cgroup2) hierarchy's mount, if there is one.
+    pub fn unified(&self) -> Option<&Path> {
+        self.hierarchies
+            .iter()
+            .find(|h| h.v2)
+            .map(|h| h.mount.as_path())
+    }
+
+    /// The directories of `rel` that do not exist yet, in every hierarchy, parents first:
+    /// what `create` will make.
+    pub fn missing(&self, rel: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for h in &self.hierarchies {
+            let mut cur = h.mount.clone();
+            for comp in rel.components() {
+                cur.push(comp);
+                if !cur.exists() {
+                    out.push(cur.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes `rel` in every hierarchy (parents too).
+    pub fn create(&self, rel: &Path) -> Result<(), CgroupError> {
+        for h in &self.hierarchies {
+            let mut cur = h.mount.clone();
+            for comp in rel.components() {
+                let parent = cur.clone();
+                cur.push(comp);
+                match std::fs::create_dir(&cur) {
+                    Ok(()) => self
+                        .init_dir(h, &parent, &cur)
+                        .map_err(|source| CgroupError {
+                            path: cur.clone(),
+                            source,
+                        })?,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(source) => return Err(CgroupError { path: cur, source }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `rel` and its ancestors in every hierarchy, deepest first.
+    pub fn lineage(&self, rel: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for h in &self.hierarchies {
+            let mut p = h.mount.join(rel);
+            while p != h.mount && p.starts_with(&h.mount) {
+                out.push(p.clone());
+                if !p.pop() {
+                    break;
+                }
+            }
+        }
+        out.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        out
+    }
+
+    /// What a new directory needs before processes can join it: v1 cpuset copies its parent's
+    /// cpus and mems (they start empty); v2 parents delegate the controllers berth uses.
+    fn init_dir(&self, h: &Hierarchy, parent: &Path, dir: &Path) -> std::io::Result<()> {
+        if h.controllers.iter().any(|c| c == "cpuset") {
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                let v = std::fs::read_to_string(parent.join(f))?;
+                std::fs::write(dir.join(f), v.trim())?;
+            }
+        }
+        if h.v2 && self.mode == Mode::Unified {
+            let available =
+                std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap_or_default();
+            let want: Vec<String> = available
+                .split_whitespace()
+                .filter(|c| matches!(*c, "cpu" | "cpuset" | "memory" | "pids" | "io" | "hugetlb"))
+                .map(|c| format!("+{c}"))
+                .collect();
+            if !want.is_empty() {
+                std::fs::write(parent.join("cgroup.subtree_control"), want.join(" "))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a process into `rel` in every hierarchy.
+    pub fn add_process(&self, rel: &Path, pid: i32) -> Result<(), CgroupError> {
+        for h in &self.hierarchies {
+            let f = h.mount.join(rel).join("cgroup.procs");
+            std::fs::write(&f, pid.to_string())
+                .map_err(|source| CgroupError { path: f, source })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes one cgroup directory: `Ok(true)` if gone, `Ok(false)` if still in use (by another
+/// pod below it, or by processes).
+pub fn remove_dir(d: &Path) -> std::io::Result<bool> {
+    match std::fs::remove_dir(d) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_are_made_relative_and_dot_dot_is_refused() {
+        assert_eq!(
+            relative("/kubepods/burstable/pod1").unwrap(),
+            PathBuf::from("kubepods/burstable/pod1")
+        );
+        assert_eq!(
+            relative("kubepods.slice").unwrap(),
+            PathBuf::from("kubepods.slice")
+        );
+        assert!(relative("/kubepods/../etc").is_err());
+        assert!(relative("/").is_err());
+    }
+
+    #[test]
+    fn this_host_has_hierarchies() {
+        let c = Cgroups::detect();
+        assert!(!c.hierarchies.is_empty());
+    }
+}

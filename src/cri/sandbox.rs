@@ -1,0 +1,261 @@
+//! RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use super::Cri;
+use crate::network::PortSpec;
+use crate::network::nft::Proto;
+use crate::sandbox::{
+    DnsConfig, NsMode, NsModes, PodFilter, PodRecord, PodSecurity, PodSpec, PodState,
+};
+
+fn ns_mode(m: i32) -> Result<NsMode, Status> {
+    match cri::NamespaceMode::try_from(m) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
+        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown namespace mode {m}"
+        ))),
+    }
+}
+
+fn cri_ns_mode(m: NsMode) -> i32 {
+    (match m {
+        NsMode::Pod => cri::NamespaceMode::Pod,
+        NsMode::Container => cri::NamespaceMode::Container,
+        NsMode::Node => cri::NamespaceMode::Node,
+        NsMode::Target => cri::NamespaceMode::Target,
+    }) as i32
+}
+
+fn port(p: &cri::PortMapping) -> Result<PortSpec, Status> {
+    let proto = match cri::Protocol::try_from(p.protocol) {
+        Ok(cri::Protocol::Tcp) => Proto::Tcp,
+        Ok(cri::Protocol::Udp) => Proto::Udp,
+        Ok(cri::Protocol::Sctp) => Proto::Sctp,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "port mapping has an unknown protocol {}",
+                p.protocol
+            )));
+        }
+    };
+    let range = |v: i32, what: &str| {
+        u16::try_from(v).map_err(|_| {
+            Status::invalid_argument(format!("port mapping {what} {v} is out of range"))
+        })
+    };
+    let host_ip = match p.host_ip.as_str() {
+        "" => None,
+        s => Some(s.parse::<Ipv4Addr>().map_err(|_| {
+            Status::invalid_argument(format!("port mapping host_ip {s:?} is not an IPv4 address"))
+        })?),
+    };
+    Ok(PortSpec {
+        proto,
+        container_port: range(p.container_port, "container_port")?,
+        host_port: range(p.host_port, "host_port")?,
+        host_ip,
+    })
+}
+
+/// The domain's view of a PodSandboxConfig.
+fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec, Status> {
+    let md = c
+        .metadata
+        .ok_or_else(|| Status::invalid_argument("pod sandbox config has no metadata"))?;
+    let linux = c.linux.unwrap_or_default();
+    let sc = linux.security_context.unwrap_or_default();
+    let ns = sc.namespace_options.unwrap_or_default();
+    if ns
+        .userns_options
+        .as_ref()
+        .is_some_and(|u| u.mode != cri::NamespaceMode::Node as i32)
+    {
+        return Err(Status::invalid_argument(
+            "user namespaces are not supported by berth yet (userns_options mode must be NODE)",
+        ));
+    }
+    Ok(PodSpec {
+        hostname: if c.hostname.is_empty() {
+            md.name.clone()
+        } else {
+            c.hostname
+        },
+        name: md.name,
+        uid: md.uid,
+        namespace: md.namespace,
+        attempt: md.attempt,
+        log_directory: c.log_directory,
+        dns: c.dns_config.map(|d| DnsConfig {
+            servers: d.servers,
+            searches: d.searches,
+            options: d.options,
+        }),
+        ports: c.port_mappings.iter().map(port).collect::<Result<_, _>>()?,
+        labels: c.labels.into_iter().collect(),
+        annotations: c.annotations.into_iter().collect(),
+        cgroup_parent: linux.cgroup_parent,
+        sysctls: linux.sysctls.into_iter().collect(),
+        namespaces: NsModes {
+            network: ns_mode(ns.network)?,
+            pid: ns_mode(ns.pid)?,
+            ipc: ns_mode(ns.ipc)?,
+            target_id: ns.target_id,
+        },
+        security: PodSecurity {
+            privileged: sc.privileged,
+            run_as_user: sc.run_as_user.map(|v| v.value),
+            run_as_group: sc.run_as_group.map(|v| v.value),
+            supplemental_groups: sc.supplemental_groups,
+            readonly_rootfs: sc.readonly_rootfs,
+        },
+        runtime_handler,
+    })
+}
+
+fn metadata(r: &PodRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: r.spec.name.clone(),
+        uid: r.spec.uid.clone(),
+        namespace: r.spec.namespace.clone(),
+        attempt: r.spec.attempt,
+    }
+}
+
+fn state(s: PodState) -> i32 {
+    (match s {
+        PodState::Ready => cri::PodSandboxState::SandboxReady,
+        PodState::Creating | PodState::NotReady => cri::PodSandboxState::SandboxNotready,
+    }) as i32
+}
+
+fn map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+impl Cri {
+    pub(super) async fn run_pod_sandbox(
+        &self,
+        req: cri::RunPodSandboxRequest,
+    ) -> Result<cri::RunPodSandboxResponse, Status> {
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("RunPodSandbox without a config"))?;
+        let spec = pod_spec(config, req.runtime_handler)?;
+        let id = self.rt.run_pod(spec).await?;
+        tracing::Span::current().record("pod", &id);
+        Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+    }
+
+    pub(super) async fn stop_pod_sandbox(
+        &self,
+        req: cri::StopPodSandboxRequest,
+    ) -> Result<cri::StopPodSandboxResponse, Status> {
+        tracing::Span::current().record("pod", &req.pod_sandbox_id);
+        self.rt.stop_pod(&req.pod_sandbox_id).await?;
+        Ok(cri::StopPodSandboxResponse {})
+    }
+
+    pub(super) async fn remove_pod_sandbox(
+        &self,
+        req: cri::RemovePodSandboxRequest,
+    ) -> Result<cri::RemovePodSandboxResponse, Status> {
+        tracing::Span::current().record("pod", &req.pod_sandbox_id);
+        self.rt.remove_pod(&req.pod_sandbox_id).await?;
+        Ok(cri::RemovePodSandboxResponse {})
+    }
+
+    pub(super) fn pod_sandbox_status(
+        &self,
+        req: cri::PodSandboxStatusRequest,
+    ) -> Result<cri::PodSandboxStatusResponse, Status> {
+        tracing::Span::current().record("pod", &req.pod_sandbox_id);
+        let pod = self.rt.pods.get(&req.pod_sandbox_id)?;
+        let r = pod.record();
+        let mut info = HashMap::new();
+        if req.verbose {
+            let ns_dir = self.rt.pods.ns_dir(&r.id);
+            let v = serde_json::json!({
+                "record": r,
+                "namespacePins": {
+                    "net": ns_dir.join("net"), "ipc": ns_dir.join("ipc"),
+                    "uts": ns_dir.join("uts"), "pid": ns_dir.join("pid"),
+                },
+                "podDirectory": self.rt.pods.files_dir(&r.id),
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        let ns = &r.spec.namespaces;
+        Ok(cri::PodSandboxStatusResponse {
+            status: Some(cri::PodSandboxStatus {
+                id: r.id.clone(),
+                metadata: Some(metadata(&r)),
+                state: state(r.state),
+                created_at: r.created_at,
+                network: Some(cri::PodSandboxNetworkStatus {
+                    ip: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
+                    additional_ips: Vec::new(),
+                }),
+                linux: Some(cri::LinuxPodSandboxStatus {
+                    namespaces: Some(cri::Namespace {
+                        options: Some(cri::NamespaceOption {
+                            network: cri_ns_mode(ns.network),
+                            pid: cri_ns_mode(ns.pid),
+                            ipc: cri_ns_mode(ns.ipc),
+                            target_id: ns.target_id.clone(),
+                            userns_options: None,
+                        }),
+                    }),
+                }),
+                labels: map(&r.spec.labels),
+                annotations: map(&r.spec.annotations),
+                runtime_handler: r.spec.runtime_handler.clone(),
+            }),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: 0,
+        })
+    }
+
+    pub(super) fn list_pod_sandbox(
+        &self,
+        req: cri::ListPodSandboxRequest,
+    ) -> Result<cri::ListPodSandboxResponse, Status> {
+        let f = req.filter.unwrap_or_default();
+        let filter = PodFilter {
+            id: Some(f.id).filter(|s| !s.is_empty()),
+            state: f.state.map(|s| {
+                if s.state == cri::PodSandboxState::SandboxReady as i32 {
+                    PodState::Ready
+                } else {
+                    PodState::NotReady
+                }
+            }),
+            labels: f.label_selector.into_iter().collect(),
+        };
+        let mut items: Vec<cri::PodSandbox> = self
+            .rt
+            .pods
+            .list(&filter)
+            .iter()
+            .map(|r| cri::PodSandbox {
+                id: r.id.clone(),
+                metadata: Some(metadata(r)),
+                state: state(r.state),
+                created_at: r.created_at,
+                labels: map(&r.spec.labels),
+                annotations: map(&r.spec.annotations),
+                runtime_handler: r.spec.runtime_handler.clone(),
+            })
+            .collect();
+        items.sort_by_key(|p| std::cmp::Reverse(p.created_at));
+        Ok(cri::ListPodSandboxResponse { items })
+    }
+}

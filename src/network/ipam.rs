@@ -1,0 +1,182 @@
+//! Host-local IP address management: one file per address handed out, `state/ipam/<ip>`,
+//! holding the owner's pod id. Creating the file with O_EXCL is the allocation, so no address is
+//! handed out twice, whatever runs concurrently, and allocations survive berthd restarts. A
+//! cursor makes allocation round-robin, so a released address is not reused at once.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::cidr::Ipv4Cidr;
+
+/// Errors of address management.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// Every address of the subnet is in use.
+    #[error("no free address in {0}: every pod address is in use")]
+    Exhausted(Ipv4Cidr),
+    /// The allocation directory failed.
+    #[error("address allocation in {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The allocator.
+pub struct Ipam {
+    dir: PathBuf,
+    cursor: AtomicU32,
+}
+
+impl Ipam {
+    /// Opens (creating) the allocation directory.
+    pub fn open(dir: &Path) -> Result<Ipam, IpamError> {
+        std::fs::create_dir_all(dir).map_err(|source| IpamError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let cursor = std::fs::read_to_string(dir.join(".cursor"))
+            .ok()
+            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok())
+            .map(u32::from)
+            .unwrap_or(0);
+        Ok(Ipam {
+            dir: dir.to_owned(),
+            cursor: AtomicU32::new(cursor),
+        })
+    }
+
+    /// Hands out a free address of `subnet` to `owner`.
+    pub fn allocate(&self, subnet: &Ipv4Cidr, owner: &str) -> Result<Ipv4Addr, IpamError> {
+        let range = subnet.pod_range();
+        let (start, end) = (*range.start(), *range.end());
+        if start > end {
+            return Err(IpamError::Exhausted(*subnet));
+        }
+        let size = end - start + 1;
+        let after = self.cursor.load(Ordering::Relaxed);
+        let first = if (start..=end).contains(&after) {
+            after - start + 1
+        } else {
+            0
+        };
+        for i in 0..size {
+            let ip = Ipv4Addr::from(start + (first + i) % size);
+            let path = self.dir.join(ip.to_string());
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(owner.as_bytes())
+                        .map_err(|source| IpamError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    self.cursor.store(u32::from(ip), Ordering::Relaxed);
+                    // The cursor is a hint; losing it only makes reuse less round-robin.
+                    let _ = std::fs::write(self.dir.join(".cursor"), ip.to_string());
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => return Err(IpamError::Io { path, source }),
+            }
+        }
+        Err(IpamError::Exhausted(*subnet))
+    }
+
+    /// Releases `ip` if `owner` holds it.
+    pub fn release(&self, ip: Ipv4Addr, owner: &str) {
+        let path = self.dir.join(ip.to_string());
+        if std::fs::read_to_string(&path).is_ok_and(|o| o == owner) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    /// Every allocation: (address, owner).
+    pub fn allocations(&self) -> Vec<(Ipv4Addr, String)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let ip: Ipv4Addr = e.file_name().to_str()?.parse().ok()?;
+                let owner = std::fs::read_to_string(e.path()).ok()?;
+                Some((ip, owner))
+            })
+            .collect()
+    }
+
+    /// Releases every address held by `owner`.
+    pub fn release_owner(&self, owner: &str) {
+        for (ip, o) in self.allocations() {
+            if o == owner {
+                self.release(ip, owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_distinct_addresses_until_exhausted_then_reuses_released_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = Ipam::open(d.path()).unwrap();
+        let net: Ipv4Cidr = "10.0.0.0/29".parse().unwrap();
+        let mut got: Vec<Ipv4Addr> = (0..5)
+            .map(|i| ipam.allocate(&net, &format!("p{i}")).unwrap())
+            .collect();
+        got.sort();
+        got.dedup();
+        assert_eq!(got.len(), 5);
+        assert!(matches!(
+            ipam.allocate(&net, "p5"),
+            Err(IpamError::Exhausted(_))
+        ));
+        ipam.release(got[2], "someone-else");
+        assert!(
+            ipam.allocate(&net, "p5").is_err(),
+            "only the owner releases"
+        );
+        ipam.release(got[2], "p2");
+        assert_eq!(ipam.allocate(&net, "p5").unwrap(), got[2]);
+        // Allocations survive reopening.
+        let again = Ipam::open(d.path()).unwrap();
+        assert_eq!(again.allocations().len(), 5);
+    }
+
+    #[test]
+    fn concurrent_allocations_never_collide() {
+        let d = tempfile::tempdir().unwrap();
+        let ipam = std::sync::Arc::new(Ipam::open(d.path()).unwrap());
+        let net: Ipv4Cidr = "10.1.0.0/24".parse().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    (0..25)
+                        .map(|i| ipam.allocate(&net, &format!("t{t}-{i}")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<Ipv4Addr> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 200);
+    }
+}
