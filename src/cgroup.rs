@@ -124,6 +124,36 @@ impl Cgroups {
         Cgroups { mode, hierarchies }
     }
 
+    /// Remounts the cgroup2 hierarchy with `favordynmods` (kernel 6.0+), which spares every
+    /// task migration an RCU grace period. Keeps the mount's other options.
+    pub fn favor_dynmods(&self) -> Result<(), String> {
+        let Some(mount) = self.unified() else {
+            return Err("there is no cgroup2 hierarchy".into());
+        };
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let opts = info
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(&*mount.to_string_lossy()))
+            .find_map(|l| {
+                l.split_once(" - ")
+                    .and_then(|(_, post)| post.split(' ').nth(2))
+            })
+            .unwrap_or("rw")
+            .to_string();
+        if opts.split(',').any(|o| o == "favordynmods") {
+            return Ok(());
+        }
+        let wanted = format!("{opts},favordynmods");
+        nix::mount::mount(
+            None::<&str>,
+            mount,
+            Some("cgroup2"),
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(wanted.as_str()),
+        )
+        .map_err(|e| format!("remounting {} with {wanted}: {e}", mount.display()))
+    }
+
     /// The unified (cgroup2) hierarchy's mount, if there is one.
     pub fn unified(&self) -> Option<&Path> {
         self.hierarchies
@@ -208,6 +238,21 @@ impl Cgroups {
             }
         }
         Ok(())
+    }
+
+    /// A cgroup.procs file that lists every process of the cgroup `rel`: the pids or memory
+    /// v1 hierarchy (which every container joins), or the unified one on v2 hosts.
+    pub fn procs_file(&self, rel: &Path) -> Option<PathBuf> {
+        let pick = |want: &str| {
+            self.hierarchies
+                .iter()
+                .find(|h| h.controllers.iter().any(|c| c == want))
+        };
+        let h = match self.mode {
+            Mode::Unified => self.hierarchies.iter().find(|h| h.v2),
+            Mode::Legacy => pick("pids").or_else(|| pick("memory")),
+        }?;
+        Some(h.mount.join(rel).join("cgroup.procs"))
     }
 
     /// Moves a process into `rel` in every hierarchy.

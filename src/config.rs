@@ -63,6 +63,8 @@ pub struct Config {
     pub shutdown_timeout_seconds: u64,
     /// The cgroup (cgroupfs path) under which pods without a cgroup parent from kubelet go.
     pub cgroup_parent: String,
+    /// Remount the cgroup2 hierarchy with `favordynmods` at start (see the default file).
+    pub cgroup_favor_dynmods: bool,
     /// Per-registry-host settings; the key `*` applies to every host.
     pub registries: BTreeMap<String, RegistryConfig>,
     /// Image pulls and the image store.
@@ -86,6 +88,7 @@ impl Default for Config {
             log_level: "info".into(),
             shutdown_timeout_seconds: 10,
             cgroup_parent: "/berth".into(),
+            cgroup_favor_dynmods: false,
             registries: BTreeMap::new(),
             images: ImagesConfig::default(),
             network: NetworkConfig::default(),
@@ -334,6 +337,11 @@ log_level = "info"
 shutdown_timeout_seconds = 10
 # Pods whose RunPodSandbox names no cgroup parent get one under this cgroup (cgroupfs path).
 cgroup_parent = "/berth"
+# Moving a process into a cgroup waits for an RCU grace period (milliseconds) unless the
+# cgroup2 hierarchy is mounted with `favordynmods`; every container creation moves one. true
+# makes berthd remount it so at start: a host-wide kernel setting (forks and exits get slightly
+# dearer), so it is off unless you ask for it.
+cgroup_favor_dynmods = false
 
 # Registry hosts. The key is a host ("registry.k8s.io", "docker.io", "127.0.0.1:5000"), or "*"
 # for every host. Mirrors are tried in order before the host itself; an http:// mirror is

@@ -4,10 +4,12 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod container;
 pub mod cri;
 pub mod daemon;
 pub mod fsutil;
 pub mod image;
+pub mod monitor;
 pub mod network;
 pub mod runtime;
 pub mod sandbox;

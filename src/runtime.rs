@@ -92,7 +92,9 @@ pub struct Runtime {
     /// The pod CIDR kubelet last sent with UpdateRuntimeConfig.
     pod_cidr: RwLock<Option<Ipv4Cidr>>,
     /// Images, their content and snapshots.
-    pub images: ImageStore,
+    pub images: Arc<ImageStore>,
+    /// Containers.
+    pub containers: Arc<crate::container::Containers>,
     /// Pod sandboxes and their network.
     pub pods: Arc<Sandboxes>,
     container_fs: Mutex<Option<(Instant, Usage)>>,
@@ -102,8 +104,10 @@ impl Runtime {
     /// Opens the core over an already-locked root and state directory: loads images and pods
     /// and reconciles what a previous run left.
     pub async fn open(config: Config) -> Result<Self> {
-        let images = tokio::task::block_in_place(|| ImageStore::open(&config))
-            .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?;
+        let images = Arc::new(
+            tokio::task::block_in_place(|| ImageStore::open(&config))
+                .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?,
+        );
         let handlers: Vec<String> = std::iter::once(String::new())
             .chain(config.runtimes.keys().cloned())
             .collect();
@@ -111,7 +115,15 @@ impl Runtime {
             &config.state,
             &config.network,
             &config.cgroup_parent,
+            config.cgroup_favor_dynmods,
             handlers,
+        )
+        .await?;
+        let containers = crate::container::Containers::open(
+            &config.root,
+            &config.state,
+            images.clone(),
+            pods.clone(),
         )
         .await?;
         Ok(Runtime {
@@ -119,6 +131,7 @@ impl Runtime {
             pod_cidr: RwLock::new(None),
             images,
             pods,
+            containers,
             container_fs: Mutex::new(None),
         })
     }
@@ -213,21 +226,60 @@ impl Runtime {
     }
 }
 
-/// Pod lifecycle: the order of work across pods and (later) their containers.
+/// Pod and container lifecycle: the order of work across pods, their containers and images.
 impl Runtime {
-    /// RunPodSandbox.
+    /// RunPodSandbox: the pod, then a first word with its monitor.
     pub async fn run_pod(&self, spec: crate::sandbox::PodSpec) -> Result<String> {
-        self.pods.run(spec).await
+        let id = self.pods.run(spec).await?;
+        if let Err(e) = self.containers.greet(&id).await {
+            let _ = self.pods.remove(&id).await;
+            self.containers.drop_monitor(&id);
+            return Err(Error::Internal(format!(
+                "the pod's monitor does not answer: {e}"
+            )));
+        }
+        Ok(id)
     }
 
-    /// StopPodSandbox: idempotent.
+    /// StopPodSandbox: its containers are killed, then the pod is stopped. Idempotent.
     pub async fn stop_pod(&self, id: &str) -> Result<()> {
-        self.pods.stop(id).await
+        let pod = match self.pods.get(id) {
+            Ok(p) => p,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for c in self.containers.of_pod(&pod.id) {
+            self.containers.stop(&c, std::time::Duration::ZERO).await?;
+        }
+        self.pods.stop(&pod.id).await
     }
 
-    /// RemovePodSandbox: idempotent.
+    /// RemovePodSandbox: its containers are removed, then the pod. Idempotent.
     pub async fn remove_pod(&self, id: &str) -> Result<()> {
-        self.pods.remove(id).await
+        let pod = match self.pods.get(id) {
+            Ok(p) => p,
+            Err(Error::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for c in self.containers.of_pod(&pod.id) {
+            self.containers.remove(&c).await?;
+        }
+        self.pods.remove(&pod.id).await?;
+        self.containers.drop_monitor(&pod.id);
+        Ok(())
+    }
+
+    /// CreateContainer in a ready pod from an image that is here.
+    pub async fn create_container(
+        &self,
+        pod_id: &str,
+        spec: crate::container::ContainerSpec,
+    ) -> Result<String> {
+        let pod = self.pods.get(pod_id)?;
+        let image = self.images.find(&spec.image).ok_or_else(|| {
+            Error::NotFound(format!("image {:?} not found (pull it first)", spec.image))
+        })?;
+        self.containers.create(pod, spec, image).await
     }
 }
 

@@ -17,22 +17,43 @@ use tokio::sync::Mutex;
 const ZYGOTE_FD: RawFd = 3;
 
 /// What berthd can ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// A pod init: PID 1 of a new PID namespace.
     PodInit,
+    /// A pod's monitor, listening on `socket`, keeping libcontainer state under `lc_root`.
+    Monitor {
+        /// The pod.
+        pod_id: String,
+        /// Where it listens.
+        socket: String,
+        /// libcontainer's state directory.
+        lc_root: String,
+    },
 }
 
 impl Request {
-    fn encode(self) -> &'static [u8] {
+    fn encode(&self) -> Vec<u8> {
         match self {
-            Request::PodInit => b"pod-init",
+            Request::PodInit => b"pod-init".to_vec(),
+            Request::Monitor {
+                pod_id,
+                socket,
+                lc_root,
+            } => format!("monitor\0{pod_id}\0{socket}\0{lc_root}").into_bytes(),
         }
     }
 
     fn decode(b: &[u8]) -> Option<Request> {
-        match b {
-            b"pod-init" => Some(Request::PodInit),
+        let s = std::str::from_utf8(b).ok()?;
+        let mut parts = s.split('\0');
+        match parts.next()? {
+            "pod-init" => Some(Request::PodInit),
+            "monitor" => Some(Request::Monitor {
+                pod_id: parts.next()?.to_string(),
+                socket: parts.next()?.to_string(),
+                lc_root: parts.next()?.to_string(),
+            }),
             _ => None,
         }
     }
@@ -59,12 +80,18 @@ pub fn main() -> ! {
             }
             std::process::exit(1);
         }
-        let answer = match Request::decode(&buf[..n as usize]) {
-            Some(Request::PodInit) => match spawn_pod_init() {
-                Ok(pid) => format!("ok {pid}"),
-                Err(e) => format!("err {e}"),
-            },
-            None => "err unknown request".to_string(),
+        let spawned = match Request::decode(&buf[..n as usize]) {
+            Some(Request::PodInit) => spawn_pod_init(),
+            Some(Request::Monitor {
+                pod_id,
+                socket,
+                lc_root,
+            }) => spawn_monitor(pod_id, &socket, lc_root),
+            None => Err(io::Error::other("unknown request")),
+        };
+        let answer = match spawned {
+            Ok(pid) => format!("ok {pid}"),
+            Err(e) => format!("err {e}"),
         };
         // SAFETY: as above; the answer buffer is valid for its length.
         unsafe {
@@ -106,6 +133,21 @@ fn spawn_pod_init() -> io::Result<i32> {
             crate::sandbox::init::run()
         }
         pid => Ok(pid as i32),
+    }
+}
+
+/// Binds the monitor's socket, then forks the monitor, which inherits it: berthd can connect
+/// as soon as this answers.
+fn spawn_monitor(pod_id: String, socket: &str, lc_root: String) -> io::Result<i32> {
+    let listener = crate::monitor::server::bind(std::path::Path::new(socket))?;
+    // SAFETY: a plain fork of this single-threaded process.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Child => {
+            detach_stdio();
+            let _ = nix::unistd::setsid();
+            crate::monitor::server::run(pod_id, listener, lc_root.into())
+        }
+        nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
     }
 }
 
@@ -178,7 +220,7 @@ impl Zygote {
                 *chan = Some(Zygote::start()?);
             }
             let fd = chan.as_ref().expect("started above").0.as_raw_fd();
-            let r = tokio::task::block_in_place(|| exchange(fd, req));
+            let r = tokio::task::block_in_place(|| exchange(fd, &req));
             match r {
                 Ok(answer) => return parse_answer(&answer),
                 // The zygote died: start a new one and try once more.
@@ -193,7 +235,7 @@ impl Zygote {
     }
 }
 
-fn exchange(fd: RawFd, req: Request) -> io::Result<Vec<u8>> {
+fn exchange(fd: RawFd, req: &Request) -> io::Result<Vec<u8>> {
     let msg = req.encode();
     // SAFETY: fd is the open socket owned by `Zygote`; the buffers are valid for their lengths.
     let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };

@@ -2,6 +2,7 @@
 //! terms, and its errors mapped back to gRPC codes. Nothing in here touches the kernel.
 //! One file per RPC family; this file wires them into the two tonic services.
 
+mod container;
 mod image;
 mod runtime_info;
 mod sandbox;
@@ -114,60 +115,48 @@ impl RuntimeService for Cri {
 
     async fn create_container(
         &self,
-        _r: Request<cri::CreateContainerRequest>,
+        r: Request<cri::CreateContainerRequest>,
     ) -> RpcResult<cri::CreateContainerResponse> {
-        rpc("CreateContainer", async {
-            Err(unimplemented("CreateContainer"))
-        })
-        .await
+        rpc("CreateContainer", self.create_container(r.into_inner())).await
     }
 
     async fn start_container(
         &self,
-        _r: Request<cri::StartContainerRequest>,
+        r: Request<cri::StartContainerRequest>,
     ) -> RpcResult<cri::StartContainerResponse> {
-        rpc("StartContainer", async {
-            Err(unimplemented("StartContainer"))
-        })
-        .await
+        rpc("StartContainer", self.start_container(r.into_inner())).await
     }
 
     async fn stop_container(
         &self,
-        _r: Request<cri::StopContainerRequest>,
+        r: Request<cri::StopContainerRequest>,
     ) -> RpcResult<cri::StopContainerResponse> {
-        rpc("StopContainer", async {
-            Err(unimplemented("StopContainer"))
-        })
-        .await
+        rpc("StopContainer", self.stop_container(r.into_inner())).await
     }
 
     async fn remove_container(
         &self,
-        _r: Request<cri::RemoveContainerRequest>,
+        r: Request<cri::RemoveContainerRequest>,
     ) -> RpcResult<cri::RemoveContainerResponse> {
-        rpc("RemoveContainer", async {
-            Err(unimplemented("RemoveContainer"))
-        })
-        .await
+        rpc("RemoveContainer", self.remove_container(r.into_inner())).await
     }
 
     async fn list_containers(
         &self,
-        _r: Request<cri::ListContainersRequest>,
+        r: Request<cri::ListContainersRequest>,
     ) -> RpcResult<cri::ListContainersResponse> {
         rpc("ListContainers", async {
-            Err(unimplemented("ListContainers"))
+            self.list_containers(r.into_inner())
         })
         .await
     }
 
     async fn container_status(
         &self,
-        _r: Request<cri::ContainerStatusRequest>,
+        r: Request<cri::ContainerStatusRequest>,
     ) -> RpcResult<cri::ContainerStatusResponse> {
         rpc("ContainerStatus", async {
-            Err(unimplemented("ContainerStatus"))
+            self.container_status(r.into_inner())
         })
         .await
     }
@@ -184,19 +173,20 @@ impl RuntimeService for Cri {
 
     async fn reopen_container_log(
         &self,
-        _r: Request<cri::ReopenContainerLogRequest>,
+        r: Request<cri::ReopenContainerLogRequest>,
     ) -> RpcResult<cri::ReopenContainerLogResponse> {
-        rpc("ReopenContainerLog", async {
-            Err(unimplemented("ReopenContainerLog"))
-        })
+        rpc(
+            "ReopenContainerLog",
+            self.reopen_container_log(r.into_inner()),
+        )
         .await
     }
 
     async fn exec_sync(
         &self,
-        _r: Request<cri::ExecSyncRequest>,
+        r: Request<cri::ExecSyncRequest>,
     ) -> RpcResult<cri::ExecSyncResponse> {
-        rpc("ExecSync", async { Err(unimplemented("ExecSync")) }).await
+        rpc("ExecSync", self.exec_sync(r.into_inner())).await
     }
 
     async fn exec(&self, _r: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {

@@ -65,6 +65,16 @@ fn port(p: &cri::PortMapping) -> Result<PortSpec, Status> {
     })
 }
 
+/// The pod name as hostname, cut to 63 characters as kubelet cuts it (a hostname has 64 at
+/// most), without a trailing '-' or '.'.
+fn default_hostname(name: &str) -> String {
+    let mut h: String = name.chars().take(63).collect();
+    while h.ends_with(['-', '.']) {
+        h.pop();
+    }
+    h
+}
+
 /// The domain's view of a PodSandboxConfig.
 fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec, Status> {
     let md = c
@@ -84,7 +94,7 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
     }
     Ok(PodSpec {
         hostname: if c.hostname.is_empty() {
-            md.name.clone()
+            default_hostname(&md.name)
         } else {
             c.hostname
         },

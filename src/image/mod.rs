@@ -345,7 +345,9 @@ impl ImageStore {
     pub fn open(config: &Config) -> Result<ImageStore, ImageError> {
         let root = &config.root;
         let images_dir = root.join("images");
-        let leases_dir = root.join("leases");
+        // Containers' holds live with the containers, in the state directory: after a reboot
+        // both are gone together. Written without fsync, like every state-directory record.
+        let leases_dir = config.state.join("leases");
         for d in [&images_dir, &leases_dir] {
             std::fs::create_dir_all(d).map_err(|source| StoreError::Io {
                 what: "creating",
@@ -455,7 +457,7 @@ impl ImageStore {
             .into_iter()
             .chain(img.content_digests())
             .collect();
-        store::write_json(
+        store::write_json_volatile(
             &self.leases_dir.join(format!("{owner}.json")),
             &LeaseRecord {
                 owner: owner.to_string(),
@@ -472,7 +474,17 @@ impl ImageStore {
 
     /// Drops `owner`'s hold and collects what nothing uses any more.
     pub async fn release(&self, owner: &str) -> Result<(), ImageError> {
-        store::remove(&self.leases_dir.join(format!("{owner}.json")))?;
+        match std::fs::remove_file(self.leases_dir.join(format!("{owner}.json"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ImageError::Store(StoreError::Io {
+                    what: "removing",
+                    path: self.leases_dir.join(format!("{owner}.json")),
+                    source,
+                }));
+            }
+        }
         let had = self
             .leases
             .lock()

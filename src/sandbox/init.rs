@@ -112,3 +112,10 @@ pub async fn kill(pid: i32, start: u64) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), afd.readable()).await;
     }
 }
+
+/// Kills a process (if `pid` is still it) without waiting for it.
+pub fn kill_now(pid: i32, start: u64) {
+    if start_time(pid) == Some(start) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}

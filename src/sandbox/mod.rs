@@ -154,6 +154,9 @@ pub struct PodRecord {
     pub net: Option<PodNet>,
     /// The pod init (pid, start time), for PID namespace POD.
     pub init: Option<(i32, u64)>,
+    /// The pod's monitor (pid, start time).
+    #[serde(default)]
+    pub monitor: Option<(i32, u64)>,
     /// Whether it has its own /dev/shm mount.
     pub shm: bool,
 }
@@ -211,8 +214,9 @@ pub struct Sandboxes {
     pub cgroups: Cgroups,
     default_cgroup_parent: String,
     handlers: Vec<String>,
-    /// Forks the pods' inits.
+    /// Forks the pods' inits and monitors.
     zygote: crate::zygote::Zygote,
+    state_dir: PathBuf,
     /// Cgroup directories berth made (and only these it removes), across pods.
     owned_cgroups: Mutex<std::collections::BTreeSet<PathBuf>>,
     owned_cgroups_file: PathBuf,
@@ -245,6 +249,7 @@ impl Sandboxes {
         state: &Path,
         net_cfg: &crate::config::NetworkConfig,
         default_cgroup_parent: &str,
+        favor_dynmods: bool,
         handlers: Vec<String>,
     ) -> Result<Arc<Sandboxes>> {
         let pods_dir = state.join("pods");
@@ -284,16 +289,26 @@ impl Sandboxes {
                 .await
                 .map_err(Error::Internal)?,
         );
+        let cgroups = Cgroups::detect();
+        if favor_dynmods {
+            match cgroups.favor_dynmods() {
+                Ok(()) => tracing::info!(
+                    "cgroup2 hierarchy uses favordynmods: task migrations skip an RCU grace period"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot enable favordynmods"),
+            }
+        }
         let s = Arc::new(Sandboxes {
             pods_dir,
             ns_dir,
             pods: RwLock::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             network,
-            cgroups: Cgroups::detect(),
+            cgroups,
             default_cgroup_parent: default_cgroup_parent.to_string(),
             handlers,
             zygote: crate::zygote::Zygote::default(),
+            state_dir: state.to_owned(),
             owned_cgroups: Mutex::new(
                 store::read_json(&state.join("cgroups.json"))
                     .ok()
@@ -310,10 +325,11 @@ impl Sandboxes {
                     continue;
                 }
                 PodState::Ready => {
-                    if let Some((pid, start)) = r.init
-                        && init::start_time(pid) != Some(start)
-                    {
-                        tracing::info!(pod = %r.id, "the pod's init is gone: stopping the pod");
+                    let dead = |p: Option<(i32, u64)>| {
+                        p.is_some_and(|(pid, start)| init::start_time(pid) != Some(start))
+                    };
+                    if dead(r.init) || dead(r.monitor) {
+                        tracing::info!(pod = %r.id, "the pod's init or monitor is gone: stopping the pod");
                         s.teardown(&mut r).await;
                         r.state = PodState::NotReady;
                         let _ = s.persist(&r);
@@ -523,6 +539,7 @@ impl Sandboxes {
             cgroup: cgroup_rel.clone(),
             net: None,
             init: None,
+            monitor: None,
             shm: false,
             spec,
         };
@@ -643,6 +660,25 @@ impl Sandboxes {
             "writing the pod's hostname, hosts and resolv.conf",
         ))?;
 
+        // The monitor that will hold the pod's containers (it exits by itself unless berthd
+        // greets it within a minute, so a crash before the record is written leaks nothing).
+        let socket = crate::container::monitor_socket(&self.state_dir, &id);
+        let pid = self
+            .zygote
+            .spawn(crate::zygote::Request::Monitor {
+                pod_id: id.clone(),
+                socket: socket.to_string_lossy().into_owned(),
+                lc_root: crate::container::lc_root(&self.state_dir)
+                    .to_string_lossy()
+                    .into_owned(),
+            })
+            .await
+            .map_err(internal("starting the pod's monitor"))?;
+        let start = init::start_time(pid)
+            .ok_or_else(|| Error::Internal("the pod's monitor died at once".into()))?;
+        rec.monitor = Some((pid, start));
+        self.persist(rec)?;
+
         // The infra init, for a PID namespace shared by the pod.
         let mut launched = None;
         if spec.namespaces.pid == NsMode::Pod {
@@ -687,6 +723,10 @@ impl Sandboxes {
 
     /// Removes what remains of a stopped pod: pins, /dev/shm, cgroup, directories, record.
     fn remove_resources(&self, rec: &PodRecord) {
+        if let Some((pid, start)) = rec.monitor {
+            init::kill_now(pid, start);
+        }
+        let _ = std::fs::remove_file(crate::container::monitor_socket(&self.state_dir, &rec.id));
         files::unmount_shm(&self.pod_dir(&rec.id).join("shm"));
         self.release_cgroup(&rec.cgroup);
         remove_pod_dirs(&self.pod_dir(&rec.id), &self.ns_dir(&rec.id));

@@ -272,8 +272,41 @@ impl Drop for Berthd {
                 self.log_text()
             );
         }
+        kill_pod_processes(&self.state);
         cleanup_cgroups(&self.cgroup_root);
         unmount_under(self.dir.path());
+    }
+}
+
+/// Kills the monitors and inits of the pods recorded under `state` (a test that failed may
+/// not have removed its pods): by the pid each record names, if its start time still matches.
+pub fn kill_pod_processes(state: &Path) {
+    let Ok(rd) = std::fs::read_dir(state.join("pods")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path().join("pod.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        for key in ["monitor", "init"] {
+            let (Some(pid), Some(start)) = (v[key][0].as_i64(), v[key][1].as_u64()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let started = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split(' ').nth(19))
+                .and_then(|s| s.parse::<u64>().ok());
+            if started == Some(start) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 

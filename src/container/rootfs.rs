@@ -1,0 +1,98 @@
+//! A container's root filesystem: an overlay of the image's snapshots (read-only lower dirs)
+//! and a writable upper dir of its own. The mount uses the new mount API with one `lowerdir+`
+//! per layer where the kernel has it (6.8+), so no image has too many layers for the one-page
+//! limit of mount(2)'s option string; older kernels get that string.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+/// The mount failed.
+#[derive(Debug, thiserror::Error)]
+#[error("mounting the root filesystem at {target}: {message}")]
+pub struct RootfsError {
+    /// Where.
+    pub target: PathBuf,
+    /// Why.
+    pub message: String,
+}
+
+/// Mounts the overlay at `target`. `lower` is top layer first.
+pub fn mount_overlay(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), RootfsError> {
+    let err = |message: String| RootfsError {
+        target: target.to_owned(),
+        message,
+    };
+    if lower.is_empty() {
+        return Err(err("the image has no layers".into()));
+    }
+    match mount_new_api(lower, upper, work, target) {
+        Ok(()) => return Ok(()),
+        // Kernels without `lowerdir+` (before 6.8) or without fsopen: the classic way.
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {}
+        Err(e) => return Err(err(format!("fsopen/fsconfig: {e}"))),
+    }
+    let lowers: Vec<String> = lower.iter().map(|p| escape(&p.to_string_lossy())).collect();
+    let data = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lowers.join(":"),
+        escape(&upper.to_string_lossy()),
+        escape(&work.to_string_lossy())
+    );
+    if data.len() >= 4096 {
+        return Err(err(format!(
+            "{} layers do not fit in mount(2)'s options on this kernel",
+            lower.len()
+        )));
+    }
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .map_err(|e| err(e.to_string()))
+}
+
+fn mount_new_api(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), rustix::io::Errno> {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+    let fs = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for l in lower {
+        rustix::mount::fsconfig_set_string(&fs, "lowerdir+", l.as_path())?;
+    }
+    rustix::mount::fsconfig_set_string(&fs, "upperdir", upper)?;
+    rustix::mount::fsconfig_set_string(&fs, "workdir", work)?;
+    rustix::mount::fsconfig_create(&fs)?;
+    let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+    rustix::mount::move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+}
+
+/// Overlay options separate paths with ':' and ',': those are escaped.
+fn escape(p: &str) -> String {
+    p.replace('\\', "\\\\")
+        .replace(':', "\\:")
+        .replace(',', "\\,")
+}
+
+/// Unmounts the root filesystem; not mounted is fine.
+pub fn unmount(target: &Path) {
+    // MNT_DETACH: a process that still holds something in it cannot make removal fail.
+    let _ = umount2(target, MntFlags::MNT_DETACH);
+}

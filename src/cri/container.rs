@@ -1,0 +1,396 @@
+//! CreateContainer, StartContainer, StopContainer, RemoveContainer, ListContainers,
+//! ContainerStatus, ReopenContainerLog and ExecSync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use super::Cri;
+use crate::container::{
+    ContainerRecord, ContainerSecurity, ContainerSpec, CtrFilter, CtrState, DeviceSpec, MountSpec,
+    Propagation, Resources,
+};
+use crate::sandbox::NsMode;
+
+fn ns_mode(m: i32) -> Result<NsMode, Status> {
+    match cri::NamespaceMode::try_from(m) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
+        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown namespace mode {m}"
+        ))),
+    }
+}
+
+fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
+    if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "mount {}: idmapped mounts need user namespaces, which berth does not support yet",
+            m.container_path
+        )));
+    }
+    if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+        return Err(Status::invalid_argument(format!(
+            "mount {}: image volumes are not supported by berth yet",
+            m.container_path
+        )));
+    }
+    let propagation = match cri::MountPropagation::try_from(m.propagation) {
+        Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
+        Ok(cri::MountPropagation::PropagationHostToContainer) => Propagation::HostToContainer,
+        Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "mount {}: unknown propagation {}",
+                m.container_path, m.propagation
+            )));
+        }
+    };
+    if m.recursive_read_only && !m.readonly {
+        return Err(Status::invalid_argument(format!(
+            "mount {}: recursive_read_only needs readonly",
+            m.container_path
+        )));
+    }
+    if m.recursive_read_only && propagation != Propagation::Private {
+        return Err(Status::invalid_argument(format!(
+            "mount {}: recursive_read_only needs private propagation",
+            m.container_path
+        )));
+    }
+    // selinux_relabel is ignored: no SELinux on these nodes.
+    Ok(MountSpec {
+        container_path: m.container_path,
+        host_path: m.host_path,
+        readonly: m.readonly,
+        recursive_read_only: m.recursive_read_only,
+        propagation,
+    })
+}
+
+/// The domain's view of a ContainerConfig.
+fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
+    let md = c
+        .metadata
+        .ok_or_else(|| Status::invalid_argument("container config has no metadata"))?;
+    if md.name.is_empty() {
+        return Err(Status::invalid_argument("container metadata has no name"));
+    }
+    let image = c
+        .image
+        .map(|i| i.image)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| Status::invalid_argument("container config names no image"))?;
+    let linux = c.linux.unwrap_or_default();
+    let r = linux.resources.unwrap_or_default();
+    let sc = linux.security_context.unwrap_or_default();
+    let caps = sc.capabilities.unwrap_or_default();
+    let ns = sc.namespace_options;
+    let seccomp = match sc.seccomp.as_ref() {
+        Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
+            Some(load_seccomp(&p.localhost_ref)?)
+        }
+        _ => None,
+    };
+    Ok(ContainerSpec {
+        name: md.name,
+        attempt: md.attempt,
+        image,
+        command: c.command,
+        args: c.args,
+        working_dir: c.working_dir,
+        envs: c.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        mounts: c.mounts.into_iter().map(mount).collect::<Result<_, _>>()?,
+        devices: c
+            .devices
+            .into_iter()
+            .map(|d| DeviceSpec {
+                container_path: d.container_path,
+                host_path: d.host_path,
+                permissions: d.permissions,
+            })
+            .collect(),
+        labels: c.labels.into_iter().collect(),
+        annotations: c.annotations.into_iter().collect(),
+        log_path: c.log_path,
+        stdin: c.stdin,
+        stdin_once: c.stdin_once,
+        tty: c.tty,
+        resources: Resources {
+            cpu_period: r.cpu_period,
+            cpu_quota: r.cpu_quota,
+            cpu_shares: r.cpu_shares,
+            memory_limit: r.memory_limit_in_bytes,
+            memory_swap_limit: r.memory_swap_limit_in_bytes,
+            oom_score_adj: r.oom_score_adj,
+            cpuset_cpus: r.cpuset_cpus,
+            cpuset_mems: r.cpuset_mems,
+            hugepage_limits: r
+                .hugepage_limits
+                .into_iter()
+                .map(|h| (h.page_size, h.limit))
+                .collect(),
+            unified: r.unified.into_iter().collect(),
+        },
+        security: ContainerSecurity {
+            privileged: sc.privileged,
+            run_as_user: sc.run_as_user.map(|v| v.value),
+            run_as_username: sc.run_as_username,
+            run_as_group: sc.run_as_group.map(|v| v.value),
+            supplemental_groups: sc.supplemental_groups,
+            strict_groups: sc.supplemental_groups_policy
+                == cri::SupplementalGroupsPolicy::Strict as i32,
+            readonly_rootfs: sc.readonly_rootfs,
+            no_new_privs: sc.no_new_privs,
+            add_caps: caps.add_capabilities,
+            drop_caps: caps.drop_capabilities,
+            masked_paths: Some(sc.masked_paths).filter(|p| !p.is_empty()),
+            readonly_paths: Some(sc.readonly_paths).filter(|p| !p.is_empty()),
+            pid_mode: ns.as_ref().map(|n| ns_mode(n.pid)).transpose()?,
+            target_id: ns.map(|n| n.target_id).unwrap_or_default(),
+            apparmor_profile: String::new(),
+            seccomp,
+        },
+    })
+}
+
+/// A Localhost seccomp profile (OCI JSON) read from the node.
+fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))
+}
+
+fn state(s: CtrState) -> i32 {
+    (match s {
+        CtrState::Creating | CtrState::Created => cri::ContainerState::ContainerCreated,
+        CtrState::Running => cri::ContainerState::ContainerRunning,
+        CtrState::Exited => cri::ContainerState::ContainerExited,
+    }) as i32
+}
+
+fn map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
+    cri::ContainerMetadata {
+        name: r.spec.name.clone(),
+        attempt: r.spec.attempt,
+    }
+}
+
+impl Cri {
+    pub(super) async fn create_container(
+        &self,
+        req: cri::CreateContainerRequest,
+    ) -> Result<cri::CreateContainerResponse, Status> {
+        tracing::Span::current().record("pod", &req.pod_sandbox_id);
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("CreateContainer without a config"))?;
+        let spec = container_spec(config)?;
+        let id = self.rt.create_container(&req.pod_sandbox_id, spec).await?;
+        tracing::Span::current().record("container", &id);
+        Ok(cri::CreateContainerResponse { container_id: id })
+    }
+
+    pub(super) async fn start_container(
+        &self,
+        req: cri::StartContainerRequest,
+    ) -> Result<cri::StartContainerResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        self.rt.containers.start(&req.container_id).await?;
+        Ok(cri::StartContainerResponse {})
+    }
+
+    pub(super) async fn stop_container(
+        &self,
+        req: cri::StopContainerRequest,
+    ) -> Result<cri::StopContainerResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        let timeout = Duration::from_secs(req.timeout.max(0) as u64);
+        self.rt.containers.stop(&req.container_id, timeout).await?;
+        Ok(cri::StopContainerResponse {})
+    }
+
+    pub(super) async fn remove_container(
+        &self,
+        req: cri::RemoveContainerRequest,
+    ) -> Result<cri::RemoveContainerResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        self.rt.containers.remove(&req.container_id).await?;
+        Ok(cri::RemoveContainerResponse {})
+    }
+
+    pub(super) fn list_containers(
+        &self,
+        req: cri::ListContainersRequest,
+    ) -> Result<cri::ListContainersResponse, Status> {
+        let f = req.filter.unwrap_or_default();
+        let filter = CtrFilter {
+            id: Some(f.id).filter(|s| !s.is_empty()),
+            pod_id: Some(f.pod_sandbox_id).filter(|s| !s.is_empty()),
+            state: f
+                .state
+                .map(|s| match cri::ContainerState::try_from(s.state) {
+                    Ok(cri::ContainerState::ContainerCreated) => CtrState::Created,
+                    Ok(cri::ContainerState::ContainerRunning) => CtrState::Running,
+                    Ok(cri::ContainerState::ContainerExited) => CtrState::Exited,
+                    // UNKNOWN: nothing is in that state.
+                    _ => CtrState::Creating,
+                }),
+            labels: f.label_selector.into_iter().collect(),
+        };
+        let mut containers: Vec<cri::Container> = self
+            .rt
+            .containers
+            .list(&filter)
+            .iter()
+            .map(|r| cri::Container {
+                id: r.id.clone(),
+                pod_sandbox_id: r.pod_id.clone(),
+                metadata: Some(metadata(r)),
+                image: Some(cri::ImageSpec {
+                    image: r.image_name.clone(),
+                    ..Default::default()
+                }),
+                image_ref: r.image_id.clone(),
+                state: state(r.state),
+                created_at: r.created_at,
+                labels: map(&r.spec.labels),
+                annotations: map(&r.spec.annotations),
+                image_id: r.image_id.clone(),
+            })
+            .collect();
+        containers.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+        Ok(cri::ListContainersResponse { containers })
+    }
+
+    pub(super) fn container_status(
+        &self,
+        req: cri::ContainerStatusRequest,
+    ) -> Result<cri::ContainerStatusResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        let ctr = self.rt.containers.get(&req.container_id)?;
+        let r = ctr.record();
+        if r.state == CtrState::Creating {
+            return Err(Status::not_found(format!(
+                "container {} is still being created",
+                r.id
+            )));
+        }
+        let mut info = HashMap::new();
+        if req.verbose {
+            let spec = std::fs::read_to_string(
+                self.rt
+                    .config()
+                    .state
+                    .join("containers")
+                    .join(&r.id)
+                    .join("config.json"),
+            )
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+            let v = serde_json::json!({
+                "pid": r.pid,
+                "sandboxID": r.pod_id,
+                "runtimeSpec": spec,
+                "user": r.user,
+                "record": r,
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        let mounts = r
+            .mounts
+            .iter()
+            .map(|(m, src)| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: src.to_string_lossy().into_owned(),
+                readonly: m.readonly,
+                recursive_read_only: m.recursive_read_only,
+                propagation: match m.propagation {
+                    Propagation::Private => cri::MountPropagation::PropagationPrivate,
+                    Propagation::HostToContainer => {
+                        cri::MountPropagation::PropagationHostToContainer
+                    }
+                    Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
+                } as i32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(cri::ContainerStatusResponse {
+            status: Some(cri::ContainerStatus {
+                id: r.id.clone(),
+                metadata: Some(metadata(&r)),
+                state: state(r.state),
+                created_at: r.created_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                exit_code: r.exit_code,
+                image: Some(cri::ImageSpec {
+                    image: r.image_name.clone(),
+                    ..Default::default()
+                }),
+                image_ref: r.image_id.clone(),
+                reason: r.reason.clone(),
+                message: r.message.clone(),
+                labels: map(&r.spec.labels),
+                annotations: map(&r.spec.annotations),
+                mounts,
+                log_path: r
+                    .log_path
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                resources: None,
+                image_id: r.image_id.clone(),
+                user: Some(cri::ContainerUser {
+                    linux: Some(cri::LinuxContainerUser {
+                        uid: r.user.uid as i64,
+                        gid: r.user.gid as i64,
+                        supplemental_groups: r
+                            .user
+                            .additional_gids
+                            .iter()
+                            .map(|g| *g as i64)
+                            .collect(),
+                    }),
+                }),
+            }),
+            info,
+        })
+    }
+
+    pub(super) async fn reopen_container_log(
+        &self,
+        req: cri::ReopenContainerLogRequest,
+    ) -> Result<cri::ReopenContainerLogResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        self.rt.containers.reopen_log(&req.container_id).await?;
+        Ok(cri::ReopenContainerLogResponse {})
+    }
+
+    pub(super) async fn exec_sync(
+        &self,
+        req: cri::ExecSyncRequest,
+    ) -> Result<cri::ExecSyncResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        let timeout = Duration::from_secs(req.timeout.max(0) as u64);
+        let out = self
+            .rt
+            .containers
+            .exec_sync(&req.container_id, req.cmd, timeout)
+            .await?;
+        Ok(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        })
+    }
+}
