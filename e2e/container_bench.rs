@@ -105,10 +105,26 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    // BENCH_FAVOR_DYNMODS=1: berthd remounts cgroup2 with favordynmods (undone at the end).
+    let favor = std::env::var("BENCH_FAVOR_DYNMODS").is_ok_and(|v| v == "1");
+    let cgroup2_opts = cgroup2_options();
     let env = Env::with(Options {
         log_level: Some("warn".into()),
+        extra_config: if favor {
+            "cgroup_favor_dynmods = true\n".into()
+        } else {
+            String::new()
+        },
         ..Default::default()
     });
+    println!(
+        "cgroup2 favordynmods: {}",
+        if favor {
+            "on (for this run)"
+        } else {
+            "as the host has it"
+        }
+    );
     let mut images = env.berthd.images().await;
     images
         .pull_image(cri::PullImageRequest {
@@ -255,4 +271,29 @@ async fn main() {
         .await
         .unwrap();
     }
+    if favor && let Some((mount, opts)) = cgroup2_opts {
+        // Leave the host as it was.
+        let _ = nix::mount::mount(
+            None::<&str>,
+            mount.as_str(),
+            Some("cgroup2"),
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(opts.as_str()),
+        );
+    }
+}
+
+/// The cgroup2 mount point and its options, as they are before the run.
+fn cgroup2_options() -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find(|l| l.contains(" - cgroup2 ")).map(|l| {
+        let mount = l.split(' ').nth(4).unwrap_or("").to_string();
+        let opts = l
+            .split(" - ")
+            .nth(1)
+            .and_then(|p| p.split(' ').nth(2))
+            .unwrap_or("rw")
+            .to_string();
+        (mount, opts)
+    })
 }

@@ -666,8 +666,8 @@ impl Containers {
         rec.cwd = spec::working_dir(s, &image.config);
         rec.user = u;
         rec.mounts = mounts;
-        // Recorded before the monitor makes the container: an undo must ask it to delete.
-        self.persist(rec)?;
+        // The record written at the start already lets an undo reach the monitor: nothing
+        // new is needed on disk before the container is made.
         let t_spec = t0.elapsed();
         let oom = (rec.spec.resources.oom_score_adj != 0 || self.own_oom != 0)
             .then(|| rec.spec.resources.oom_score_adj.max(self.own_oom));

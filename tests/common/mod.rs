@@ -612,7 +612,8 @@ impl Env {
     pub fn with(mut opts: Options) -> Env {
         let netns = Netns::new();
         let registry = Registry::start(&netns, 5000);
-        opts.extra_config = format!("{}{}", mirror_config(&registry.addr), opts.extra_config);
+        // Top-level keys of the test first: after a table header they would belong to it.
+        opts.extra_config = format!("{}\n{}", opts.extra_config, mirror_config(&registry.addr));
         opts.netns = Some(netns.path.clone());
         let berthd = Berthd::start_with(opts);
         Env {
