@@ -255,6 +255,26 @@ impl Cgroups {
         Some(h.mount.join(rel).join("cgroup.procs"))
     }
 
+    /// Whether the OOM killer killed something in cgroup `rel` (v1 `memory.oom_control`'s
+    /// `oom_kill`, v2 `memory.events`' `oom_kill`).
+    pub fn oom_killed(&self, rel: &Path) -> bool {
+        let (h, file) = match self.mode {
+            Mode::Unified => (self.hierarchies.iter().find(|h| h.v2), "memory.events"),
+            Mode::Legacy => (
+                self.hierarchies
+                    .iter()
+                    .find(|h| h.controllers.iter().any(|c| c == "memory")),
+                "memory.oom_control",
+            ),
+        };
+        let Some(h) = h else { return false };
+        std::fs::read_to_string(h.mount.join(rel).join(file))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+    }
+
     /// Moves a process into `rel` in every hierarchy.
     pub fn add_process(&self, rel: &Path, pid: i32) -> Result<(), CgroupError> {
         for h in &self.hierarchies {

@@ -909,3 +909,61 @@ async fn stopping_and_removing_a_pod_takes_its_containers_along() {
         .unwrap();
     let _ = monitors;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_with_a_terminal_logs_what_it_prints() {
+    let mut w = World::new().await;
+    let pod = w.pod("tty").await;
+    let mut c = container("tty", &["sh", "-c", "tty; echo on a terminal; sleep 3600"]);
+    c.tty = true;
+    c.stdin = true;
+    let id = w.run(&pod, c).await;
+    let log = w
+        .logs()
+        .join(&pod.1.metadata.as_ref().unwrap().uid)
+        .join("tty/0.log");
+    eventually("the terminal's output is logged", || {
+        log_lines(&log)
+            .iter()
+            .any(|l| l.2.trim_end_matches('\r') == "on a terminal")
+    })
+    .await;
+    assert!(
+        log_lines(&log).iter().any(|l| l.2.starts_with("/dev/pts/")),
+        "{:?}",
+        log_lines(&log)
+    );
+    assert_eq!(
+        w.out(&id, &["echo", "exec works too"]).await,
+        "exec works too"
+    );
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_over_its_memory_limit_ends_oom_killed() {
+    let mut w = World::new().await;
+    let pod = w.pod("oom").await;
+    // The shell keeps 64 MiB in a variable under a 16 MiB limit.
+    let mut c = container(
+        "hog",
+        &[
+            "sh",
+            "-c",
+            "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo survived",
+        ],
+    );
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = w.run(&pod, c).await;
+    let s = w
+        .wait_state(&id, cri::ContainerState::ContainerExited)
+        .await;
+    assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"));
+    w.remove_pod(&pod.0).await;
+}

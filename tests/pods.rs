@@ -288,6 +288,21 @@ fn tcp_ping(ns: &Path, addr: &str) -> Result<String, String> {
     .unwrap()
 }
 
+/// Opens a TCP connection from inside `ns` to `addr`, and closes it.
+fn tcp_connect_only(ns: &Path, addr: &str) -> Result<(), String> {
+    let ns = ns.to_owned();
+    let addr: SocketAddr = addr.parse().unwrap();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&ns).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap()
+}
+
 /// The same over UDP.
 fn udp_ping(ns: &Path, addr: &str) -> Result<String, String> {
     let ns = ns.to_owned();
@@ -493,6 +508,22 @@ async fn host_ports_work_from_loopback_the_node_and_another_namespace() {
         tcp_ping(&client.path, "192.168.77.1:18081").is_err(),
         "host_ip mapping only on its address"
     );
+
+    // Egress: the pod's traffic to another host leaves masqueraded as the node's address.
+    let peer_seen = {
+        let client_path = client.path.clone();
+        let listener = std::thread::spawn(move || {
+            let f = std::fs::File::open(&client_path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind("192.168.77.2:19000").unwrap();
+            let (_c, peer) = l.accept().unwrap();
+            peer.ip().to_string()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = tcp_connect_only(&pin, "192.168.77.2:19000");
+        listener.join().unwrap()
+    };
+    assert_eq!(peer_seen, "192.168.77.1", "egress is masqueraded");
 
     stop(&mut rt, &id).await;
     assert!(

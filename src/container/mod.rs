@@ -999,12 +999,27 @@ impl Containers {
             return;
         };
         let Some(exit) = ev.exit else { return };
+        // The cgroup still exists (it goes at RemoveContainer): did the OOM killer strike?
+        let oom = exit.signal == libc::SIGKILL && {
+            let rec = ctr.record();
+            self.pods
+                .get(&rec.pod_id)
+                .map(|p| {
+                    self.pods
+                        .cgroups
+                        .oom_killed(&p.record().cgroup.join(&rec.id))
+                })
+                .unwrap_or(false)
+        };
         let snapshot = {
             let mut r = ctr.record.write().expect("container record poisoned");
             if r.state == CtrState::Exited {
                 return;
             }
             apply_exit(&mut r, &exit);
+            if oom {
+                r.reason = "OOMKilled".into();
+            }
             r.clone()
         };
         if let Err(e) = self.persist(&snapshot) {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -638,6 +638,9 @@ impl Monitor {
         if self.ctrs.contains_key(&c.container_id) {
             return Err(format!("container {} exists already", c.container_id));
         }
+        if c.tty {
+            return self.create_tty(c);
+        }
         let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
         let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
         let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
@@ -717,6 +720,86 @@ impl Monitor {
             },
         );
         // The status pipe is read at Start; keep it with a pending entry of no request yet.
+        self.starts.push(PendingStart {
+            waiting: None,
+            ctr: c.container_id,
+            pipe: status_r,
+            msg: Vec::new(),
+            done: false,
+        });
+        Ok(pid)
+    }
+
+    /// A container with a terminal: libcontainer's init makes a pty and hands its master over a
+    /// console socket (the runc protocol); the master carries both output (logged as stdout)
+    /// and input.
+    fn create_tty(&mut self, c: proto::Create) -> Result<i32, String> {
+        let lcid = lc_id(&c.container_id).to_string();
+        let sock_path = self.lc_root.join(format!("{lcid}.tty"));
+        let _ = std::fs::remove_file(&sock_path);
+        let console = UnixListener::bind(&sock_path).map_err(|e| format!("console socket: {e}"))?;
+        let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
+        let log = if c.log_path.is_empty() {
+            None
+        } else {
+            Some(
+                LogWriter::open(Path::new(&c.log_path))
+                    .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
+            )
+        };
+        let exec = StatusExecutor {
+            status_fd: status_w.as_raw_fd(),
+        };
+        let built = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
+            .with_root_path(&self.lc_root)
+            .and_then(|b| b.validate_id())
+            .map(|b| {
+                b.with_executor(exec)
+                    .with_console_socket(Some(&sock_path))
+                    .as_init(&c.bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+            })
+            .and_then(|b| b.build());
+        drop(status_w);
+        let _ = std::fs::remove_file(&sock_path);
+        // SAFETY: malloc_trim only returns free memory to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        let mut container = built.map_err(|e| format!("creating container: {e}"))?;
+        let pid = container
+            .pid()
+            .map(|p| p.as_raw())
+            .ok_or("libcontainer reported no pid")?;
+        let master = match receive_pty_master(&console) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = container.delete(true);
+                return Err(format!("receiving the container's terminal: {e}"));
+            }
+        };
+        let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
+        set_nonblocking(&reader);
+        set_nonblocking(&status_r);
+        self.pids
+            .insert(pid, Owner::Container(c.container_id.clone()));
+        self.ctrs.insert(
+            c.container_id.clone(),
+            Ctr {
+                pid,
+                cgroup_procs: PathBuf::from(&c.cgroup_procs),
+                status: CtrStatus::Created,
+                exit: None,
+                exit_file: PathBuf::from(c.exit_file),
+                log,
+                stdout: Some(reader),
+                stderr: None,
+                _stdin: Some(master),
+                start_error: None,
+            },
+        );
         self.starts.push(PendingStart {
             waiting: None,
             ctr: c.container_id,
@@ -1118,6 +1201,31 @@ impl Monitor {
         self.starts.retain(|s| s.ctr != id);
         Ok(None)
     }
+}
+
+/// Accepts libcontainer's connection on the console socket and takes the pty master it sends.
+fn receive_pty_master(console: &UnixListener) -> std::io::Result<File> {
+    // libcontainer connected during create and sent the fd before create returned: the
+    // connection and the message are queued already.
+    let (stream, _) = console.accept()?;
+    let mut buf = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut cmsg = nix::cmsg_space!(RawFd);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for c in msg.cmsgs()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c
+            && let Some(fd) = fds.first()
+        {
+            // SAFETY: the kernel just installed this fd in our table for us; nothing else owns it.
+            return Ok(unsafe { File::from_raw_fd(*fd) });
+        }
+    }
+    Err(std::io::Error::other("no terminal was sent"))
 }
 
 /// SIGKILLs every process listed in a cgroup.procs file (a missing file means none).
