@@ -841,9 +841,23 @@ async fn an_exhausted_address_pool_fails_cleanly() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.message().contains("10.123.0.0/30"), "{}", err.message());
     assert_back_to(&b, &before).await;
-    // Freed, the address serves the next pod.
+    // Freed (once the kernel has destroyed the old namespace, in the background), the address
+    // serves the next pod.
     remove(&mut rt, &one).await;
-    let three = run(&mut rt, pod_config(&b, "three")).await.unwrap();
+    let mut three = None;
+    for _ in 0..100 {
+        match run(&mut rt, pod_config(&b, "three")).await {
+            Ok(id) => {
+                three = Some(id);
+                break;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let three = three.expect("the address was never released");
     assert_eq!(ip_of(&status(&mut rt, &three).await), "10.123.0.2");
 }
 

@@ -329,15 +329,20 @@ impl Network {
         }
         let this = self.clone();
         let id = pod_id.to_string();
-        let task = tokio::spawn(async move { this.release(&id).await });
-        self.pending
-            .lock()
-            .expect("pending releases poisoned")
-            .insert(pod_id.to_string(), task);
+        // Inserted under the lock the task needs to remove itself: its removal comes after.
+        let mut pending = self.pending.lock().expect("pending releases poisoned");
+        let task = tokio::spawn(async move {
+            this.release(&id).await;
+            this.pending
+                .lock()
+                .expect("pending releases poisoned")
+                .remove(&id);
+        });
+        pending.insert(pod_id.to_string(), task);
     }
 
-    /// Waits until a detached pod's veth is gone and its address free (RemovePodSandbox
-    /// promises that much).
+    /// Waits until a detached pod's veth is gone and its address free (a failed creation is
+    /// undone completely before it answers).
     pub async fn released(&self, pod_id: &str) {
         let task = self
             .pending

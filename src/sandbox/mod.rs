@@ -830,7 +830,8 @@ impl Sandboxes {
         if rec.state != PodState::NotReady {
             self.teardown(&mut rec).await;
         }
-        self.network.released(&pod.id).await;
+        // The address comes free once the kernel has destroyed the namespace and its veth: in
+        // the background, not on the caller's path.
         self.remove_resources(&rec);
         self.pods.write().expect("pods poisoned").remove(&pod.id);
         let mut names = self.names.lock().expect("names poisoned");
