@@ -860,3 +860,93 @@ async fn image_fs_info_reports_real_usage() {
         .into_inner();
     assert_eq!(used(&gone), used(&before));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_flows_anonymous_basic_identity_and_registry_token() {
+    use common::token::{Policy, TokenServer};
+    let netns = Netns::new();
+    let storage = common::fixtures().join("registry");
+    // An open registry (anonymous tokens) and a closed one (tokens for credentials only).
+    let open_tokens = TokenServer::start(
+        &netns,
+        5005,
+        Policy {
+            anonymous: true,
+            user: None,
+            refresh_token: None,
+        },
+    );
+    let open = Registry::start_with(&netns, 5004, &storage, true, &open_tokens.registry_auth());
+    let closed_tokens = TokenServer::start(
+        &netns,
+        5007,
+        Policy {
+            anonymous: false,
+            user: Some(("alice".into(), "s3cret".into())),
+            refresh_token: Some("idt-alice".into()),
+        },
+    );
+    let closed = Registry::start_with(&netns, 5006, &storage, true, &closed_tokens.registry_auth());
+    let b = Berthd::start_with(Options {
+        extra_config: format!(
+            "[registries.\"{}\"]\ninsecure = true\n[registries.\"{}\"]\ninsecure = true\n",
+            open.addr, closed.addr
+        ),
+        netns: Some(netns.path.clone()),
+        ..Default::default()
+    });
+    let mut c = b.images().await;
+
+    // Anonymous token flow.
+    pull(&mut c, &format!("{}/berth-test/zstd:latest", open.addr))
+        .await
+        .unwrap();
+
+    let name = format!("{}/berth-test/uncompressed:latest", closed.addr);
+    let err = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    // Basic credentials exchanged for a token.
+    let basic = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    pull_auth(&mut c, &name, Some(basic)).await.unwrap();
+    remove(&mut c, &name).await;
+    // An identity token (OAuth2 refresh token) exchanged for an access token.
+    let bad = cri::AuthConfig {
+        identity_token: "idt-mallory".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull_auth(&mut c, &name, Some(bad))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let idt = cri::AuthConfig {
+        identity_token: "idt-alice".into(),
+        ..Default::default()
+    };
+    pull_auth(&mut c, &name, Some(idt)).await.unwrap();
+    remove(&mut c, &name).await;
+    // A registry token presented as is (the registry checks its signature: a forged one fails).
+    let forged = cri::AuthConfig {
+        registry_token: "eyJhbGciOiJFUzI1NiJ9.e30.AAAA".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pull_auth(&mut c, &name, Some(forged))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    let token = closed_tokens.token("repository:berth-test/uncompressed:pull");
+    let rt = cri::AuthConfig {
+        registry_token: token,
+        ..Default::default()
+    };
+    pull_auth(&mut c, &name, Some(rt)).await.unwrap();
+}

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod token;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
