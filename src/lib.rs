@@ -8,6 +8,7 @@ pub mod container;
 pub mod cri;
 pub mod daemon;
 pub mod fsutil;
+pub mod idmap;
 pub mod image;
 pub mod monitor;
 pub mod network;

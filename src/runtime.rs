@@ -82,6 +82,15 @@ pub enum Error {
 /// The result type of the runtime core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// For idempotent calls: a lookup that found nothing is `None`, not an error.
+pub fn optional<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// How long a measured container-filesystem usage is reused: kubelet asks every few seconds
 /// and walking every writable layer each time would cost more than the answer is worth.
 const CONTAINER_FS_CACHE: Duration = Duration::from_secs(10);
@@ -243,10 +252,8 @@ impl Runtime {
 
     /// StopPodSandbox: its containers are killed, then the pod is stopped. Idempotent.
     pub async fn stop_pod(&self, id: &str) -> Result<()> {
-        let pod = match self.pods.get(id) {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(pod) = optional(self.pods.get(id))? else {
+            return Ok(());
         };
         for c in self.containers.of_pod(&pod.id) {
             self.containers.stop(&c, std::time::Duration::ZERO).await?;
@@ -256,10 +263,8 @@ impl Runtime {
 
     /// RemovePodSandbox: its containers are removed, then the pod. Idempotent.
     pub async fn remove_pod(&self, id: &str) -> Result<()> {
-        let pod = match self.pods.get(id) {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(pod) = optional(self.pods.get(id))? else {
+            return Ok(());
         };
         for c in self.containers.of_pod(&pod.id) {
             self.containers.remove(&c).await?;

@@ -394,20 +394,17 @@ impl Containers {
 
     /// A container by id or unique id prefix.
     pub fn get(&self, id: &str) -> Result<Arc<Ctr>> {
-        let ctrs = self.ctrs.read().expect("containers poisoned");
-        if let Some(c) = ctrs.get(id) {
-            return Ok(c.clone());
-        }
         if id.is_empty() {
             return Err(Error::InvalidArgument("container id is empty".into()));
         }
-        let mut hits = ctrs.values().filter(|c| c.id.starts_with(id));
-        match (hits.next(), hits.next()) {
-            (Some(c), None) => Ok(c.clone()),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+        match crate::idmap::find(&self.ctrs.read().expect("containers poisoned"), id) {
+            crate::idmap::Lookup::Found(c) => Ok(c),
+            crate::idmap::Lookup::Ambiguous => Err(Error::InvalidArgument(format!(
                 "container id prefix {id:?} is ambiguous"
             ))),
-            _ => Err(Error::NotFound(format!("container {id:?} not found"))),
+            crate::idmap::Lookup::Missing => {
+                Err(Error::NotFound(format!("container {id:?} not found")))
+            }
         }
     }
 
@@ -426,16 +423,9 @@ impl Containers {
     pub fn list(&self, f: &CtrFilter) -> Vec<ContainerRecord> {
         let ctrs = self.ctrs.read().expect("containers poisoned");
         let picked: Vec<Arc<Ctr>> = match f.id.as_deref().filter(|i| !i.is_empty()) {
-            Some(id) => match ctrs.get(id) {
-                Some(c) => vec![c.clone()],
-                None => {
-                    let hits: Vec<Arc<Ctr>> = ctrs
-                        .values()
-                        .filter(|c| c.id.starts_with(id))
-                        .cloned()
-                        .collect();
-                    if hits.len() == 1 { hits } else { Vec::new() }
-                }
+            Some(id) => match crate::idmap::find(&ctrs, id) {
+                crate::idmap::Lookup::Found(c) => vec![c],
+                _ => Vec::new(),
             },
             None => ctrs.values().cloned().collect(),
         };
@@ -814,10 +804,8 @@ impl Containers {
 
     /// StopContainer: the stop signal, then SIGKILL after `timeout`. Unknown or stopped: fine.
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
-        let ctr = match self.get(id) {
-            Ok(c) => c,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(ctr) = crate::runtime::optional(self.get(id))? else {
+            return Ok(());
         };
         let _op = ctr.op.lock().await;
         let rec = ctr.record();
@@ -863,10 +851,8 @@ impl Containers {
 
     /// RemoveContainer: stops it if it runs, then removes everything of it. Unknown: fine.
     pub async fn remove(&self, id: &str) -> Result<()> {
-        let ctr = match self.get(id) {
-            Ok(c) => c,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(ctr) = crate::runtime::optional(self.get(id))? else {
+            return Ok(());
         };
         self.stop(&ctr.id, Duration::ZERO).await?;
         let _op = ctr.op.lock().await;

@@ -7,24 +7,11 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
-use super::Cri;
+use super::{Cri, ns_mode};
 use crate::container::{
     ContainerRecord, ContainerSecurity, ContainerSpec, CtrFilter, CtrState, DeviceSpec, MountSpec,
     Propagation, Resources,
 };
-use crate::sandbox::NsMode;
-
-fn ns_mode(m: i32) -> Result<NsMode, Status> {
-    match cri::NamespaceMode::try_from(m) {
-        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
-        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
-        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
-        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "unknown namespace mode {m}"
-        ))),
-    }
-}
 
 fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
     if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {

@@ -16,6 +16,7 @@ use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::runtime::{Error, Runtime};
+use crate::sandbox::NsMode;
 use trace::rpc;
 
 /// Both CRI services over one runtime core.
@@ -36,6 +37,19 @@ impl Cri {
             RuntimeServiceServer::new(self.clone()),
             ImageServiceServer::new(self),
         )
+    }
+}
+
+/// A CRI NamespaceMode in berth's terms.
+pub(super) fn ns_mode(m: i32) -> Result<NsMode, Status> {
+    match cri::NamespaceMode::try_from(m) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
+        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown namespace mode {m}"
+        ))),
     }
 }
 

@@ -6,24 +6,12 @@ use std::net::Ipv4Addr;
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
-use super::Cri;
+use super::{Cri, ns_mode};
 use crate::network::PortSpec;
 use crate::network::nft::Proto;
 use crate::sandbox::{
     DnsConfig, NsMode, NsModes, PodFilter, PodRecord, PodSecurity, PodSpec, PodState,
 };
-
-fn ns_mode(m: i32) -> Result<NsMode, Status> {
-    match cri::NamespaceMode::try_from(m) {
-        Ok(cri::NamespaceMode::Pod) => Ok(NsMode::Pod),
-        Ok(cri::NamespaceMode::Container) => Ok(NsMode::Container),
-        Ok(cri::NamespaceMode::Node) => Ok(NsMode::Node),
-        Ok(cri::NamespaceMode::Target) => Ok(NsMode::Target),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "unknown namespace mode {m}"
-        ))),
-    }
-}
 
 fn cri_ns_mode(m: NsMode) -> i32 {
     (match m {

@@ -143,6 +143,28 @@ struct Conn {
     closed: bool,
 }
 
+/// How a container's process talks: pipes, or a terminal whose master comes over a socket.
+enum Io {
+    Pipes {
+        out: File,
+        err: File,
+        stdin: Option<File>,
+    },
+    Terminal {
+        console: UnixListener,
+        sock: PathBuf,
+    },
+}
+
+/// libcontainer leaves heap it no longer needs after each create or exec: give it back, as the
+/// monitor's memory is paid once per pod.
+fn trim_heap() {
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Who a reaped pid belonged to.
 enum Owner {
     Container(String),
@@ -638,20 +660,6 @@ impl Monitor {
         if self.ctrs.contains_key(&c.container_id) {
             return Err(format!("container {} exists already", c.container_id));
         }
-        if c.tty {
-            return self.create_tty(c);
-        }
-        let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
-        let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
-        let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
-        let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| format!("stdin pipe: {e}"))?;
-            (Some(File::from(w)), r)
-        } else {
-            let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-            (None, OwnedFd::from(null))
-        };
         let log = if c.log_path.is_empty() {
             None
         } else {
@@ -660,128 +668,94 @@ impl Monitor {
                     .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
             )
         };
-        let exec = StatusExecutor {
-            status_fd: status_w.as_raw_fd(),
-        };
+        let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
         let lcid = lc_id(&c.container_id).to_string();
-        let built = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
+        let builder = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
             .with_root_path(&self.lc_root)
             .and_then(|b| b.validate_id())
-            .map(|b| {
-                b.with_executor(exec)
-                    .with_stdin(stdin_fd)
-                    .with_stdout(out_w)
-                    .with_stderr(err_w)
-                    .as_init(&c.bundle)
-                    .with_systemd(false)
-                    .with_detach(true)
-            })
-            .and_then(|b| b.build());
+            .map_err(|e| format!("creating container: {e}"))?
+            .with_executor(StatusExecutor {
+                status_fd: status_w.as_raw_fd(),
+            });
+        // Output: pipes, or with a terminal the pty master libcontainer's init makes and hands
+        // over a console socket (the runc protocol); it carries output (logged as stdout) and
+        // input.
+        let (builder, io) = if c.tty {
+            let sock = self.lc_root.join(format!("{lcid}.tty"));
+            let _ = std::fs::remove_file(&sock);
+            let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
+            (
+                builder.with_console_socket(Some(&sock)),
+                Io::Terminal { console, sock },
+            )
+        } else {
+            let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+            let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+            let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| format!("stdin pipe: {e}"))?;
+                (Some(File::from(w)), r)
+            } else {
+                let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+                (None, OwnedFd::from(null))
+            };
+            let b = builder
+                .with_stdin(stdin_fd)
+                .with_stdout(out_w)
+                .with_stderr(err_w);
+            (
+                b,
+                Io::Pipes {
+                    out: out_r,
+                    err: err_r,
+                    stdin: stdin_keep,
+                },
+            )
+        };
+        let built = builder
+            .as_init(&c.bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build();
         // Our copy of the status pipe's write end must go, or its end of file would never come.
         drop(status_w);
-        // libcontainer leaves heap it no longer needs: give it back (the budget is per pod).
-        // SAFETY: malloc_trim only returns free memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        trim_heap();
         let mut container = built.map_err(|e| format!("creating container: {e}"))?;
         let pid = container
             .pid()
             .map(|p| p.as_raw())
             .ok_or("libcontainer reported no pid")?;
-        if c.set_oom_score_adj
-            && let Err(e) = std::fs::write(
-                format!("/proc/{pid}/oom_score_adj"),
-                c.oom_score_adj.to_string(),
-            )
-        {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            let _ = container.delete(true);
-            return Err(format!("setting oom_score_adj {}: {e}", c.oom_score_adj));
-        }
-        set_nonblocking(&out_r);
-        set_nonblocking(&err_r);
-        set_nonblocking(&status_r);
-        self.pids
-            .insert(pid, Owner::Container(c.container_id.clone()));
-        self.ctrs.insert(
-            c.container_id.clone(),
-            Ctr {
-                pid,
-                cgroup_procs: PathBuf::from(&c.cgroup_procs),
-                status: CtrStatus::Created,
-                exit: None,
-                exit_file: PathBuf::from(c.exit_file),
-                log,
-                stdout: Some(out_r),
-                stderr: Some(err_r),
-                _stdin: stdin_keep,
-                start_error: None,
-            },
-        );
-        // The status pipe is read at Start; keep it with a pending entry of no request yet.
-        self.starts.push(PendingStart {
-            waiting: None,
-            ctr: c.container_id,
-            pipe: status_r,
-            msg: Vec::new(),
-            done: false,
-        });
-        Ok(pid)
-    }
-
-    /// A container with a terminal: libcontainer's init makes a pty and hands its master over a
-    /// console socket (the runc protocol); the master carries both output (logged as stdout)
-    /// and input.
-    fn create_tty(&mut self, c: proto::Create) -> Result<i32, String> {
-        let lcid = lc_id(&c.container_id).to_string();
-        let sock_path = self.lc_root.join(format!("{lcid}.tty"));
-        let _ = std::fs::remove_file(&sock_path);
-        let console = UnixListener::bind(&sock_path).map_err(|e| format!("console socket: {e}"))?;
-        let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
-        let log = if c.log_path.is_empty() {
-            None
-        } else {
-            Some(
-                LogWriter::open(Path::new(&c.log_path))
-                    .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
-            )
+        let finish = || -> Result<(File, Option<File>, Option<File>), String> {
+            if c.set_oom_score_adj {
+                std::fs::write(
+                    format!("/proc/{pid}/oom_score_adj"),
+                    c.oom_score_adj.to_string(),
+                )
+                .map_err(|e| format!("setting oom_score_adj {}: {e}", c.oom_score_adj))?;
+            }
+            match io {
+                Io::Pipes { out, err, stdin } => Ok((out, Some(err), stdin)),
+                Io::Terminal { console, sock } => {
+                    let _ = std::fs::remove_file(&sock);
+                    let master = receive_pty_master(&console)
+                        .map_err(|e| format!("receiving the container's terminal: {e}"))?;
+                    let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
+                    Ok((reader, None, Some(master)))
+                }
+            }
         };
-        let exec = StatusExecutor {
-            status_fd: status_w.as_raw_fd(),
-        };
-        let built = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
-            .with_root_path(&self.lc_root)
-            .and_then(|b| b.validate_id())
-            .map(|b| {
-                b.with_executor(exec)
-                    .with_console_socket(Some(&sock_path))
-                    .as_init(&c.bundle)
-                    .with_systemd(false)
-                    .with_detach(true)
-            })
-            .and_then(|b| b.build());
-        drop(status_w);
-        let _ = std::fs::remove_file(&sock_path);
-        // SAFETY: malloc_trim only returns free memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        let mut container = built.map_err(|e| format!("creating container: {e}"))?;
-        let pid = container
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or("libcontainer reported no pid")?;
-        let master = match receive_pty_master(&console) {
-            Ok(m) => m,
+        let (stdout, stderr, stdin) = match finish() {
+            Ok(s) => s,
             Err(e) => {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let _ = container.delete(true);
-                return Err(format!("receiving the container's terminal: {e}"));
+                return Err(e);
             }
         };
-        let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
-        set_nonblocking(&reader);
+        set_nonblocking(&stdout);
+        if let Some(e) = &stderr {
+            set_nonblocking(e);
+        }
         set_nonblocking(&status_r);
         self.pids
             .insert(pid, Owner::Container(c.container_id.clone()));
@@ -794,12 +768,13 @@ impl Monitor {
                 exit: None,
                 exit_file: PathBuf::from(c.exit_file),
                 log,
-                stdout: Some(reader),
-                stderr: None,
-                _stdin: Some(master),
+                stdout: Some(stdout),
+                stderr,
+                _stdin: stdin,
                 start_error: None,
             },
         );
+        // The status pipe is watched from now on and answered at Start.
         self.starts.push(PendingStart {
             waiting: None,
             ctr: c.container_id,
@@ -1066,10 +1041,7 @@ impl Monitor {
                     .with_additional_gids(e.additional_gids.clone())
             })
             .and_then(|b| b.build());
-        // SAFETY: malloc_trim only returns free memory to the kernel.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        trim_heap();
         let eid = self.next_exec;
         self.next_exec += 1;
         let max = e.max_output_bytes.max(1) as usize;

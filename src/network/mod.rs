@@ -210,6 +210,15 @@ impl Network {
             .await
     }
 
+    /// The bridge's index as last set up, or why it is not usable.
+    fn known_bridge(&self) -> Result<u32, String> {
+        self.state
+            .read()
+            .expect("network state poisoned")
+            .bridge
+            .clone()
+    }
+
     /// NetworkReady: `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
         self.state
@@ -255,13 +264,7 @@ impl Network {
         pod_handle: &rtnetlink::Handle,
         ports: &[PortSpec],
     ) -> Result<PodNet, NetError> {
-        let known = self
-            .state
-            .read()
-            .expect("network state poisoned")
-            .bridge
-            .clone();
-        let bridge = match known {
+        let bridge = match self.known_bridge() {
             Ok(i) => i,
             Err(_) => self.setup_bridge().await?,
         };
@@ -384,13 +387,7 @@ impl Network {
                 self.ipam.release(ip, &owner);
             }
         }
-        let known = self
-            .state
-            .read()
-            .expect("network state poisoned")
-            .bridge
-            .clone();
-        let Ok(bridge) = known else {
+        let Ok(bridge) = self.known_bridge() else {
             return;
         };
         let live_veths: Vec<String> = live.iter().map(|id| veth_name(id)).collect();

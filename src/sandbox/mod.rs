@@ -781,29 +781,24 @@ impl Sandboxes {
 
     /// A pod by id or unique id prefix.
     pub fn get(&self, id: &str) -> Result<Arc<Pod>> {
-        let pods = self.pods.read().expect("pods poisoned");
-        if let Some(p) = pods.get(id) {
-            return Ok(p.clone());
-        }
         if id.is_empty() {
             return Err(Error::InvalidArgument("pod sandbox id is empty".into()));
         }
-        let mut hits = pods.values().filter(|p| p.id.starts_with(id));
-        match (hits.next(), hits.next()) {
-            (Some(p), None) => Ok(p.clone()),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+        match crate::idmap::find(&self.pods.read().expect("pods poisoned"), id) {
+            crate::idmap::Lookup::Found(p) => Ok(p),
+            crate::idmap::Lookup::Ambiguous => Err(Error::InvalidArgument(format!(
                 "pod sandbox id prefix {id:?} is ambiguous"
             ))),
-            _ => Err(Error::NotFound(format!("pod sandbox {id:?} not found"))),
+            crate::idmap::Lookup::Missing => {
+                Err(Error::NotFound(format!("pod sandbox {id:?} not found")))
+            }
         }
     }
 
     /// StopPodSandbox (after the pod's containers were stopped). Unknown or stopped: fine.
     pub async fn stop(&self, id: &str) -> Result<()> {
-        let pod = match self.get(id) {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(pod) = crate::runtime::optional(self.get(id))? else {
+            return Ok(());
         };
         let _op = pod.lock().await;
         let mut rec = pod.record();
@@ -820,10 +815,8 @@ impl Sandboxes {
 
     /// RemovePodSandbox (after its containers were removed). Unknown: fine.
     pub async fn remove(&self, id: &str) -> Result<()> {
-        let pod = match self.get(id) {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(pod) = crate::runtime::optional(self.get(id))? else {
+            return Ok(());
         };
         let _op = pod.lock().await;
         let mut rec = pod.record();
@@ -845,21 +838,14 @@ impl Sandboxes {
     /// Every pod matching `filter`.
     pub fn list(&self, filter: &PodFilter) -> Vec<PodRecord> {
         let pods = self.pods.read().expect("pods poisoned");
-        let by_id: Vec<Arc<Pod>> = match filter.id.as_deref().filter(|i| !i.is_empty()) {
-            Some(id) => match pods.get(id) {
-                Some(p) => vec![p.clone()],
-                None => {
-                    let hits: Vec<Arc<Pod>> = pods
-                        .values()
-                        .filter(|p| p.id.starts_with(id))
-                        .cloned()
-                        .collect();
-                    if hits.len() == 1 { hits } else { Vec::new() }
-                }
+        let picked: Vec<Arc<Pod>> = match filter.id.as_deref().filter(|i| !i.is_empty()) {
+            Some(id) => match crate::idmap::find(&pods, id) {
+                crate::idmap::Lookup::Found(p) => vec![p],
+                _ => Vec::new(),
             },
             None => pods.values().cloned().collect(),
         };
-        by_id
+        picked
             .iter()
             .map(|p| p.record())
             .filter(|r| filter.state.is_none_or(|s| r.state == s))
