@@ -297,6 +297,29 @@ pub fn remove_dir(d: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// Removes a cgroup directory together with the child cgroups left under it (a container's,
+/// when berthd died before removing it), deepest first. `Ok(false)` when something in the
+/// tree still has processes: the rest stays for the next attempt.
+pub fn remove_tree(d: &Path) -> std::io::Result<bool> {
+    let entries = match std::fs::read_dir(d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(e),
+    };
+    let mut all_gone = true;
+    for entry in entries {
+        let entry = entry?;
+        // Control files are plain files; only directories are child cgroups.
+        if entry.file_type()?.is_dir() {
+            all_gone &= remove_tree(&entry.path())?;
+        }
+    }
+    if !all_gone {
+        return Ok(false);
+    }
+    remove_dir(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +336,33 @@ mod tests {
         );
         assert!(relative("/kubepods/../etc").is_err());
         assert!(relative("/").is_err());
+    }
+
+    #[test]
+    fn a_pod_cgroup_goes_with_the_container_cgroups_left_in_it() {
+        let c = Cgroups::detect();
+        let top = PathBuf::from(format!("berth-unit-{}", std::process::id()));
+        let pod = top.join("pod");
+        // Whatever the assertions do, nothing of the test stays in the hierarchies.
+        struct Cleanup(Vec<PathBuf>);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                for d in &self.0 {
+                    let _ = remove_tree(d);
+                }
+            }
+        }
+        let _cleanup = Cleanup(c.lineage(&top));
+        c.create(&pod.join("ctr").join("inner")).unwrap();
+        for d in c.lineage(&pod) {
+            if d.ends_with(&pod) {
+                assert!(remove_tree(&d).unwrap(), "{}", d.display());
+                assert!(!d.exists());
+            }
+        }
+        for d in c.lineage(&top) {
+            assert!(remove_dir(&d).unwrap(), "{}", d.display());
+        }
     }
 
     #[test]

@@ -762,7 +762,14 @@ impl Sandboxes {
             if !owned.contains(&d) {
                 continue;
             }
-            match cgroup::remove_dir(&d) {
+            // The pod's own directory may still hold container cgroups a crashed berthd never
+            // removed; its ancestors are shared and are only removed when already empty.
+            let removed = if d.ends_with(rel) {
+                cgroup::remove_tree(&d)
+            } else {
+                cgroup::remove_dir(&d)
+            };
+            match removed {
                 Ok(true) => {
                     owned.remove(&d);
                 }
