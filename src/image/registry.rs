@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -311,7 +311,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct Registry {
     credentials_file: Option<PathBuf>,
     clients: Mutex<HashMap<(Endpoint, Credentials), oci_client::Client>>,
-    http: reqwest::Client,
+    /// Built on first use: building one loads and parses every CA certificate of the host,
+    /// which berthd should not pay at startup for the rare identity-token exchange.
+    http: OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl Registry {
@@ -320,11 +322,23 @@ impl Registry {
         Registry {
             credentials_file,
             clients: Mutex::new(HashMap::new()),
-            http: reqwest::Client::builder()
-                .connect_timeout(CONNECT_TIMEOUT)
-                .build()
-                .expect("building an HTTP client"),
+            http: OnceLock::new(),
         }
+    }
+
+    fn http(&self, ep: &Endpoint) -> Result<&reqwest::Client, RegistryError> {
+        self.http
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .build()
+                    .map_err(|e| format!("building an HTTP client: {}", error_chain(&e)))
+            })
+            .as_ref()
+            .map_err(|message| RegistryError::Unreachable {
+                endpoint: ep.to_string(),
+                message: message.clone(),
+            })
     }
 
     /// The credentials to present to `ep`: the CRI's if given, else the credentials file's.
@@ -418,7 +432,7 @@ impl Registry {
             message: error_chain(&e),
         };
         let resp = self
-            .http
+            .http(ep)?
             .get(format!("{ep}/v2/"))
             .send()
             .await
@@ -444,7 +458,7 @@ impl Registry {
             form.push(("service", s.as_str()));
         }
         let resp = self
-            .http
+            .http(ep)?
             .post(&challenge.realm)
             .form(&form)
             .send()
