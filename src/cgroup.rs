@@ -320,6 +320,29 @@ pub fn remove_tree(d: &Path) -> std::io::Result<bool> {
     remove_dir(d)
 }
 
+/// SIGKILLs every process listed in a cgroup.procs file (a missing file means none).
+pub fn kill_procs(procs: &Path) {
+    if procs.as_os_str().is_empty() {
+        return;
+    }
+    // Twice: a process may fork between the read and the kill.
+    for _ in 0..2 {
+        let Ok(list) = std::fs::read_to_string(procs) else {
+            return;
+        };
+        let pids: Vec<i32> = list.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,6 +212,20 @@ impl World {
             .unwrap();
     }
 
+    /// The pid of a pod's monitor, from berthd's record of the pod.
+    fn monitor_pid(&self, pod: &str) -> i32 {
+        let path = self
+            .env
+            .berthd
+            .state
+            .join("pods")
+            .join(pod)
+            .join("pod.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["monitor"][0].as_i64().expect("a monitor pid") as i32
+    }
+
     /// What containers leave on the machine: mounts, state and layer directories, cgroups.
     fn leftovers(&self) -> Vec<String> {
         let b = &self.env.berthd;
@@ -224,6 +238,17 @@ impl World {
             })
             .map(|m| format!("mount {}", m.display()))
             .collect();
+        for m in common::cgroup_mounts() {
+            let mut stack = vec![m.join(&b.cgroup_root)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        v.push(format!("cgroup {}", e.path().display()));
+                        stack.push(e.path());
+                    }
+                }
+            }
+        }
         for d in ["state/containers", "state/lc", "root/containers"] {
             if let Ok(rd) = std::fs::read_dir(b.dir.path().join(d)) {
                 v.extend(
@@ -273,6 +298,30 @@ fn log_lines(p: &Path) -> Vec<(String, String, String)> {
             )
         })
         .collect()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie has exited; only its parent's wait is missing.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// The processes whose cgroup path names `id` (a container's cgroup is named by its id).
+fn processes_in_cgroup_of(id: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(id))
+            && alive(pid)
+        {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -879,6 +928,7 @@ async fn stopping_and_removing_a_pod_takes_its_containers_along() {
     let pod = w.pod("bulk").await;
     let a = w.run(&pod, container("a", &["sleep", "3600"])).await;
     let b = w.run(&pod, container("b", &["sleep", "3600"])).await;
+    let monitor = w.monitor_pid(&pod.0);
     w.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: pod.0.clone(),
     })
@@ -903,11 +953,7 @@ async fn stopping_and_removing_a_pod_takes_its_containers_along() {
             .containers;
     assert!(left.is_empty());
     assert_eq!(w.leftovers(), before);
-    let monitors = std::process::Command::new("pgrep")
-        .args(["-f", &w.env.berthd.state.to_string_lossy()])
-        .output()
-        .unwrap();
-    let _ = monitors;
+    eventually("the pod's monitor exits", || !alive(monitor)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -966,4 +1012,88 @@ async fn a_container_over_its_memory_limit_ends_oom_killed() {
         .await;
     assert_eq!((s.exit_code, s.reason.as_str()), (137, "OOMKilled"));
     w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_that_died_with_berthd_leaves_no_container_running() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let pod = w.pod("orphans").await;
+    let id = w.run(&pod, container("sleeper", &["sleep", "3600"])).await;
+    assert!(!processes_in_cgroup_of(&id).is_empty());
+    let monitor = w.monitor_pid(&pod.0);
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the monitor is dead", || !alive(monitor)).await;
+    // Each container has its own PID namespace here: its process outlived the monitor.
+    assert!(!processes_in_cgroup_of(&id).is_empty());
+    w.env.berthd.restart();
+    w.rt = w.env.berthd.runtime().await;
+    let s = w.status(&id).await;
+    assert_eq!(
+        (s.state, s.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, "Unknown")
+    );
+    eventually("the orphaned container process is killed", || {
+        processes_in_cgroup_of(&id).is_empty()
+    })
+    .await;
+    w.remove_pod(&pod.0).await;
+    assert_eq!(w.leftovers(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_half_made_when_berthd_died_is_undone_at_restart() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let pod = w.pod("halfmade").await;
+    let with_pod = w.leftovers();
+    let id = w
+        .create(&pod, container("half", &["sleep", "3600"]))
+        .await
+        .unwrap();
+    assert!(!processes_in_cgroup_of(&id).is_empty());
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    // What a berthd killed inside CreateContainer leaves: the monitor made the container,
+    // the record still says Creating.
+    let record = w
+        .env
+        .berthd
+        .state
+        .join("containers")
+        .join(&id)
+        .join("container.json");
+    let text = std::fs::read_to_string(&record).unwrap();
+    assert!(text.contains(r#""state":"Created""#), "{text}");
+    std::fs::write(
+        &record,
+        text.replace(r#""state":"Created""#, r#""state":"Creating""#),
+    )
+    .unwrap();
+    w.env.berthd.restart();
+    w.rt = w.env.berthd.runtime().await;
+    let err =
+        w.rt.container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    eventually("the half-made container's process is killed", || {
+        processes_in_cgroup_of(&id).is_empty()
+    })
+    .await;
+    assert_eq!(w.leftovers(), with_pod, "the undo left state behind");
+    // The pod is intact: a container with the same name can be made again.
+    let again = w.run(&pod, container("half", &["sleep", "3600"])).await;
+    assert_eq!(w.out(&again, &["echo", "ok"]).await, "ok");
+    w.remove_pod(&pod.0).await;
+    assert_eq!(w.leftovers(), before);
 }

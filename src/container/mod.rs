@@ -710,13 +710,30 @@ impl Containers {
         Ok(())
     }
 
+    /// Kills what runs in a container's cgroup: for when its monitor, which would have, is
+    /// gone (its processes outlive it when the pod does not share one PID namespace).
+    fn kill_orphans(&self, rec: &ContainerRecord) {
+        let Ok(pod) = self.pods.get(&rec.pod_id) else {
+            return;
+        };
+        if let Some(procs) = self
+            .pods
+            .cgroups
+            .procs_file(&pod.record().cgroup.join(&rec.id))
+        {
+            crate::cgroup::kill_procs(&procs);
+        }
+    }
+
     /// Undoes a container that is not (or no longer) wanted: monitor state, rootfs, dirs, hold.
     async fn undo(&self, rec: &ContainerRecord) {
+        self.kill_orphans(rec);
         let _ = self
             .monitor(&rec.pod_id)
             .call(
                 request::Op::Delete(proto::Delete {
                     container_id: rec.id.clone(),
+                    force: true,
                 }),
                 Some(Duration::from_secs(10)),
             )
@@ -733,6 +750,9 @@ impl Containers {
         rootfs::unmount(&dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(self.upper.join(id));
+        // The monitor removes it at Delete; not when the monitor is gone.
+        let _ =
+            std::fs::remove_dir_all(lc_root(&self.state).join(crate::monitor::server::lc_id(id)));
         if let Err(e) = self.images.release(id).await {
             tracing::warn!(container = id, error = %e, "releasing the image hold");
         }
@@ -870,6 +890,7 @@ impl Containers {
             .call(
                 request::Op::Delete(proto::Delete {
                     container_id: rec.id.clone(),
+                    force: false,
                 }),
                 Some(Duration::from_secs(30)),
             )
@@ -1089,6 +1110,7 @@ impl Containers {
                     None => match read_exit_file(&self.ctr_dir(&r.id).join("exit.json")) {
                         Some(e) => apply_exit(&mut r, &e),
                         None => {
+                            self.kill_orphans(&r);
                             r.state = CtrState::Exited;
                             r.exit_code = 255;
                             r.finished_at = now_ns();
@@ -1134,6 +1156,22 @@ impl Containers {
         for owner in self.images.holders() {
             if !live.contains(&owner) {
                 let _ = self.images.release(&owner).await;
+            }
+        }
+        // libcontainer state of containers whose pod's monitor died with them (the undo above
+        // could not ask it to delete them): neither a record nor a monitor refers to it.
+        let known: Vec<&str> = live
+            .iter()
+            .chain(held.keys())
+            .map(|id| crate::monitor::server::lc_id(id))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(lc_root(&self.state)) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name.as_str()) {
+                    tracing::info!(dir = %e.path().display(), "removing libcontainer state nothing refers to");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }

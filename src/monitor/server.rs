@@ -581,7 +581,7 @@ impl Monitor {
                     Some(c) => {
                         let sig = Signal::try_from(k.signal).unwrap_or(Signal::SIGKILL);
                         if sig == Signal::SIGKILL {
-                            kill_cgroup(&c.cgroup_procs);
+                            crate::cgroup::kill_procs(&c.cgroup_procs);
                         }
                         // The init is our child until reaped, so its pid cannot be reused.
                         match nix::sys::signal::kill(Pid::from_raw(c.pid), sig) {
@@ -614,7 +614,7 @@ impl Monitor {
                 self.respond(conn, id, r);
             }
             Some(request::Op::Delete(d)) => {
-                let r = self.delete(&d.container_id);
+                let r = self.delete(&d.container_id, d.force);
                 self.respond(conn, id, r);
             }
             Some(request::Op::List(_)) => {
@@ -951,7 +951,7 @@ impl Monitor {
             exit.start_failed = true;
         }
         // A container is over when its init is: what it left running in its cgroup goes too.
-        kill_cgroup(&c.cgroup_procs);
+        crate::cgroup::kill_procs(&c.cgroup_procs);
         // On disk first: a berthd that restarts must find it even if it missed the event.
         write_exit_file(&c.exit_file, &exit);
         c.status = CtrStatus::Exited;
@@ -1145,16 +1145,22 @@ impl Monitor {
     fn delete(
         &mut self,
         id: &str,
+        force: bool,
     ) -> Result<Option<proto::response::Result>, (proto::ErrorKind, String)> {
         use proto::ErrorKind as K;
         let Some(c) = self.ctrs.get(id) else {
             return Ok(None);
         };
         if c.status != CtrStatus::Exited {
-            return Err((
-                K::Invalid,
-                format!("container {id} still runs; stop it first"),
-            ));
+            if !force {
+                return Err((
+                    K::Invalid,
+                    format!("container {id} still runs; stop it first"),
+                ));
+            }
+            // Nobody wants its exit: the reaper drops it once the container is forgotten.
+            crate::cgroup::kill_procs(&c.cgroup_procs);
+            let _ = nix::sys::signal::kill(Pid::from_raw(c.pid), Signal::SIGKILL);
         }
         let dir = self.lc_root.join(lc_id(id));
         if dir.exists() {
@@ -1198,26 +1204,6 @@ fn receive_pty_master(console: &UnixListener) -> std::io::Result<File> {
         }
     }
     Err(std::io::Error::other("no terminal was sent"))
-}
-
-/// SIGKILLs every process listed in a cgroup.procs file (a missing file means none).
-fn kill_cgroup(procs: &Path) {
-    if procs.as_os_str().is_empty() {
-        return;
-    }
-    // Twice: a process may fork between the read and the kill.
-    for _ in 0..2 {
-        let Ok(list) = std::fs::read_to_string(procs) else {
-            return;
-        };
-        let pids: Vec<i32> = list.lines().filter_map(|l| l.trim().parse().ok()).collect();
-        if pids.is_empty() {
-            return;
-        }
-        for p in pids {
-            let _ = nix::sys::signal::kill(Pid::from_raw(p), Signal::SIGKILL);
-        }
-    }
 }
 
 /// Kills a process and every process descended from it (found through /proc).
