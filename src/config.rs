@@ -373,6 +373,7 @@ mtu = 0
 nft_table = "berth"
 
 # Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime.
+# Not implemented yet: berth starts with them but refuses every pod that names one.
 #
 # [runtimes.runc]
 # path = "/usr/bin/runc"

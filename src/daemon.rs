@@ -179,11 +179,15 @@ async fn termination() -> &'static str {
 
 /// Runs berthd until a termination signal. Returns after the socket is removed.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    ensure_dir(&config.state, 0o711)?;
-    ensure_dir(&config.root, 0o711)?;
+    ensure_dir(&config.state, crate::layout::STATE_MODE)?;
+    ensure_dir(&config.root, crate::layout::DIR_MODE)?;
     // Lock before anything else touches either directory: a second berthd must change nothing.
     let _state_lock = DirLock::acquire(&config.state, "state")?;
     let _root_lock = DirLock::acquire(&config.root, "root")?;
+    // Root's alone, also where an older berthd or an operator left the tree wider.
+    crate::layout::Layout::new(&config.root, &config.state)
+        .prepare()
+        .map_err(io_err("preparing the directories under", &config.state))?;
 
     let listen = config.listen.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);

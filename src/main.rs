@@ -38,9 +38,6 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
-    /// The helper that forks pod processes (started by berthd, not by hand).
-    #[command(hide = true)]
-    Zygote,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,11 +108,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Some(Command::Zygote) = cli.command {
-        // Before any thread exists: the zygote forks.
+    if berth::zygote::is_zygote_invocation() {
+        // Before any thread exists: the zygote forks. Its argv[0] is room for titles, not a
+        // command line clap should see.
         berth::zygote::main();
     }
+    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

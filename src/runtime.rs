@@ -117,6 +117,12 @@ impl Runtime {
             tokio::task::block_in_place(|| ImageStore::open(&config))
                 .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?,
         );
+        for name in config.runtimes.keys() {
+            tracing::warn!(
+                handler = %name,
+                "runtime handler is configured, but OCI runtime binaries are not implemented yet: pods asking for it are refused"
+            );
+        }
         let handlers: Vec<String> = std::iter::once(String::new())
             .chain(config.runtimes.keys().cloned())
             .collect();

@@ -5,11 +5,13 @@
 //! failure or a restart can undo or adopt it. Exit statuses come from the monitors as events
 //! (and from the exit files they write first, when berthd was away).
 
+pub mod image_file;
 pub mod rootfs;
 pub mod spec;
 pub mod user;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -326,7 +328,7 @@ impl Containers {
         let dir = state.join("containers");
         let upper = root.join("containers");
         for d in [&dir, &upper, &state.join("mon"), &lc_root(state)] {
-            std::fs::create_dir_all(d).map_err(internal("creating container directories"))?;
+            crate::layout::private_dir(d).map_err(internal("creating container directories"))?;
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let c = Arc::new(Containers {
@@ -463,6 +465,26 @@ impl Containers {
                 p.id
             )));
         }
+        // Privilege is the pod's to grant: a container alone cannot take the node.
+        if spec.security.privileged && !p.spec.security.privileged {
+            return Err(Error::InvalidArgument(format!(
+                "container {:?} asks for privileged, but pod sandbox {} is not privileged \
+                 (linux.security_context.privileged of the pod)",
+                spec.name, p.id
+            )));
+        }
+        // Mounts that propagate back to the node are the node's to grant, as Kubernetes does.
+        if let Some(m) = spec
+            .mounts
+            .iter()
+            .find(|m| m.propagation == Propagation::Bidirectional)
+            && !spec.security.privileged
+        {
+            return Err(Error::InvalidArgument(format!(
+                "mount {}: Bidirectional propagation needs a privileged container",
+                m.container_path
+            )));
+        }
         let key = format!("{}/{}/{}", p.id, spec.name, spec.attempt);
         if let Some(other) = self.names.lock().expect("names poisoned").get(&key) {
             return Err(Error::AlreadyExists(format!(
@@ -472,7 +494,7 @@ impl Containers {
         }
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
-        std::fs::create_dir_all(&dir).map_err(internal("creating the container directory"))?;
+        crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
         let log_path = log_path(&p.spec.log_directory, &spec.log_path)?;
         let rc = image.config.config.clone().unwrap_or_default();
         let mut rec = ContainerRecord {
@@ -550,8 +572,17 @@ impl Containers {
         let dir = self.ctr_dir(&id);
         let upper = self.upper.join(&id);
         let t0 = std::time::Instant::now();
+        // The writable layer's directory is root's alone; the upper dir in it is the root
+        // directory the container sees (overlayfs takes its mode from there), so 0755.
+        crate::layout::private_dir(&upper).map_err(internal("creating the container's layer"))?;
         for d in [upper.join("upper"), upper.join("work"), dir.join("rootfs")] {
-            std::fs::create_dir_all(&d)
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&d)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
                 .map_err(internal("creating the container's directories"))?;
         }
         self.images
@@ -563,6 +594,11 @@ impl Containers {
             &upper.join("upper"),
             &upper.join("work"),
             &rootfs_dir,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        rootfs::ensure_file_targets(
+            &rootfs_dir,
+            &["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"],
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
         let t_mount = t0.elapsed();
@@ -577,8 +613,17 @@ impl Containers {
             ));
         }
         let rc = image.config.config.clone().unwrap_or_default();
-        let passwd = user::read_in_root(&rootfs_dir, "/etc/passwd");
-        let group = user::read_in_root(&rootfs_dir, "/etc/group");
+        let image_file = |e: image_file::ImageFileError| match e {
+            image_file::ImageFileError::TimedOut { .. } => Error::DeadlineExceeded(e.to_string()),
+            image_file::ImageFileError::Io { .. } => Error::Internal(e.to_string()),
+            _ => Error::InvalidArgument(format!("image {}: {e}", rec.image_name)),
+        };
+        let passwd = image_file::read(&rootfs_dir, "/etc/passwd")
+            .await
+            .map_err(image_file)?;
+        let group = image_file::read(&rootfs_dir, "/etc/group")
+            .await
+            .map_err(image_file)?;
         let u = user::resolve(
             &user::Wanted {
                 uid: s.security.run_as_user,
@@ -646,7 +691,9 @@ impl Containers {
             &mounts,
         )
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        oci.save(dir.join("config.json"))
+        // The spec holds the container's environment: 0600, like every record.
+        let json = serde_json::to_vec(&oci).expect("OCI specs serialize");
+        store::write_atomic_volatile(&dir.join("config.json"), &json)
             .map_err(|e| Error::Internal(format!("writing the OCI spec: {e}")))?;
         rec.env = oci
             .process()

@@ -96,3 +96,45 @@ pub fn unmount(target: &Path) {
     // MNT_DETACH: a process that still holds something in it cannot make removal fail.
     let _ = umount2(target, MntFlags::MNT_DETACH);
 }
+
+/// Makes sure each of berth's file mount targets (`/etc/hosts`, ...) resolves to something in
+/// the image: where the image has a dangling symlink there (`/etc/resolv.conf` pointing to a
+/// resolver's runtime file is common), the file it names is created, inside the root (the
+/// kernel resolves the link as if the root were `/`, so it can never name a node path), as
+/// other runtimes do. Existing targets are left as they are (not even opened: one could be a
+/// device or a FIFO). Runs before the container exists, so nothing races it in the root.
+pub fn ensure_file_targets(root: &Path, targets: &[&str]) -> Result<(), RootfsError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let err = |t: &str, e: rustix::io::Errno| RootfsError {
+        target: root.join(t.trim_start_matches('/')),
+        message: format!("preparing the mount target {t}: {e}"),
+    };
+    let dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err("/", e))?;
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
+    for t in targets {
+        match rustix::fs::openat2(&dir, *t, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+            Ok(_) => continue,
+            Err(rustix::io::Errno::NOENT) => {}
+            // A parent that is not a directory: libcontainer reports it when it mounts.
+            Err(_) => continue,
+        }
+        match rustix::fs::openat2(
+            &dir,
+            *t,
+            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::from_raw_mode(0o644),
+            how,
+        ) {
+            Ok(_) => {}
+            // The link names a directory that does not exist either: nothing to make it in.
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(err(t, e)),
+        }
+    }
+    Ok(())
+}

@@ -1,12 +1,7 @@
 //! The user a container runs as: `run_as_user`, `run_as_username`, `run_as_group` or the
-//! image's USER, names resolved through the image's own /etc/passwd and /etc/group (read
-//! beneath the container's root, never through a symlink out of it), plus the user's groups
-//! from the image and the pod's supplemental groups.
-
-use std::io::Read;
-use std::path::Path;
-
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+//! image's USER, names resolved through the image's own /etc/passwd and /etc/group (read by
+//! `super::image_file`, which treats them as the hostile input they are), plus the user's
+//! groups from the image and the pod's supplemental groups.
 
 /// The resolved identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -38,31 +33,6 @@ pub struct Wanted<'a> {
     pub supplemental: &'a [i64],
     /// SupplementalGroupsPolicy Strict: the image's groups are not added.
     pub strict: bool,
-}
-
-/// Reads a file of the container's root (`root` is the mounted rootfs), resolved inside it.
-pub fn read_in_root(root: &Path, rel: &str) -> Option<String> {
-    let dir = rustix::fs::open(
-        root,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let fd = rustix::fs::openat2(
-        &dir,
-        rel,
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-    )
-    .ok()?;
-    let mut s = String::new();
-    // Identity files are small; a huge one is not read whole.
-    std::fs::File::from(fd)
-        .take(4 << 20)
-        .read_to_string(&mut s)
-        .ok()?;
-    Some(s)
 }
 
 struct PasswdEntry {

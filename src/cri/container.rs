@@ -75,14 +75,10 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let linux = c.linux.unwrap_or_default();
     let r = linux.resources.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
+    let seccomp = seccomp(&sc)?;
+    apparmor(&sc)?;
     let caps = sc.capabilities.unwrap_or_default();
     let ns = sc.namespace_options;
-    let seccomp = match sc.seccomp.as_ref() {
-        Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
-            Some(load_seccomp(&p.localhost_ref)?)
-        }
-        _ => None,
-    };
     Ok(ContainerSpec {
         name: md.name,
         attempt: md.attempt,
@@ -145,10 +141,81 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     })
 }
 
-/// A Localhost seccomp profile (OCI JSON) read from the node.
+/// The seccomp section the container gets, from `seccomp` or the older
+/// `seccomp_profile_path`. A profile berth cannot apply fails the call: a container asking to
+/// be confined never runs unconfined.
+// The deprecated field is read on purpose: older clients still send only it.
+#[allow(deprecated)]
+fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<serde_json::Value>, Status> {
+    use cri::security_profile::ProfileType;
+    let not_yet = |field: &str| {
+        Status::invalid_argument(format!(
+            "{field}: the RuntimeDefault seccomp profile is not implemented by berth yet; \
+             ask for Unconfined or a Localhost profile"
+        ))
+    };
+    if let Some(p) = &sc.seccomp {
+        return match ProfileType::try_from(p.profile_type) {
+            Ok(ProfileType::Unconfined) => Ok(None),
+            Ok(ProfileType::RuntimeDefault) => Err(not_yet("security_context.seccomp")),
+            Ok(ProfileType::Localhost) => load_seccomp(&p.localhost_ref).map(Some),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "security_context.seccomp: unknown profile type {}",
+                p.profile_type
+            ))),
+        };
+    }
+    match sc.seccomp_profile_path.as_str() {
+        "" | "unconfined" => Ok(None),
+        "runtime/default" | "docker/default" => {
+            Err(not_yet("security_context.seccomp_profile_path"))
+        }
+        p => match p.strip_prefix("localhost/") {
+            Some(path) => load_seccomp(path).map(Some),
+            None => Err(Status::invalid_argument(format!(
+                "security_context.seccomp_profile_path {p:?} is not unconfined, runtime/default \
+                 or localhost/<path>"
+            ))),
+        },
+    }
+}
+
+/// AppArmor: berth cannot apply a profile (and this kernel has no AppArmor), so only
+/// Unconfined (or nothing) is accepted.
+#[allow(deprecated)]
+fn apparmor(sc: &cri::LinuxContainerSecurityContext) -> Result<(), Status> {
+    use cri::security_profile::ProfileType;
+    let wanted = match &sc.apparmor {
+        Some(p) => p.profile_type != ProfileType::Unconfined as i32,
+        None => !matches!(sc.apparmor_profile.as_str(), "" | "unconfined"),
+    };
+    if wanted {
+        return Err(Status::invalid_argument(
+            "security_context.apparmor: berth does not apply AppArmor profiles yet; only \
+             Unconfined is accepted",
+        ));
+    }
+    Ok(())
+}
+
+/// The largest seccomp profile berth reads.
+const MAX_SECCOMP_PROFILE: u64 = 1 << 20;
+
+/// A Localhost seccomp profile (OCI JSON) read from the node: a regular file (a FIFO there
+/// would block the call), bounded in size.
 fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))?;
+    let bad = |e: String| Status::invalid_argument(format!("seccomp profile {path:?}: {e}"));
+    if !path.starts_with('/') {
+        return Err(bad("the path must be absolute".into()));
+    }
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.len() > MAX_SECCOMP_PROFILE {
+        return Err(bad(format!("larger than {MAX_SECCOMP_PROFILE} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text)
         .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))
 }

@@ -7,7 +7,7 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::Cri;
-use crate::image::registry::Credentials;
+use crate::image::registry::{Credentials, CriAuth};
 use crate::image::{Image, Usage};
 use crate::runtime::Error;
 
@@ -70,7 +70,11 @@ impl Cri {
                 &a.identity_token,
                 &a.registry_token,
             )
-            .map_err(|e| Status::invalid_argument(format!("auth for {name}: {e}")))?,
+            .map_err(|e| Status::invalid_argument(format!("auth for {name}: {e}")))?
+            .map(|credentials| CriAuth {
+                credentials,
+                server_address: a.server_address.clone(),
+            }),
             None => None,
         };
         let id = self

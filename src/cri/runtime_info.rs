@@ -66,21 +66,17 @@ impl Cri {
         })
     }
 
-    /// The handlers berth serves: "" (the embedded runtime) and every configured one.
+    /// The handlers berth serves: only "" (the embedded runtime). Handlers in the
+    /// configuration are not listed: pods naming them are refused until OCI runtime binaries
+    /// are driven for real, so a RuntimeClass asking for isolation never gets less.
     fn runtime_handlers(&self) -> Vec<cri::RuntimeHandler> {
-        let features = || {
-            Some(cri::RuntimeHandlerFeatures {
+        vec![cri::RuntimeHandler {
+            name: String::new(),
+            features: Some(cri::RuntimeHandlerFeatures {
                 recursive_read_only_mounts: false,
                 user_namespaces: false,
-            })
-        };
-        std::iter::once(String::new())
-            .chain(self.rt.config().runtimes.keys().cloned())
-            .map(|name| cri::RuntimeHandler {
-                name,
-                features: features(),
-            })
-            .collect()
+            }),
+        }]
     }
 
     pub(super) fn runtime_config(

@@ -4,6 +4,7 @@
 //! correct. Layers are not kept here: they stream straight into snapshots (see `snapshot`).
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
@@ -105,7 +106,13 @@ impl ContentStore {
             move |source| ContentError::Io { path, source }
         };
         let result = (|| {
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
             f.write_all(data).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
             std::fs::rename(&tmp, &dest).map_err(io(&dest))

@@ -27,7 +27,7 @@ use crate::store::{self, StoreError};
 use content::{ContentError, ContentStore};
 use manifest::ImageConfig;
 use reference::{Digest, Reference, ReferenceError, is_sha256_hex};
-use registry::{Credentials, Registry, RegistryError};
+use registry::{CriAuth, Registry, RegistryError};
 use snapshot::{LayerError, SnapshotStore};
 
 /// Errors of the image subsystem.
@@ -668,7 +668,7 @@ impl ImageStore {
     pub async fn pull(
         &self,
         reference: &str,
-        creds: Option<Credentials>,
+        creds: Option<CriAuth>,
     ) -> Result<String, ImageError> {
         let r = pull::pull(self, reference, creds).await;
         return_free_heap();

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use super::manifest::{self, Document, ImageConfig};
 use super::reference::{Digest, Reference};
-use super::registry::{Credentials, Endpoint, RegistryError};
+use super::registry::{Credentials, CriAuth, Endpoint, RegistryError};
 use super::snapshot::{self, LayerError, SnapshotMeta};
 use super::{ImageError, ImageRecord, ImageStore, LayerRecord};
 
@@ -72,7 +72,7 @@ struct Resolved {
 pub(super) async fn pull(
     store: &ImageStore,
     reference: &str,
-    creds: Option<Credentials>,
+    creds: Option<CriAuth>,
 ) -> Result<String, ImageError> {
     let r = Reference::parse(reference)?;
     let started = Instant::now();
@@ -81,7 +81,7 @@ pub(super) async fn pull(
     for ep in store.endpoints(r.domain()) {
         let creds = store
             .registry()
-            .credentials_for(&ep, creds.as_ref())
+            .credentials_for(&ep, r.domain(), creds.as_ref())
             .map_err(|message| ImageError::Credentials {
                 reference: r.to_string(),
                 message,

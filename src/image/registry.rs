@@ -134,6 +134,39 @@ impl Credentials {
     }
 }
 
+/// Credentials a CRI PullImage carried, and the registry they are for (kubelet sends a pull
+/// secret's entry with its `server_address`; empty means the image's own registry).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct CriAuth {
+    /// The credentials.
+    pub credentials: Credentials,
+    /// `host[:port]` they belong to, normalised (see `registry_host`); empty = the image's.
+    pub server_address: String,
+}
+
+impl CriAuth {
+    /// Whether these credentials are for `host` (the image's own registry `image_domain`).
+    pub fn is_for(&self, host: &str, image_domain: &str) -> bool {
+        let for_host = if self.server_address.is_empty() {
+            registry_host(image_domain)
+        } else {
+            registry_host(&self.server_address)
+        };
+        for_host == registry_host(host)
+    }
+}
+
+/// A registry address as credentials name it, reduced to `host[:port]`: scheme and path
+/// dropped, lower case, Docker Hub's aliases (`index.docker.io`, `registry-1.docker.io`,
+/// `https://index.docker.io/v1/`) all `docker.io`.
+pub fn registry_host(address: &str) -> String {
+    let h = auth_key_host(address.trim()).to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        _ => h,
+    }
+}
+
 /// Decodes a Docker `auth` field: base64 of `user:password`.
 fn decode_basic(auth: &str) -> Result<Credentials, String> {
     let raw = base64::engine::general_purpose::STANDARD
@@ -341,14 +374,21 @@ impl Registry {
             })
     }
 
-    /// The credentials to present to `ep`: the CRI's if given, else the credentials file's.
+    /// The credentials to present to `ep` when pulling an image of `image_domain`. The CRI's
+    /// go only to the registry they are for, and never to a mirror (a mirror is another party:
+    /// a user's pull secret is not the operator's to hand it); everything else, mirrors
+    /// included, gets the credentials-file entry for its own host, or none.
     pub fn credentials_for(
         &self,
         ep: &Endpoint,
-        from_cri: Option<&Credentials>,
+        image_domain: &str,
+        from_cri: Option<&CriAuth>,
     ) -> Result<Credentials, String> {
-        if let Some(c) = from_cri {
-            return Ok(c.clone());
+        if let Some(c) = from_cri
+            && !ep.mirror
+            && c.is_for(&ep.host, image_domain)
+        {
+            return Ok(c.credentials.clone());
         }
         let Some(path) = &self.credentials_file else {
             return Ok(Credentials::Anonymous);
@@ -363,13 +403,9 @@ impl Registry {
         };
         let file: CredentialsFile = serde_json::from_str(&text)
             .map_err(|e| format!("credentials file {}: {e}", path.display()))?;
-        let wanted = |h: &str| {
-            h == ep.host
-                || (ep.host == "docker.io"
-                    && matches!(h, "index.docker.io" | "registry-1.docker.io"))
-        };
+        let want = registry_host(&ep.host);
         for (key, a) in &file.auths {
-            if wanted(auth_key_host(key)) {
+            if registry_host(key) == want {
                 return Ok(Credentials::from_cri(
                     &a.username,
                     &a.password,
@@ -666,7 +702,7 @@ mod tests {
             mirror: false,
         };
         assert_eq!(
-            r.credentials_for(&hub, None).unwrap(),
+            r.credentials_for(&hub, "docker.io", None).unwrap(),
             Credentials::Basic("bob".into(), "pw".into())
         );
         let local = Endpoint {
@@ -675,8 +711,9 @@ mod tests {
             mirror: true,
         };
         assert_eq!(
-            r.credentials_for(&local, None).unwrap(),
-            Credentials::Basic("u".into(), "p".into())
+            r.credentials_for(&local, "registry.k8s.io", None).unwrap(),
+            Credentials::Basic("u".into(), "p".into()),
+            "a mirror gets its own host's entry"
         );
         let other = Endpoint {
             host: "quay.io".into(),
@@ -684,11 +721,52 @@ mod tests {
             mirror: false,
         };
         assert_eq!(
-            r.credentials_for(&other, None).unwrap(),
+            r.credentials_for(&other, "quay.io", None).unwrap(),
             Credentials::Anonymous
         );
-        let cri = Credentials::Bearer("t".into());
-        assert_eq!(r.credentials_for(&other, Some(&cri)).unwrap(), cri);
+        let cri = CriAuth {
+            credentials: Credentials::Bearer("t".into()),
+            server_address: String::new(),
+        };
+        assert_eq!(
+            r.credentials_for(&other, "quay.io", Some(&cri)).unwrap(),
+            cri.credentials
+        );
+        // Never to a mirror, whatever the mirror's host.
+        assert_eq!(
+            r.credentials_for(&local, "127.0.0.1:5000", Some(&cri))
+                .unwrap(),
+            Credentials::Basic("u".into(), "p".into())
+        );
+        // Only to the host they name.
+        let for_example = CriAuth {
+            credentials: Credentials::Basic("alice".into(), "pw".into()),
+            server_address: "https://registry.example.com/v2/".into(),
+        };
+        assert_eq!(
+            r.credentials_for(&other, "quay.io", Some(&for_example))
+                .unwrap(),
+            Credentials::Anonymous
+        );
+        let example = Endpoint {
+            host: "registry.example.com".into(),
+            plain_http: false,
+            mirror: false,
+        };
+        assert_eq!(
+            r.credentials_for(&example, "registry.example.com", Some(&for_example))
+                .unwrap(),
+            for_example.credentials
+        );
+        let hub_secret = CriAuth {
+            credentials: Credentials::Basic("carol".into(), "pw".into()),
+            server_address: "https://index.docker.io/v1/".into(),
+        };
+        assert_eq!(
+            r.credentials_for(&hub, "docker.io", Some(&hub_secret))
+                .unwrap(),
+            hub_secret.credentials
+        );
     }
 
     #[test]

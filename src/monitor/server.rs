@@ -156,12 +156,111 @@ enum Io {
     },
 }
 
-/// libcontainer leaves heap it no longer needs after each create or exec: give it back, as the
-/// monitor's memory is paid once per pod.
-fn trim_heap() {
-    // SAFETY: malloc_trim only returns free memory to the kernel.
+/// Runs `build` (a libcontainer create or exec, which forks the container's processes) in a
+/// short-lived child of the monitor whose descriptors are only 0-2 and `keep`, and returns the
+/// pid it reports. A process libcontainer forks holds a copy of its parent's descriptor table
+/// until it execs the container's command (close-on-exec acts only then); a container created
+/// but not started waits in the pod's PID namespace for that long. Forked from the monitor
+/// itself, it would hold the monitor's socket, berthd's connections, and the other containers'
+/// logs and pipes for any process of the pod allowed to trace it. The child also takes
+/// libcontainer's parsing and allocations with it when it exits.
+fn in_helper(
+    title: &str,
+    keep: &[RawFd],
+    build: impl FnOnce() -> Result<i32, String>,
+) -> Result<i32, String> {
+    let (result_r, result_w) = pipe().map_err(|e| format!("helper pipe: {e}"))?;
+    // SAFETY: the monitor is single-threaded, so the child's copy of its memory is consistent.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("forking a helper: {e}"))? {
+        nix::unistd::ForkResult::Child => {
+            let mut fds: Vec<RawFd> = keep.to_vec();
+            fds.extend([0, 1, 2, result_w.as_raw_fd()]);
+            close_all_but(&mut fds);
+            // What the processes it forks show until they exec.
+            crate::proctitle::set(c"berth-helper", title);
+            // The helper is not the processes' parent for long: they are reparented to the
+            // monitor (the subreaper) when it exits.
+            let answer = match build() {
+                Ok(pid) => format!("ok {pid}\n"),
+                Err(e) => format!("err {}\n", e.replace('\n', " ")),
+            };
+            let _ = rustix::io::write(&result_w, answer.as_bytes());
+            // SAFETY: _exit ends the child without running the monitor's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(result_w);
+            // Up to the newline, not to the end of file: the processes libcontainer forked
+            // hold the write end (close-on-exec) until they exec.
+            let mut answer = Vec::new();
+            let mut r = result_r;
+            let mut b = [0u8; 512];
+            while !answer.ends_with(b"\n") {
+                match r.read(&mut b) {
+                    Ok(0) => break,
+                    Ok(n) => answer.extend_from_slice(&b[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = waitpid(child, None);
+            let answer = String::from_utf8_lossy(&answer).trim_end().to_string();
+            match answer.split_once(' ') {
+                Some(("ok", pid)) => pid
+                    .parse()
+                    .map_err(|_| format!("the helper answered {answer:?}")),
+                Some(("err", e)) => Err(e.to_string()),
+                _ => Err("the helper died without an answer".into()),
+            }
+        }
+    }
+}
+
+/// Keeps libcontainer's path library (pathrs) from caching a procfs handle for the life of
+/// this process and its forks. The cached handle is a procfs of the node's PID namespace, and
+/// every process libcontainer forks holds it until it execs: a container created but not yet
+/// started, or a process ExecSync is starting, would hand any process of the pod allowed to
+/// trace it `/proc/<node pid>/root`, the node's root. pathrs refuses a cached descriptor that
+/// no longer is a procfs and falls back to a handle per operation, closed after it: so the
+/// cache is filled once here, and its descriptor replaced by /dev/null (close-on-exec).
+pub fn disable_procfs_cache() -> std::io::Result<()> {
+    let handle = pathrs::procfs::ProcfsHandle::new().map_err(std::io::Error::other)?;
+    let cached = handle.as_fd().as_raw_fd();
+    drop(handle);
+    let null = File::open("/dev/null")?;
+    // SAFETY: `cached` is pathrs's cache slot, which it only ever borrows (and validates
+    // before each use); putting another open file at that number cannot make any owner in
+    // this process close or misuse a descriptor it does not own.
+    unsafe { nix::unistd::dup3_raw(&null, cached, nix::fcntl::OFlag::O_CLOEXEC) }?;
+    // The one that probes it now marks the cache bad for this process and its children.
+    let probe = pathrs::procfs::ProcfsHandle::new().map_err(std::io::Error::other)?;
+    if probe.as_fd().as_raw_fd() == cached {
+        return Err(std::io::Error::other(
+            "pathrs kept using its cached procfs handle",
+        ));
+    }
+    Ok(())
+}
+
+/// Closes every descriptor of this process but those in `keep`.
+fn close_all_but(keep: &mut Vec<RawFd>) {
+    keep.sort_unstable();
+    keep.dedup();
+    let mut next: u32 = 0;
+    for &k in keep.iter() {
+        let k = k as u32;
+        if k > next {
+            // SAFETY: close_range only closes descriptors, none of which is used afterwards
+            // in this (forked, about to run libcontainer) process but those kept.
+            unsafe {
+                libc::syscall(libc::SYS_close_range, next, k - 1, 0u32);
+            }
+        }
+        next = k + 1;
+    }
+    // SAFETY: as above.
     unsafe {
-        libc::malloc_trim(0);
+        libc::syscall(libc::SYS_close_range, next, u32::MAX, 0u32);
     }
 }
 
@@ -195,6 +294,10 @@ pub fn run(pod_id: String, listener: UnixListener, lc_root: PathBuf) -> ! {
     // reparented here, so this process reaps them and learns their exit status.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let _ = std::fs::create_dir_all(&lc_root);
+    if disable_procfs_cache().is_err() {
+        // Containers would hold a handle on the node's /proc until they exec: none are made.
+        std::process::exit(1);
+    }
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.add(Signal::SIGPIPE);
@@ -670,6 +773,8 @@ impl Monitor {
         };
         let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
         let lcid = lc_id(&c.container_id).to_string();
+        // What the container's processes may hold: the status pipe and their stdio.
+        let mut keep = vec![status_w.as_raw_fd()];
         let builder = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
             .with_root_path(&self.lc_root)
             .and_then(|b| b.validate_id())
@@ -699,6 +804,7 @@ impl Monitor {
                 let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
                 (None, OwnedFd::from(null))
             };
+            keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
             let b = builder
                 .with_stdin(stdin_fd)
                 .with_stdout(out_w)
@@ -712,19 +818,23 @@ impl Monitor {
                 },
             )
         };
-        let built = builder
-            .as_init(&c.bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build();
+        let bundle = c.bundle.clone();
+        let title = format!("berth-create {}", c.container_id);
+        let built = in_helper(&title, &keep, move || {
+            let container = builder
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| format!("creating container: {e}"))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "libcontainer reported no pid".to_string())
+        });
         // Our copy of the status pipe's write end must go, or its end of file would never come.
         drop(status_w);
-        trim_heap();
-        let mut container = built.map_err(|e| format!("creating container: {e}"))?;
-        let pid = container
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or("libcontainer reported no pid")?;
+        let pid = built?;
         let finish = || -> Result<(File, Option<File>, Option<File>), String> {
             if c.set_oom_score_adj {
                 std::fs::write(
@@ -748,7 +858,9 @@ impl Monitor {
             Ok(s) => s,
             Err(e) => {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-                let _ = container.delete(true);
+                if let Ok(mut lc) = Container::load(self.lc_root.join(&lcid)) {
+                    let _ = lc.delete(true);
+                }
                 return Err(e);
             }
         };
@@ -1021,36 +1133,48 @@ impl Monitor {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
-        let built = ContainerBuilder::new(lc_id(&e.container_id).to_string(), SyscallType::Linux)
-            .with_root_path(&self.lc_root)
-            .map(|b| {
-                b.with_stdin(OwnedFd::from(null))
-                    .with_stdout(out_w)
-                    .with_stderr(err_w)
-                    .as_tenant()
-                    .with_detach(true)
-                    .with_container_args(e.args.clone())
-                    .with_env(env)
-                    .with_cwd(if e.cwd.is_empty() {
-                        None
-                    } else {
-                        Some(PathBuf::from(&e.cwd))
-                    })
-                    .with_user(Some(e.uid))
-                    .with_group(Some(e.gid))
-                    .with_additional_gids(e.additional_gids.clone())
-            })
-            .and_then(|b| b.build());
-        trim_heap();
+        let keep = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        let (lc_root, lcid) = (self.lc_root.clone(), lc_id(&e.container_id).to_string());
+        let (args, cwd, uid, gid, gids) = (
+            e.args.clone(),
+            e.cwd.clone(),
+            e.uid,
+            e.gid,
+            e.additional_gids.clone(),
+        );
+        let title = format!("berth-exec {}", e.container_id);
+        let built = in_helper(&title, &keep, move || {
+            ContainerBuilder::new(lcid, SyscallType::Linux)
+                .with_root_path(&lc_root)
+                .map(|b| {
+                    b.with_stdin(OwnedFd::from(null))
+                        .with_stdout(out_w)
+                        .with_stderr(err_w)
+                        .as_tenant()
+                        .with_detach(true)
+                        .with_container_args(args)
+                        .with_env(env)
+                        .with_cwd(if cwd.is_empty() {
+                            None
+                        } else {
+                            Some(PathBuf::from(&cwd))
+                        })
+                        .with_user(Some(uid))
+                        .with_group(Some(gid))
+                        .with_additional_gids(gids)
+                })
+                .and_then(|b| b.build())
+                .map(|pid| pid.as_raw())
+                .map_err(|e| e.to_string())
+        });
         let eid = self.next_exec;
         self.next_exec += 1;
         let max = e.max_output_bytes.max(1) as usize;
         let pid = match built {
-            Ok(pid) => pid.as_raw(),
-            Err(err) => {
+            Ok(pid) => pid,
+            Err(msg) => {
                 // The command could not be started (e.g. not found): answered like a shell
                 // would, with 126/127 and the reason on stderr.
-                let msg = err.to_string();
                 let code = if msg.contains("not found") || msg.contains("No such file") {
                     127
                 } else {

@@ -83,7 +83,10 @@ impl Ipam {
                         })?;
                     self.cursor.store(u32::from(ip), Ordering::Relaxed);
                     // The cursor is a hint; losing it only makes reuse less round-robin.
-                    let _ = std::fs::write(self.dir.join(".cursor"), ip.to_string());
+                    let _ = crate::store::write_atomic_volatile(
+                        &self.dir.join(".cursor"),
+                        ip.to_string().as_bytes(),
+                    );
                     return Ok(ip);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

@@ -1,50 +1,12 @@
-//! The infra init of a pod that shares one PID namespace: PID 1 of that namespace, forked by
-//! the zygote (see `crate::zygote`). It lets the kernel reap the orphans reparented to it and
-//! exits on SIGTERM. It first waits (60 s at most) for berthd's SIGUSR1, sent once the pod is
-//! recorded: if berthd dies before that, the init exits by itself and is never orphaned.
+//! berthd's side of a pod's infra init (the process itself is `crate::zygote::pod_init`):
+//! launching it through the zygote, confirming it once the pod is recorded, killing it at
+//! StopPodSandbox, and telling a live init from a reused pid by its start time.
 
-use std::time::Duration;
+use std::path::PathBuf;
 
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
 use crate::zygote::{Request, Zygote};
-
-/// How long an unconfirmed init waits for berthd.
-const CONFIRM_WITHIN: Duration = Duration::from_secs(60);
-
-/// The signals the init waits for; the zygote blocks them before forking it.
-pub fn waited_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGUSR1, Signal::SIGTERM, Signal::SIGINT] {
-        set.add(s);
-    }
-    set
-}
-
-/// The init's life, in the zygote's forked child.
-pub fn run() -> ! {
-    let _ = nix::sys::prctl::set_name(c"berth-init");
-    // Orphans reparented to this PID 1 are reaped by the kernel: no zombies, no wait loop.
-    // SAFETY: SIG_IGN installs no handler code; this process has one thread.
-    unsafe {
-        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
-    }
-    let set = waited_signals();
-    let ts = libc::timespec {
-        tv_sec: CONFIRM_WITHIN.as_secs() as libc::time_t,
-        tv_nsec: 0,
-    };
-    // SAFETY: `set` is a valid sigset_t; a null siginfo pointer is allowed.
-    let sig = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
-    if sig != libc::SIGUSR1 {
-        std::process::exit(1);
-    }
-    loop {
-        if let Ok(Signal::SIGTERM | Signal::SIGINT) = set.wait() {
-            std::process::exit(0);
-        }
-    }
-}
 
 /// A pod init, forked and waiting for its confirmation.
 pub struct Launched {
@@ -64,9 +26,18 @@ impl Launched {
     }
 }
 
-/// Starts a pod init.
-pub async fn launch(zygote: &Zygote) -> std::io::Result<Launched> {
-    let pid = zygote.spawn(Request::PodInit).await?;
+/// Starts the init of pod `pod_id`, joining the namespaces pinned at `pins` (kind, path).
+pub async fn launch(
+    zygote: &Zygote,
+    pod_id: &str,
+    pins: Vec<(String, PathBuf)>,
+) -> std::io::Result<Launched> {
+    let pid = zygote
+        .spawn(Request::PodInit {
+            pod_id: pod_id.to_string(),
+            pins,
+        })
+        .await?;
     let start_time =
         start_time(pid).ok_or_else(|| std::io::Error::other(format!("pod init {pid} vanished")))?;
     Ok(Launched { pid, start_time })

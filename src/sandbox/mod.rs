@@ -9,6 +9,7 @@
 pub mod files;
 pub mod init;
 pub mod namespaces;
+pub mod sysctl;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -254,7 +255,7 @@ impl Sandboxes {
     ) -> Result<Arc<Sandboxes>> {
         let pods_dir = state.join("pods");
         let ns_dir = state.join("ns");
-        std::fs::create_dir_all(&pods_dir).map_err(internal("creating the pods directory"))?;
+        crate::layout::private_dir(&pods_dir).map_err(internal("creating the pods directory"))?;
         namespaces::prepare_pin_root(&ns_dir)
             .map_err(internal("preparing the namespace pin directory"))?;
         let mut records = Vec::new();
@@ -410,25 +411,54 @@ impl Sandboxes {
                 "pod metadata needs a name, a uid and a namespace".into(),
             ));
         }
-        if !self.handlers.contains(&spec.runtime_handler) {
-            return Err(Error::InvalidArgument(format!(
-                "unknown runtime handler {:?} (configured: \"\"{})",
-                spec.runtime_handler,
-                self.handlers
-                    .iter()
-                    .filter(|h| !h.is_empty())
-                    .map(|h| format!(", {h:?}"))
-                    .collect::<String>()
-            )));
+        if !spec.runtime_handler.is_empty() {
+            return Err(Error::InvalidArgument(
+                if self.handlers.contains(&spec.runtime_handler) {
+                    format!(
+                        "runtime handler {:?} is configured, but running pods with OCI runtime \
+                         binaries is not implemented yet: berth runs only its embedded runtime \
+                         (handler \"\")",
+                        spec.runtime_handler
+                    )
+                } else {
+                    format!(
+                        "unknown runtime handler {:?}: berth serves only its embedded runtime \
+                         (handler \"\")",
+                        spec.runtime_handler
+                    )
+                },
+            ));
         }
+        // The hostname and DNS settings become lines of /etc/hosts and /etc/resolv.conf: a
+        // newline or a space in one would add lines of the caller's choosing.
         if spec.hostname.is_empty()
             || spec.hostname.len() > 64
-            || spec.hostname.contains(['/', '\0'])
+            || spec
+                .hostname
+                .chars()
+                .any(|c| c == '/' || c.is_whitespace() || c.is_control())
         {
             return Err(Error::InvalidArgument(format!(
-                "hostname {:?} must be 1-64 characters without '/'",
+                "hostname {:?} must be 1-64 characters without '/', whitespace or control \
+                 characters",
                 spec.hostname
             )));
+        }
+        if let Some(dns) = &spec.dns {
+            for (what, v) in dns
+                .servers
+                .iter()
+                .map(|v| ("server", v))
+                .chain(dns.searches.iter().map(|v| ("search", v)))
+                .chain(dns.options.iter().map(|v| ("option", v)))
+            {
+                if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "dns_config {what} {v:?} must be non-empty, without whitespace or \
+                         control characters"
+                    )));
+                }
+            }
         }
         if spec.namespaces.network == NsMode::Target || spec.namespaces.ipc == NsMode::Target {
             return Err(Error::InvalidArgument(
@@ -439,19 +469,21 @@ impl Sandboxes {
             cgroup::relative(&spec.cgroup_parent)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         }
-        for k in spec.sysctls.keys() {
-            let owner = namespaces::sysctl_namespace(k).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "sysctl {k} is not namespaced and cannot be set for a pod"
-                ))
-            })?;
-            let host = match owner {
-                "net" | "uts" => spec.host_network(),
-                _ => spec.namespaces.ipc == NsMode::Node,
+        for (k, v) in &spec.sysctls {
+            let s = sysctl::parse(k).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let host = match s.owner {
+                sysctl::Owner::Net => spec.host_network(),
+                sysctl::Owner::Ipc => spec.namespaces.ipc == NsMode::Node,
             };
             if host {
                 return Err(Error::InvalidArgument(format!(
-                    "sysctl {k} is not allowed: the pod uses the node's {owner} namespace"
+                    "sysctl {k} is not allowed: the pod uses the node's {} namespace",
+                    s.owner
+                )));
+            }
+            if v.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "sysctl {k}: the value holds a NUL"
                 )));
             }
         }
@@ -544,7 +576,7 @@ impl Sandboxes {
             spec,
         };
         let dir = self.pod_dir(id);
-        std::fs::create_dir_all(&dir).map_err(internal("creating the pod directory"))?;
+        crate::layout::private_dir(&dir).map_err(internal("creating the pod directory"))?;
         // Recorded before anything else is made: a restart can undo from here on.
         if let Err(e) = self.persist(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -596,7 +628,7 @@ impl Sandboxes {
             uts: !spec.host_network(),
         };
         let ns_dir = self.ns_dir(&id);
-        std::fs::create_dir_all(&ns_dir)
+        crate::layout::private_dir(&ns_dir)
             .map_err(internal("creating the namespace pin directory"))?;
         let sysctls: Vec<(String, String)> = spec
             .sysctls
@@ -682,7 +714,14 @@ impl Sandboxes {
         // The infra init, for a PID namespace shared by the pod.
         let mut launched = None;
         if spec.namespaces.pid == NsMode::Pod {
-            let l = init::launch(&self.zygote)
+            // The init joins the namespaces the pod has of its own, so nothing it holds is
+            // the node's.
+            let pins = [("net", want.net), ("ipc", want.ipc), ("uts", want.uts)]
+                .into_iter()
+                .filter(|(_, own)| *own)
+                .map(|(kind, _)| (kind.to_string(), namespaces::pin_path(&ns_dir, kind)))
+                .collect();
+            let l = init::launch(&self.zygote, &id, pins)
                 .await
                 .map_err(internal("starting the pod's init"))?;
             rec.init = Some((l.pid, l.start_time));

@@ -59,7 +59,7 @@ pub fn pin_path(dir: &Path, kind: &str) -> PathBuf {
 /// also unmounts the copies other mount namespaces took: otherwise such a copy would keep a
 /// pod's network namespace alive.
 pub fn prepare_pin_root(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    crate::layout::private_dir(dir)?;
     let shared = || {
         mount(
             None::<&str>,
@@ -169,15 +169,18 @@ fn in_thread(
             .map_err(step(format!("setting hostname {hostname:?}")))?;
     }
     for (key, value) in sysctls {
-        let path = Path::new("/proc/sys").join(sysctl_path(key));
-        std::fs::write(&path, value).map_err(|source| NsError {
+        let invalid = |source: std::io::Error| NsError {
             step: format!("setting sysctl {key}={value}"),
             invalid: matches!(
                 source.raw_os_error(),
-                Some(libc::EINVAL) | Some(libc::ENOENT)
+                Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::ELOOP) | Some(libc::EXDEV)
             ),
             source,
-        })?;
+        };
+        // Checked when the pod was validated; checked again here, where it is written.
+        let s = super::sysctl::parse(key)
+            .map_err(|e| invalid(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        super::sysctl::write(&s.path, value).map_err(invalid)?;
     }
     for (kind, on) in [("net", want.net), ("ipc", want.ipc), ("uts", want.uts)] {
         if on {
@@ -231,71 +234,5 @@ pub fn unpin(p: &Path) {
 pub fn unpin_all(dir: &Path) {
     for kind in ["net", "ipc", "uts", "pid"] {
         unpin(&pin_path(dir, kind));
-    }
-}
-
-/// `net.ipv4.ip_forward` or `net/ipv4/ip_forward` → `net/ipv4/ip_forward`. A name with a '/'
-/// is taken as is, so interface names with dots survive.
-pub fn sysctl_path(key: &str) -> String {
-    if key.contains('/') {
-        key.to_string()
-    } else {
-        key.replace('.', "/")
-    }
-}
-
-/// Which namespace a sysctl belongs to, if it is namespaced at all.
-pub fn sysctl_namespace(key: &str) -> Option<&'static str> {
-    let k = sysctl_path(key);
-    if k.starts_with("net/") {
-        return Some("net");
-    }
-    const IPC: [&str; 6] = [
-        "kernel/shm_rmid_forced",
-        "kernel/shmmax",
-        "kernel/shmall",
-        "kernel/shmmni",
-        "kernel/msgmax",
-        "kernel/msgmnb",
-    ];
-    const IPC2: [&str; 3] = ["kernel/msgmni", "kernel/sem", "kernel/sem_next_id"];
-    if IPC.contains(&k.as_str()) || IPC2.contains(&k.as_str()) || k.starts_with("fs/mqueue/") {
-        return Some("ipc");
-    }
-    if k == "kernel/shm_next_id" || k == "kernel/msg_next_id" {
-        return Some("ipc");
-    }
-    if k == "kernel/hostname" || k == "kernel/domainname" {
-        return Some("uts");
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sysctls_are_classified_by_namespace() {
-        assert_eq!(sysctl_namespace("net.ipv4.ip_forward"), Some("net"));
-        assert_eq!(
-            sysctl_namespace("net/ipv4/conf/eth0.100/rp_filter"),
-            Some("net")
-        );
-        assert_eq!(sysctl_namespace("kernel.shm_rmid_forced"), Some("ipc"));
-        assert_eq!(sysctl_namespace("kernel.msgmax"), Some("ipc"));
-        assert_eq!(sysctl_namespace("fs.mqueue.msg_max"), Some("ipc"));
-        assert_eq!(sysctl_namespace("kernel.domainname"), Some("uts"));
-        assert_eq!(sysctl_namespace("vm.swappiness"), None);
-        assert_eq!(sysctl_namespace("kernel.pid_max"), None);
-    }
-
-    #[test]
-    fn sysctl_names_map_to_proc_paths() {
-        assert_eq!(sysctl_path("net.ipv4.ip_forward"), "net/ipv4/ip_forward");
-        assert_eq!(
-            sysctl_path("net/ipv4/conf/eth0.100/rp_filter"),
-            "net/ipv4/conf/eth0.100/rp_filter"
-        );
     }
 }

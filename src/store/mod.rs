@@ -51,20 +51,24 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreEr
     move |source| StoreError::Io { what, path, source }
 }
 
+/// Opens `tmp` for writing as a new private (0600) file, truncating a leftover.
+fn create_private(tmp: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(tmp)
+}
+
 /// Writes `data` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().unwrap_or(OsStr::new("record"));
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io("creating", &tmp))?;
+        let mut f = create_private(&tmp).map_err(io("creating", &tmp))?;
         f.write_all(data).map_err(io("writing", &tmp))?;
         f.sync_all().map_err(io("syncing", &tmp))?;
         std::fs::rename(&tmp, path).map_err(io("renaming into place", path))?;
@@ -84,7 +88,8 @@ pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), StoreError>
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().unwrap_or(OsStr::new("record"));
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let result = std::fs::write(&tmp, data)
+    let result = create_private(&tmp)
+        .and_then(|mut f| f.write_all(data))
         .map_err(io("writing", &tmp))
         .and_then(|()| std::fs::rename(&tmp, path).map_err(io("renaming into place", path)));
     if result.is_err() {

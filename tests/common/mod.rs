@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod fake_http;
 pub mod proxy;
 pub mod token;
+pub mod world;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

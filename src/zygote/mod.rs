@@ -6,21 +6,37 @@
 //! Protocol: berthd writes one request per datagram on a SOCK_SEQPACKET socket pair, the
 //! zygote answers one datagram `ok <pid>` or `err <message>`. When berthd goes away the socket
 //! reads EOF and the zygote exits; what it forked lives on (reparented, as with any daemon).
+//!
+//! What the zygote's children inherit is chosen with pods in mind, because a pod can see some
+//! of them (the pod init is PID 1 of a shared PID namespace; containers are forked from the
+//! monitor): the zygote runs from a read-only, detached mount of berthd's binary (so
+//! `/proc/PID/exe` never opens a writable node file), with an empty environment and no open
+//! file but its socket.
+
+pub mod pod_init;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::sync::Mutex;
 
 /// The fd the zygote finds its end of the socket pair on.
 const ZYGOTE_FD: RawFd = 3;
+/// The largest request: a pod id and a few paths under the state directory.
+const MAX_REQUEST: usize = 8192;
 
 /// What berthd can ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// A pod init: PID 1 of a new PID namespace.
-    PodInit,
+    /// A pod init: PID 1 of a new PID namespace, joining the pod's pinned namespaces.
+    PodInit {
+        /// The pod (for the process title).
+        pod_id: String,
+        /// The pod's namespaces to join: kind (`net`, `ipc`, `uts`) and pin path.
+        pins: Vec<(String, PathBuf)>,
+    },
     /// A pod's monitor, listening on `socket`, keeping libcontainer state under `lc_root`.
     Monitor {
         /// The pod.
@@ -34,21 +50,45 @@ pub enum Request {
 
 impl Request {
     fn encode(&self) -> Vec<u8> {
-        match self {
-            Request::PodInit => b"pod-init".to_vec(),
+        let parts: Vec<String> = match self {
+            Request::PodInit { pod_id, pins } => {
+                let mut v = vec!["pod-init".to_string(), pod_id.clone()];
+                for (kind, path) in pins {
+                    v.push(kind.clone());
+                    v.push(path.to_string_lossy().into_owned());
+                }
+                v
+            }
             Request::Monitor {
                 pod_id,
                 socket,
                 lc_root,
-            } => format!("monitor\0{pod_id}\0{socket}\0{lc_root}").into_bytes(),
-        }
+            } => vec![
+                "monitor".into(),
+                pod_id.clone(),
+                socket.clone(),
+                lc_root.clone(),
+            ],
+        };
+        parts.join("\0").into_bytes()
     }
 
     fn decode(b: &[u8]) -> Option<Request> {
         let s = std::str::from_utf8(b).ok()?;
         let mut parts = s.split('\0');
         match parts.next()? {
-            "pod-init" => Some(Request::PodInit),
+            "pod-init" => {
+                let pod_id = parts.next()?.to_string();
+                let rest: Vec<&str> = parts.collect();
+                if !rest.len().is_multiple_of(2) {
+                    return None;
+                }
+                let pins = rest
+                    .chunks(2)
+                    .map(|c| (c[0].to_string(), PathBuf::from(c[1])))
+                    .collect();
+                Some(Request::PodInit { pod_id, pins })
+            }
             "monitor" => Some(Request::Monitor {
                 pod_id: parts.next()?.to_string(),
                 socket: parts.next()?.to_string(),
@@ -61,13 +101,14 @@ impl Request {
 
 /// Entry point of `berthd zygote`. Single-threaded: forking is safe here.
 pub fn main() -> ! {
+    crate::proctitle::set(c"berth-zygote", "berth-zygote");
     let _ = nix::unistd::setsid();
     // The zygote never waits for its children: the kernel reaps them when they exit.
     // SAFETY: installing SIG_IGN has no handler code to be unsound; single-threaded process.
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
     }
-    let mut buf = [0u8; 256];
+    let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         // SAFETY: ZYGOTE_FD is the socket berthd passed; buf is valid for its length.
         let n = unsafe { libc::recv(ZYGOTE_FD, buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -81,7 +122,7 @@ pub fn main() -> ! {
             std::process::exit(1);
         }
         let spawned = match Request::decode(&buf[..n as usize]) {
-            Some(Request::PodInit) => spawn_pod_init(),
+            Some(Request::PodInit { pod_id, pins }) => spawn_pod_init(&pod_id, &pins),
             Some(Request::Monitor {
                 pod_id,
                 socket,
@@ -105,11 +146,13 @@ pub fn main() -> ! {
     }
 }
 
-/// Forks a child in a new PID namespace (it is PID 1 there) that runs the pod init.
-fn spawn_pod_init() -> io::Result<i32> {
+/// Forks a child in a new PID namespace (it is PID 1 there) that confines itself and runs the
+/// pod init; answers once the child reported that its confinement is complete.
+fn spawn_pod_init(pod_id: &str, pins: &[(String, PathBuf)]) -> io::Result<i32> {
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // The init is PID 1 of its namespace: signals without a handler would be dropped, so the
     // ones it waits for are blocked from its first instant (the mask is inherited).
-    let waited = crate::sandbox::init::waited_signals();
+    let waited = pod_init::waited_signals();
     let _ = waited.thread_block();
     // SAFETY: raw clone(2) without CLONE_VM is fork with flags; the zygote has one thread, so
     // the child's copy of its memory is consistent.
@@ -129,10 +172,24 @@ fn spawn_pod_init() -> io::Result<i32> {
     match pid {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            detach_stdio();
-            crate::sandbox::init::run()
+            drop(status_r);
+            pod_init::run(pod_id, pins, status_w)
         }
-        pid => Ok(pid as i32),
+        pid => {
+            drop(status_w);
+            let mut msg = Vec::new();
+            let _ = io::Read::read_to_end(&mut std::fs::File::from(status_r), &mut msg);
+            if msg == pod_init::CONFINED {
+                Ok(pid as i32)
+            } else {
+                // The child exits after reporting a failure (or died without a word).
+                let why = String::from_utf8_lossy(&msg);
+                Err(io::Error::other(format!(
+                    "the pod init could not confine itself: {}",
+                    if why.is_empty() { "it died" } else { &why }
+                )))
+            }
+        }
     }
 }
 
@@ -145,6 +202,7 @@ fn spawn_monitor(pod_id: String, socket: &str, lc_root: String) -> io::Result<i3
         nix::unistd::ForkResult::Child => {
             detach_stdio();
             let _ = nix::unistd::setsid();
+            crate::proctitle::set(c"berth-monitor", &format!("berth-monitor {pod_id}"));
             crate::monitor::server::run(pod_id, listener, lc_root.into())
         }
         nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
@@ -153,7 +211,7 @@ fn spawn_monitor(pod_id: String, socket: &str, lc_root: String) -> io::Result<i3
 
 /// In a forked child: stdio to /dev/null and the zygote's socket closed, so nothing of the
 /// zygote or berthd is held open by the child; default signal dispositions.
-pub fn detach_stdio() {
+fn detach_stdio() {
     // SAFETY: plain syscalls on fds this process owns; single-threaded child.
     unsafe {
         libc::close(ZYGOTE_FD);
@@ -168,6 +226,58 @@ pub fn detach_stdio() {
         }
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
     }
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// An O_PATH descriptor of berthd's binary on a read-only bind mount of its own that is
+/// attached nowhere. A process started from it has `/proc/PID/exe` on that mount: whoever can
+/// open the link gets the binary read-only (EROFS for writing), never the node's file to
+/// overwrite (the runc CVE-2019-5736 class). Costs no copy: the mount shares the file's pages.
+fn sealed_binary() -> io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    let fd = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        "/proc/self/exe",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| io::Error::other(format!("open_tree of berthd's binary: {e}")))?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `attr` (valid, of the size given) and the empty path string;
+    // `fd` is the open mount descriptor just made.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::other(format!(
+            "making berthd's binary mount read-only: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(fd)
 }
 
 /// berthd's side: the zygote process and the socket to it; restarted if it dies.
@@ -192,11 +302,20 @@ impl Zygote {
             nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         )?;
         let theirs_raw = theirs.as_raw_fd();
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
-        cmd.arg("zygote")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let binary = sealed_binary()?;
+        // exec through the descriptor (close-on-exec, but open until the new image is loaded).
+        let mut cmd = tokio::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+        // argv[0] leaves room for the titles of the processes the zygote forks.
+        cmd.arg0(format!(
+            "{:<width$}",
+            "berth-zygote",
+            width = crate::proctitle::ROOM
+        ))
+        .arg("zygote")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
         // SAFETY: between fork and exec only dup2(2) runs, which is async-signal-safe; it puts
         // the zygote's end of the socket pair at fd 3 without CLOEXEC.
         unsafe {
@@ -209,6 +328,7 @@ impl Zygote {
         }
         let child = cmd.spawn()?;
         drop(theirs);
+        drop(binary);
         Ok((ours, child))
     }
 
@@ -235,14 +355,23 @@ impl Zygote {
     }
 }
 
+/// Whether this process was started as the zygote (`argv[1] == "zygote"`): checked before the
+/// command line is parsed, as the zygote's argv[0] is padding for titles.
+pub fn is_zygote_invocation() -> bool {
+    std::env::args_os().nth(1).is_some_and(|a| a == "zygote")
+}
+
 fn exchange(fd: RawFd, req: &Request) -> io::Result<Vec<u8>> {
     let msg = req.encode();
+    if msg.len() > MAX_REQUEST {
+        return Err(io::Error::other("zygote request too long"));
+    }
     // SAFETY: fd is the open socket owned by `Zygote`; the buffers are valid for their lengths.
     let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL) };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut buf = vec![0u8; 512];
+    let mut buf = vec![0u8; 4096];
     // SAFETY: as above.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     match n {
@@ -270,4 +399,41 @@ fn parse_answer(a: &[u8]) -> io::Result<i32> {
         "zygote: {}",
         s.strip_prefix("err ").unwrap_or(&s)
     )))
+}
+
+/// Writes all of `msg` to `fd` (a pipe the zygote reads), ignoring failures: for reports from
+/// a child that exits right after.
+fn report(fd: &OwnedFd, msg: &[u8]) {
+    let _ = rustix::io::write(fd, msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::PodInit {
+                pod_id: "ab".repeat(32),
+                pins: vec![
+                    ("net".into(), PathBuf::from("/run/berth/ns/x/net")),
+                    ("ipc".into(), PathBuf::from("/run/berth/ns/x/ipc")),
+                ],
+            },
+            Request::PodInit {
+                pod_id: "cd".into(),
+                pins: Vec::new(),
+            },
+            Request::Monitor {
+                pod_id: "p".into(),
+                socket: "/s".into(),
+                lc_root: "/lc".into(),
+            },
+        ] {
+            assert_eq!(Request::decode(&r.encode()), Some(r));
+        }
+        assert_eq!(Request::decode(b"pod-init\0id\0net"), None);
+        assert_eq!(Request::decode(b"fork-bomb"), None);
+    }
 }

@@ -1,0 +1,272 @@
+//! The pod init: PID 1 of a pod's shared PID namespace, forked by the zygote. Every container
+//! of the pod sees it as its PID 1, and one allowed to trace it (CAP_SYS_PTRACE, or the same
+//! credentials) reaches whatever it holds through `/proc/1/{root,cwd,fd,environ,exe,mem}`. So
+//! before it reports for duty it lets go of everything of the node: it joins the pod's
+//! namespaces, takes an empty read-only root of its own (the node's detached), closes every
+//! file, becomes uid/gid 65535 with no capability in any set and no_new_privs, and installs a
+//! seccomp filter allowing only the few calls its loop makes. Its binary is berthd's on a
+//! read-only mount (see `super::sealed_binary`); its environment is empty.
+//!
+//! Its life: the kernel reaps the orphans reparented to it (SIGCHLD ignored); it waits up to
+//! 60 s for berthd's SIGUSR1, sent once the pod is recorded, so a berthd crash in between never
+//! orphans it; then it waits forever. Signals from inside the pod change nothing: only SIGKILL
+//! from outside (berthd at StopPodSandbox) ends it, taking the namespace's processes along.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::SigSet;
+
+/// What the init reports on its status pipe once confined.
+pub const CONFINED: &[u8] = b"confined";
+/// The uid and gid it runs as (those of the pause image's user).
+pub const INIT_ID: u32 = 65535;
+/// How long an unconfirmed init waits for berthd.
+const CONFIRM_WITHIN_S: libc::time_t = 60;
+/// The size of the kernel's sigset_t, which rt_sigtimedwait(2) wants.
+const KERNEL_SIGSET: usize = 8;
+
+/// The signals the init waits for (all of them); the zygote blocks them before forking it, so
+/// none can act before the init masks them itself.
+pub fn waited_signals() -> SigSet {
+    SigSet::all()
+}
+
+/// The init's life, in the zygote's forked child (PID 1 of a new PID namespace). `status` is
+/// the pipe the zygote waits on: the init writes `CONFINED`, or why it failed and exits.
+pub fn run(pod_id: &str, pins: &[(String, PathBuf)], status: OwnedFd) -> ! {
+    crate::proctitle::set(c"berth-init", &format!("berth-init {pod_id}"));
+    match confine(pins, &status) {
+        Ok(()) => {
+            super::report(&status, CONFINED);
+            // close(2) itself: std's drop of an OwnedFd also calls fcntl in debug builds,
+            // which the filter does not allow.
+            // SAFETY: the descriptor is ours and is not used again.
+            unsafe {
+                libc::close(std::os::fd::IntoRawFd::into_raw_fd(status));
+            }
+        }
+        Err(e) => {
+            super::report(&status, e.as_bytes());
+            exit(1);
+        }
+    }
+    serve()
+}
+
+/// Every step of letting go of the node, in the order each needs: the namespaces and the new
+/// root need capabilities, closing files comes before dropping them, the filter last.
+fn confine(pins: &[(String, PathBuf)], status: &OwnedFd) -> Result<(), String> {
+    let _ = waited_signals().thread_block();
+    // SAFETY: SIG_IGN installs no handler code; this process has one thread.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+    }
+    join_namespaces(pins)?;
+    empty_root()?;
+    close_files_but(status.as_raw_fd())?;
+    drop_privileges()?;
+    install_filter()
+}
+
+fn join_namespaces(pins: &[(String, PathBuf)]) -> Result<(), String> {
+    for (kind, path) in pins {
+        let flag = match kind.as_str() {
+            "net" => CloneFlags::CLONE_NEWNET,
+            "ipc" => CloneFlags::CLONE_NEWIPC,
+            "uts" => CloneFlags::CLONE_NEWUTS,
+            other => return Err(format!("unknown namespace kind {other:?}")),
+        };
+        let f = std::fs::File::open(path)
+            .map_err(|e| format!("opening namespace pin {}: {e}", path.display()))?;
+        nix::sched::setns(f.as_fd(), flag)
+            .map_err(|e| format!("joining namespace {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A mount namespace of its own whose root is an empty read-only tmpfs (one inode, 4 KiB),
+/// with the node's tree detached: `/proc/1/root` and `/proc/1/cwd` show nothing.
+fn empty_root() -> Result<(), String> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create,
+        fsconfig_set_string, fsmount, fsopen, move_mount,
+    };
+    let step = |what: &'static str| move |e: rustix::io::Errno| format!("{what}: {e}");
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(|e| format!("unshare(NEWNS): {e}"))?;
+    // Private first: nothing done below may propagate back to the node's mounts.
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("making the mount tree private: {e}"))?;
+    let fs = fsopen("tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(step("fsopen(tmpfs)"))?;
+    for (k, v) in [("size", "4k"), ("nr_inodes", "1"), ("mode", "0555")] {
+        fsconfig_set_string(&fs, k, v).map_err(step("configuring the empty root"))?;
+    }
+    fsconfig_create(&fs).map_err(step("creating the empty root"))?;
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY
+            | MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(step("fsmount"))?;
+    // Stacked on "/", entered, and made the root; the old root (now on top of it) detached.
+    move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        "/",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(step("attaching the empty root"))?;
+    rustix::process::fchdir(&mnt).map_err(step("entering the empty root"))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    nix::mount::umount2(".", MntFlags::MNT_DETACH)
+        .map_err(|e| format!("detaching the node's root: {e}"))?;
+    nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// Closes every file descriptor but `keep`.
+fn close_files_but(keep: i32) -> Result<(), String> {
+    let close_range = |first: u32, last: u32| {
+        // SAFETY: close_range(2) only closes descriptors; none of them is used afterwards
+        // (this process keeps no Rust object over any of them but `keep`).
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        if r != 0 {
+            return Err(format!("close_range: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    };
+    let keep = keep as u32;
+    if keep > 0 {
+        close_range(0, keep - 1)?;
+    }
+    close_range(keep + 1, u32::MAX)
+}
+
+/// No supplementary groups, uid/gid 65535, every capability set empty (bounding and ambient
+/// included), no_new_privs.
+fn drop_privileges() -> Result<(), String> {
+    use nix::unistd::{Gid, Uid};
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
+    for cap in 0..64 {
+        // SAFETY: prctl(PR_CAPBSET_DROP) takes an integer and touches no memory of ours;
+        // numbers past the kernel's last capability fail with EINVAL, which is fine.
+        unsafe {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+        }
+    }
+    // SAFETY: as above, integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+    }
+    let (gid, uid) = (Gid::from_raw(INIT_ID), Uid::from_raw(INIT_ID));
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
+    // Leaving uid 0 clears the permitted and effective sets.
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
+    let none = rustix::thread::CapabilitySet::empty();
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: none,
+            permitted: none,
+            inheritable: none,
+        },
+    )
+    .map_err(|e| format!("capset: {e}"))?;
+    rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
+    // The root is empty now, so /proc/self/status cannot be read back: capget is the check.
+    let sets = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    if !(sets.effective.is_empty() && sets.permitted.is_empty() && sets.inheritable.is_empty()) {
+        return Err("capabilities remain after dropping them".into());
+    }
+    Ok(())
+}
+
+/// A seccomp filter allowing what `serve` and the status report do; anything else kills.
+fn install_filter() -> Result<(), String> {
+    use libseccomp::{ScmpAction, ScmpFilterContext, ScmpSyscall};
+    let err = |e: libseccomp::error::SeccompError| format!("seccomp: {e}");
+    let mut f = ScmpFilterContext::new(ScmpAction::KillProcess).map_err(err)?;
+    for name in [
+        "rt_sigtimedwait",
+        "restart_syscall",
+        "write",
+        "close",
+        "exit",
+        "exit_group",
+    ] {
+        let sc = ScmpSyscall::from_name(name).map_err(err)?;
+        f.add_rule(ScmpAction::Allow, sc).map_err(err)?;
+    }
+    f.load().map_err(err)
+}
+
+/// Waits for signals and ignores them, but for berthd's confirmation (SIGUSR1 from outside
+/// the pod, so with no sender pid in this namespace). Only SIGKILL from outside ends it.
+fn serve() -> ! {
+    let set = waited_signals();
+    let mut confirmed = false;
+    let timeout = libc::timespec {
+        tv_sec: CONFIRM_WITHIN_S,
+        tv_nsec: 0,
+    };
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value for the kernel to overwrite.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let wait: *const libc::timespec = if confirmed {
+            std::ptr::null()
+        } else {
+            &timeout
+        };
+        // SAFETY: the set, the siginfo and the timespec are valid for the call; the kernel
+        // reads KERNEL_SIGSET bytes of the set.
+        let sig = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                set.as_ref() as *const libc::sigset_t,
+                &mut info as *mut libc::siginfo_t,
+                wait,
+                KERNEL_SIGSET,
+            )
+        };
+        if sig < 0 {
+            if !confirmed && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) {
+                // berthd never confirmed: it died before recording the pod.
+                exit(1);
+            }
+            continue;
+        }
+        // SAFETY: the kernel filled `info` for the signal it returned.
+        let from_outside = unsafe { info.si_pid() } == 0;
+        if sig as i32 == libc::SIGUSR1 && from_outside {
+            confirmed = true;
+        }
+    }
+}
+
+/// exit_group(2) directly: nothing to flush, and no call the filter does not allow.
+fn exit(code: i32) -> ! {
+    // SAFETY: exit_group ends the process; it never returns.
+    unsafe {
+        libc::syscall(libc::SYS_exit_group, code);
+    }
+    unreachable!("exit_group returned")
+}

@@ -1,0 +1,863 @@
+//! Security: what a pod, an image or a node user can reach of the node through berth. Each test
+//! is a way in that was found open (in berth or in its peers) and must stay closed: the pod
+//! init's /proc/1 links, inherited descriptors, sysctl names, node users walking into images and
+//! records, privileged containers in unprivileged pods, image files that are traps, runtime
+//! handlers berth cannot honour, and credentials sent to the wrong party.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::fake_http::{FakeHttp, Reply};
+use common::world::*;
+use common::{Netns, Options};
+use k8s_cri::v1 as cri;
+use tonic::Code;
+
+fn with_caps(mut c: cri::ContainerConfig, add: &[&str]) -> cri::ContainerConfig {
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    c
+}
+
+/// A pod sharing one PID namespace, with a running container that may trace its processes.
+async fn shared_pid_pod_with_tracer(
+    w: &mut World,
+    name: &str,
+) -> ((String, cri::PodSandboxConfig), String) {
+    let c = w.pod_config(name, cri::NamespaceMode::Pod);
+    let pod = w.run_pod(c).await;
+    let tracer = w
+        .run(
+            &pod,
+            with_caps(container("tracer", &["sleep", "3600"]), &["SYS_PTRACE"]),
+        )
+        .await;
+    (pod, tracer)
+}
+
+/// RunPodSandbox that must fail: its error.
+async fn refused_pod(w: &mut World, c: cri::PodSandboxConfig, handler: &str) -> tonic::Status {
+    w.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(c),
+        runtime_handler: handler.into(),
+    })
+    .await
+    .expect_err("RunPodSandbox should fail")
+}
+
+/// (pid, start time) of a pod's init, from berthd's record.
+fn init_of(w: &World, pod: &str) -> (i64, u64) {
+    let path = w.env.berthd.state.join("pods").join(pod).join("pod.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    (
+        v["init"][0].as_i64().expect("an init pid"),
+        v["init"][1].as_u64().expect("an init start time"),
+    )
+}
+
+/// A live process's start time; `None` once it exited (a zombie waiting for its reaper too).
+fn start_time(pid: i64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    if rest.starts_with('Z') {
+        return None;
+    }
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Runs `sh -c script` in the container; (exit code, stdout, stderr).
+async fn sh(w: &mut World, id: &str, script: &str) -> (i32, String, String) {
+    let r = w.exec(id, &["sh", "-c", script], 10).await.unwrap();
+    (
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout).trim().to_string(),
+        String::from_utf8_lossy(&r.stderr).trim().to_string(),
+    )
+}
+
+/// Everything a container can learn of the node through its pod's PID 1.
+async fn assert_pid1_holds_nothing(w: &mut World, id: &str, marker: &Path) {
+    let (code, out, err) = sh(w, id, "cat /proc/1/cmdline").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("berth-init "), "PID 1 is {out:?}");
+    // The listings must succeed (the container may trace PID 1) and show nothing.
+    for link in ["root", "cwd"] {
+        let (code, out, err) = sh(w, id, &format!("ls -A /proc/1/{link}/")).await;
+        assert_eq!(code, 0, "ls /proc/1/{link}: {err}");
+        assert_eq!(out, "", "/proc/1/{link} shows the node");
+    }
+    let (code, _, _) = sh(w, id, &format!("test -e /proc/1/root{}", marker.display())).await;
+    assert_eq!(
+        code, 1,
+        "the node's marker file is visible through /proc/1/root"
+    );
+    let (code, out, err) = sh(w, id, "ls -A /proc/1/fd/").await;
+    assert_eq!((code, out.as_str()), (0, ""), "PID 1 holds files: {err}");
+    let (code, out, err) = sh(w, id, "wc -c < /proc/1/environ").await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "0"),
+        "PID 1 has an environment: {err}"
+    );
+    let (_, status, _) = sh(w, id, "cat /proc/1/status").await;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k} in {status}"))
+            .trim()
+            .to_string()
+    };
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+    assert!(field("Uid").starts_with("65535"), "{}", field("Uid"));
+    assert!(field("Gid").starts_with("65535"), "{}", field("Gid"));
+    assert_eq!(field("Groups"), "");
+    // Its binary is berthd's, on a read-only mount: not a node file to overwrite.
+    let (code, _, _) = sh(w, id, "echo x >> /proc/1/exe").await;
+    assert_ne!(code, 0, "/proc/1/exe is writable");
+    // Joining its namespaces gives the pod's network and an empty mount namespace.
+    let (_, pod_net, _) = sh(w, id, "readlink /proc/self/ns/net").await;
+    let (_, init_net, _) = sh(w, id, "readlink /proc/1/ns/net").await;
+    assert_eq!(pod_net, init_net, "PID 1 is in another network namespace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_pid_pod_init_holds_nothing_of_the_node() {
+    let mut w = World::new().await;
+    let marker = w.env.berthd.dir.path().join("node-marker");
+    std::fs::write(&marker, "the node's\n").unwrap();
+    let (pod, tracer) = shared_pid_pod_with_tracer(&mut w, "shared").await;
+    let all = w
+        .run(
+            &pod,
+            with_caps(container("all", &["sleep", "3600"]), &["ALL"]),
+        )
+        .await;
+    assert_pid1_holds_nothing(&mut w, &tracer, &marker).await;
+    assert_pid1_holds_nothing(&mut w, &all, &marker).await;
+
+    // What ps shows for berth's processes.
+    let init = init_of(&w, &pod.0);
+    let cmdline = |pid: i64| {
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    assert_eq!(cmdline(init.0), format!("berth-init {}", pod.0));
+    assert_eq!(
+        cmdline(w.monitor_pid(&pod.0) as i64),
+        format!("berth-monitor {}", pod.0)
+    );
+
+    // Signals from inside the pod do not end its PID 1.
+    let (code, _, err) = sh(
+        &mut w,
+        &all,
+        "kill -TERM 1; kill -INT 1; kill -USR1 1; kill -HUP 1; kill -9 1; sleep 0.2",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(start_time(init.0), Some(init.1), "the pod init died");
+    assert_eq!(
+        w.status(&tracer).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+
+    // A restarted berthd adopts the init as it is.
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    w.env.berthd.restart();
+    w.rt = w.env.berthd.runtime().await;
+    assert_eq!(init_of(&w, &pod.0), init, "the init was re-made");
+    assert_pid1_holds_nothing(&mut w, &tracer, &marker).await;
+    w.remove_pod(&pod.0).await;
+    assert_eq!(start_time(init.0), None, "StopPodSandbox ends the init");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_and_exec_processes_hold_only_their_stdio() {
+    let mut w = World::new().await;
+    let pod = w.pod("fds").await;
+    let id = w.run(&pod, container("c", &["sleep", "3600"])).await;
+    // The container's init (PID 1 of its own PID namespace).
+    let (code, out, err) = sh(&mut w, &id, "ls /proc/1/fd | tr '\\n' ' '").await;
+    assert_eq!((code, out.as_str()), (0, "0 1 2"), "{err}");
+    // A process started by ExecSync: what it holds, seen from outside it.
+    let (code, pid, err) = sh(&mut w, &id, "sleep 60 </dev/null >/dev/null 2>&1 & echo $!").await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = sh(&mut w, &id, &format!("ls /proc/{pid}/fd | tr '\\n' ' '")).await;
+    assert_eq!((code, out.as_str()), (0, "0 1 2"), "{err}");
+    // And the exec'd process itself: its own descriptors, but for the one `ls` opens.
+    let (code, out, err) = sh(
+        &mut w,
+        &id,
+        "ls -l /proc/self/fd/ | grep -v ' 3 -> ' | grep -c -- '->'",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "3"), "{err}");
+}
+
+/// A sysctl of the node, put back as it was however the test ends.
+struct NodeSysctl {
+    path: &'static str,
+    was: String,
+}
+
+impl NodeSysctl {
+    fn read(path: &'static str) -> NodeSysctl {
+        NodeSysctl {
+            path,
+            was: std::fs::read_to_string(path).unwrap(),
+        }
+    }
+
+    fn now(&self) -> String {
+        std::fs::read_to_string(self.path).unwrap()
+    }
+}
+
+impl Drop for NodeSysctl {
+    fn drop(&mut self) {
+        if self.now() != self.was {
+            let _ = std::fs::write(self.path, &self.was);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sysctl_names_that_leave_the_pods_namespaces_are_refused() {
+    let mut w = World::new().await;
+    let node = NodeSysctl::read("/proc/sys/vm/stat_interval");
+    let other = (node.was.trim().parse::<u32>().unwrap() % 7 + 2).to_string();
+    let core_pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
+    let before = w.leftovers();
+    for (name, value) in [
+        ("net/../vm/stat_interval", other.as_str()),
+        ("net.ipv4/../../vm.stat_interval", other.as_str()),
+        ("net/ipv4/../../vm/stat_interval", other.as_str()),
+        // The value is the node's own: nothing would change even if it were written.
+        ("net/../kernel/core_pattern", core_pattern.trim()),
+        ("/net/ipv4/ip_forward", "1"),
+        ("net..ipv4.ip_forward", "1"),
+        ("net.ipv4.ip_forward ", "1"),
+        ("vm/stat_interval", other.as_str()),
+        ("kernel.domainname", "x"),
+    ] {
+        let mut c = w.pod_config("sysctl", cri::NamespaceMode::Container);
+        c.linux.as_mut().unwrap().sysctls = HashMap::from([(name.to_string(), value.to_string())]);
+        let err = refused_pod(&mut w, c, "").await;
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains("sysctl"),
+            "{name}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(node.now(), node.was, "the node's vm.stat_interval changed");
+    assert_eq!(w.leftovers(), before);
+    // Both spellings of a namespaced sysctl work, and only inside the pod.
+    let mut c = w.pod_config("sysctl-ok", cri::NamespaceMode::Container);
+    c.linux.as_mut().unwrap().sysctls = HashMap::from([
+        ("net/ipv4/ip_unprivileged_port_start".into(), "444".into()),
+        ("net.ipv4.ping_group_range".into(), "0 0".into()),
+    ]);
+    let pod = w.run_pod(c).await;
+    let id = w.run(&pod, container("c", &["sleep", "3600"])).await;
+    assert_eq!(
+        w.out(
+            &id,
+            &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"]
+        )
+        .await,
+        "444"
+    );
+    w.remove_pod(&pod.0).await;
+}
+
+/// Runs `sh -c script` as uid/gid 65534 on the node; whether it succeeded.
+fn as_node_user(script: &str) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("running setpriv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_users_reach_nothing_under_root_and_state() {
+    let mut w = World::new().await;
+    // The test's own temp dir is root's: open it, so berth's modes are what keeps users out.
+    let top = w.env.berthd.dir.path().to_owned();
+    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pod = w.pod("node-user").await;
+    let id = w
+        .run(
+            &pod,
+            cri::ContainerConfig {
+                envs: vec![cri::KeyValue {
+                    key: "SECRET".into(),
+                    value: "hunter2".into(),
+                }],
+                ..container("c", &["sleep", "3600"])
+            },
+        )
+        .await;
+    let b = &w.env.berthd;
+    let (root, state) = (b.root.clone(), b.state.clone());
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&state), 0o711);
+    let ctr = state.join("containers").join(&id);
+    for f in [
+        ctr.join("config.json"),
+        ctr.join("container.json"),
+        state.join("pods").join(&pod.0).join("pod.json"),
+    ] {
+        assert_eq!(mode(&f), 0o600, "{}", f.display());
+    }
+    // The busybox binary of a snapshot and of the container's root filesystem, the records
+    // holding the environment, the writable layer: neither readable nor executable.
+    let snapshot_bin = std::fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("fs/bin/busybox"))
+        .find(|p| p.exists())
+        .expect("a snapshot with busybox");
+    for p in [
+        snapshot_bin.clone(),
+        ctr.join("rootfs/bin/busybox"),
+        ctr.join("config.json"),
+        ctr.join("container.json"),
+        state.join("pods").join(&pod.0).join("pod.json"),
+        root.join("containers").join(&id).join("upper"),
+    ] {
+        assert!(p.exists(), "{} should exist for root", p.display());
+        for script in [
+            format!("cat '{}' > /dev/null", p.display()),
+            format!("'{}' true", p.display()),
+            format!("ls '{}' > /dev/null", p.display()),
+        ] {
+            let (ok, err) = as_node_user(&script);
+            assert!(!ok, "a node user could: {script}");
+            assert!(err.contains("ermission denied"), "{script}: {err}");
+        }
+    }
+    // Blocked at the first directory.
+    for d in [root.clone(), state.join("containers"), state.join("pods")] {
+        let (ok, _) = as_node_user(&format!("ls '{}'", d.display()));
+        assert!(!ok, "a node user lists {}", d.display());
+    }
+
+    // A tree left wider (by an older berthd, or by hand) is narrowed at start.
+    w.env.berthd.terminate();
+    for (p, m) in [
+        (&root, 0o755),
+        (&state.join("containers"), 0o755),
+        (&ctr, 0o755),
+        (&ctr.join("config.json"), 0o644),
+        (&root.join("snapshots"), 0o755),
+    ] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    }
+    w.env.berthd.restart();
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(&state.join("containers")), 0o700);
+    assert_eq!(mode(&ctr), 0o700);
+    assert_eq!(mode(&ctr.join("config.json")), 0o600);
+    assert_eq!(mode(&root.join("snapshots")), 0o700);
+    let (ok, _) = as_node_user(&format!("'{}' true", snapshot_bin.display()));
+    assert!(!ok);
+    w.rt = w.env.berthd.runtime().await;
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_privileged_container_needs_a_privileged_pod() {
+    let mut w = World::new().await;
+    let pod = w.pod("unprivileged").await;
+    let before = w.leftovers();
+    let privileged = |name: &str| {
+        let mut c = container(name, &["sleep", "3600"]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    };
+    let err = w.create(&pod, privileged("p")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("privileged"), "{}", err.message());
+    assert_eq!(
+        w.leftovers(),
+        before,
+        "the refused container left something"
+    );
+
+    let mut c = w.pod_config("privileged", cri::NamespaceMode::Container);
+    c.linux
+        .as_mut()
+        .unwrap()
+        .security_context
+        .as_mut()
+        .unwrap()
+        .privileged = true;
+    let ppod = w.run_pod(c).await;
+    let id = w.run(&ppod, privileged("p")).await;
+    let status = w.out(&id, &["cat", "/proc/self/status"]).await;
+    assert!(
+        !status.contains("CapEff:\t0000000000000000"),
+        "a privileged container has capabilities"
+    );
+    w.remove_pod(&ppod.0).await;
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_files_that_are_traps_fail_cleanly_and_never_stall_berthd() {
+    let mut w = World::new().await;
+    let mut images = w.env.berthd.images().await;
+    for name in [
+        "docker.io/berth-test/fifo-passwd:latest",
+        "docker.io/berth-test/symlinked-etc:latest",
+    ] {
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: name.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let pod = w.pod("traps").await;
+    let before = w.leftovers();
+    let in_image = |name: &str, image: &str| cri::ContainerConfig {
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..container(name, &["sleep", "3600"])
+    };
+    // A FIFO /etc/passwd: refused by name, and berthd answers other calls meanwhile.
+    let mut rt2 = w.env.berthd.runtime().await;
+    let (created, version) = tokio::join!(
+        w.create(
+            &pod,
+            in_image("fifo", "docker.io/berth-test/fifo-passwd:latest")
+        ),
+        async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                rt2.version(cri::VersionRequest::default()),
+            )
+            .await
+        }
+    );
+    let err = created.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("/etc/passwd") && err.message().contains("FIFO"),
+        "{}",
+        err.message()
+    );
+    assert!(version.expect("Version timed out").is_ok());
+    assert_eq!(
+        w.leftovers(),
+        before,
+        "the refused container left something"
+    );
+
+    // /etc/hosts and /etc/resolv.conf symlinked out of the image: the pod's files are mounted
+    // inside the image, never on the node's paths the links name.
+    let escapes = ["/tmp/berth-escape-hosts", "/tmp/berth-escape-resolv"];
+    for e in escapes {
+        let _ = std::fs::remove_file(e);
+    }
+    let id = w
+        .run(
+            &pod,
+            in_image("links", "docker.io/berth-test/symlinked-etc:latest"),
+        )
+        .await;
+    for e in escapes {
+        assert!(!Path::new(e).exists(), "{e} was made on the node");
+    }
+    let hosts = w.out(&id, &["cat", "/etc/hosts"]).await;
+    assert!(hosts.contains("managed by berth"), "{hosts}");
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_handlers_berth_cannot_run_are_refused_not_ignored() {
+    let mut w = World::with(Options {
+        extra_config: "[runtimes.runc]\npath = \"/usr/bin/runc\"\n[runtimes.kata]\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let status =
+        w.rt.status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner();
+    let names: Vec<String> = status
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        vec![String::new()],
+        "only the embedded runtime is served"
+    );
+    let before = w.leftovers();
+    for handler in ["runc", "kata", "gvisor"] {
+        let c = w.pod_config("handler", cri::NamespaceMode::Container);
+        let err = refused_pod(&mut w, c, handler).await;
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(handler), "{}", err.message());
+    }
+    let c = w.pod_config("handler", cri::NamespaceMode::Container);
+    let err = refused_pod(&mut w, c, "runc").await;
+    assert!(
+        err.message().contains("not implemented"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(w.leftovers(), before);
+}
+
+fn basic(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+async fn pull(
+    b: &common::Berthd,
+    image: &str,
+    auth: Option<cri::AuthConfig>,
+) -> Result<String, tonic::Status> {
+    b.images()
+        .await
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            auth,
+            sandbox_config: None,
+        })
+        .await
+        .map(|r| r.into_inner().image_ref)
+}
+
+/// A registry mirror that wants Basic credentials for everything.
+fn greedy_mirror(ns: &Netns, port: u16) -> FakeHttp {
+    FakeHttp::start(ns, "127.0.0.1", port, |_| Reply {
+        status: 401,
+        headers: vec![("WWW-Authenticate".into(), "Basic realm=\"mirror\"".into())],
+        body: b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"credentials\"}]}".to_vec(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_credentials_reach_only_the_registry_they_are_for() {
+    let netns = Netns::new();
+    let mirror = greedy_mirror(&netns, 5001);
+    let star = greedy_mirror(&netns, 5002);
+    let dir = tempfile::tempdir().unwrap();
+    let creds_file = dir.path().join("auth.json");
+    std::fs::write(
+        &creds_file,
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "operator", "password": "op-pw"}}}}}}"#,
+            star.addr
+        ),
+    )
+    .unwrap();
+    let b = common::Berthd::start_with(Options {
+        extra_config: format!(
+            "[images]\ncredentials_file = \"{}\"\n\
+             [registries.\"registry.example.com\"]\nmirrors = [\"http://{}\"]\n\
+             [registries.\"*\"]\nmirrors = [\"http://{}\"]\n",
+            creds_file.display(),
+            mirror.addr,
+            star.addr
+        ),
+        netns: Some(netns.path.clone()),
+        ..Default::default()
+    });
+    // kubelet's pull secret for registry.example.com, in both forms it sends.
+    for auth in [
+        cri::AuthConfig {
+            username: "alice".into(),
+            password: "s3cret".into(),
+            server_address: "registry.example.com".into(),
+            ..Default::default()
+        },
+        cri::AuthConfig {
+            auth: basic("alice", "s3cret")["Basic ".len()..].to_string(),
+            ..Default::default()
+        },
+    ] {
+        let err = pull(&b, "registry.example.com/app:1", Some(auth))
+            .await
+            .unwrap_err();
+        assert_ne!(err.code(), Code::Ok);
+    }
+    let alice = basic("alice", "s3cret");
+    for m in [&mirror, &star] {
+        let seen = m.seen();
+        assert!(!seen.is_empty(), "the mirror {} was never asked", m.addr);
+        for r in &seen {
+            assert_ne!(
+                r.header("authorization"),
+                Some(alice.as_str()),
+                "mirror {} got the pull secret: {} {}",
+                m.addr,
+                r.method,
+                r.path
+            );
+        }
+    }
+    // A mirror presents the credentials-file entry for its own host, and only those.
+    let operator = basic("operator", "op-pw");
+    assert!(
+        star.seen()
+            .iter()
+            .any(|r| r.header("authorization") == Some(operator.as_str())),
+        "the * mirror did not get its own credentials"
+    );
+    assert!(
+        mirror
+            .seen()
+            .iter()
+            .all(|r| r.header("authorization").is_none()),
+        "the host mirror got credentials it has no entry for"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_credentials_do_not_follow_a_redirect_to_another_host() {
+    let netns = Netns::new();
+    let registry = common::Registry::start(&netns, 5000);
+    let upstream = registry.addr.clone();
+    // Blobs served from another host (as registries redirect to a CDN), recording headers.
+    let up = upstream.clone();
+    let cdn = FakeHttp::start(&netns, "127.0.0.2", 5010, move |r| {
+        common::fake_http::get(&up, &r.method, &r.path, &[])
+    });
+    let cdn_addr = cdn.addr.clone();
+    let alice = basic("alice", "s3cret");
+    let want = alice.clone();
+    let up = upstream.clone();
+    let front = FakeHttp::start(&netns, "127.0.0.1", 5011, move |r| {
+        if r.header("authorization") != Some(want.as_str()) {
+            return Reply {
+                status: 401,
+                headers: vec![("WWW-Authenticate".into(), "Basic realm=\"front\"".into())],
+                body: Vec::new(),
+            };
+        }
+        if r.path.contains("/blobs/") {
+            return Reply {
+                status: 307,
+                headers: vec![("Location".into(), format!("http://{cdn_addr}{}", r.path))],
+                body: Vec::new(),
+            };
+        }
+        let accept = r.header("accept").unwrap_or("*/*").to_string();
+        common::fake_http::get(&up, &r.method, &r.path, &[("Accept", &accept)])
+    });
+    let b = common::Berthd::start_with(Options {
+        extra_config: format!("[registries.\"{}\"]\ninsecure = true\n", front.addr),
+        netns: Some(netns.path.clone()),
+        ..Default::default()
+    });
+    let image = format!("{}/berth-test/zstd:latest", front.addr);
+    let auth = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    pull(&b, &image, Some(auth)).await.unwrap();
+    assert!(
+        front
+            .seen()
+            .iter()
+            .any(|r| r.header("authorization") == Some(alice.as_str()))
+    );
+    let blobs = cdn.seen();
+    assert!(
+        !blobs.is_empty(),
+        "the blobs did not come from the other host"
+    );
+    for r in &blobs {
+        assert_eq!(
+            r.header("authorization"),
+            None,
+            "the redirect target got credentials: {}",
+            r.path
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_waiting_to_start_holds_nothing_of_the_node_or_the_monitor() {
+    let mut w = World::new().await;
+    let (pod, tracer) = shared_pid_pod_with_tracer(&mut w, "waiting").await;
+    // Created, not started: its process waits in the pod's PID namespace until StartContainer.
+    let waiting = w
+        .create(&pod, container("waiting", &["sleep", "3600"]))
+        .await
+        .unwrap();
+    // Every descriptor of every process the tracer can see (but its own shell's): no
+    // directory (a procfs or a root of the node), no file but /dev/null and terminals, no
+    // signalfd (the monitor's).
+    let script = r#"
+        for p in /proc/[0-9]*; do
+          n=${p#/proc/}; [ "$n" = "$$" ] && continue
+          for f in $p/fd/*; do
+            t=$(readlink $f) || continue
+            [ -d $f ] && echo "$n: $f is a directory ($t)"
+            case "$t" in
+              socket:*|pipe:*|/dev/null|/dev/pts/*) ;;
+              *) echo "$n: $f -> $t" ;;
+            esac
+          done
+        done
+        ls /proc | grep -c '^[0-9]'
+    "#;
+    let (code, out, err) = sh(&mut w, &tracer, script).await;
+    assert_eq!(code, 0, "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    let count: usize = lines.pop().unwrap().trim().parse().unwrap();
+    assert!(
+        count >= 4,
+        "the waiting container's process is not visible: {count} processes"
+    );
+    assert!(
+        lines.is_empty(),
+        "processes of the pod hold:\n{}",
+        lines.join("\n")
+    );
+    let (_, titles, _) = sh(&mut w, &tracer, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '").await;
+    assert!(titles.contains("berth-create"), "{titles}");
+    w.start(&waiting).await.unwrap();
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_berth_cannot_honour_fail_the_call_by_name() {
+    let mut w = World::new().await;
+    let pod = w.pod("honour").await;
+    let before = w.leftovers();
+    let with_sc = |sc: cri::LinuxContainerSecurityContext| cri::ContainerConfig {
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        }),
+        ..container("c", &["sleep", "3600"])
+    };
+    let profile = |t: cri::security_profile::ProfileType| {
+        Some(cri::SecurityProfile {
+            profile_type: t as i32,
+            localhost_ref: String::new(),
+        })
+    };
+    let mut bidirectional = container("c", &["sleep", "3600"]);
+    bidirectional.mounts = vec![cri::Mount {
+        container_path: "/shared".into(),
+        host_path: w.env.berthd.dir.path().to_string_lossy().into_owned(),
+        propagation: cri::MountPropagation::PropagationBidirectional as i32,
+        ..Default::default()
+    }];
+    for (what, config) in [
+        (
+            "seccomp",
+            with_sc(cri::LinuxContainerSecurityContext {
+                seccomp: profile(cri::security_profile::ProfileType::RuntimeDefault),
+                ..Default::default()
+            }),
+        ),
+        (
+            "apparmor",
+            with_sc(cri::LinuxContainerSecurityContext {
+                apparmor: profile(cri::security_profile::ProfileType::RuntimeDefault),
+                ..Default::default()
+            }),
+        ),
+        ("Bidirectional", bidirectional),
+    ] {
+        let err = w.create(&pod, config).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+        assert!(err.message().contains(what), "{what}: {}", err.message());
+    }
+    assert_eq!(w.leftovers(), before);
+
+    // Pod files take the hostname and DNS settings as lines: nothing may add lines.
+    let mut c = w.pod_config("dns", cri::NamespaceMode::Container);
+    c.hostname = "evil\n10.0.0.1 kubernetes".into();
+    let err = refused_pod(&mut w, c, "").await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("hostname"), "{}", err.message());
+    let mut c = w.pod_config("dns", cri::NamespaceMode::Container);
+    c.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["svc.cluster.local\nnameserver 6.6.6.6".into()],
+        options: Vec::new(),
+    });
+    let err = refused_pod(&mut w, c, "").await;
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("dns_config"), "{}", err.message());
+    w.remove_pod(&pod.0).await;
+}
