@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::cidr::Ipv4Cidr;
+pub use crate::network::NetworkConfig;
 
 /// Where berthd looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/config.toml";
@@ -131,34 +131,6 @@ impl Default for ImagesConfig {
     }
 }
 
-/// The built-in pod network: a bridge, a veth per pod, host-local IPAM, nftables.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NetworkConfig {
-    /// The bridge pods attach to; created when missing.
-    pub bridge: String,
-    /// The pod subnet; the bridge takes its first address as the pods' gateway.
-    pub subnet: Ipv4Cidr,
-    /// Masquerade traffic from pods that leaves the subnet.
-    pub masquerade: bool,
-    /// MTU of the bridge and the pods' interfaces (0 = kernel default).
-    pub mtu: u32,
-    /// The nftables table (family `ip`) that holds berth's rules.
-    pub nft_table: String,
-}
-
-impl Default for NetworkConfig {
-    fn default() -> Self {
-        NetworkConfig {
-            bridge: "berth0".into(),
-            subnet: "10.88.0.0/16".parse().expect("valid built-in subnet"),
-            masquerade: true,
-            mtu: 0,
-            nft_table: "berth".into(),
-        }
-    }
-}
-
 /// A named runtime handler (RuntimeClass).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -219,17 +191,8 @@ impl Config {
                 message,
             })
         };
-        if !crate::network::is_valid_ifname(&self.network.bridge) {
-            return invalid(format!(
-                "network.bridge {:?} is not a valid interface name (1-15 characters, no '/', ':' or whitespace)",
-                self.network.bridge
-            ));
-        }
-        if self.network.subnet.prefix_len() > 30 {
-            return invalid(format!(
-                "network.subnet {} leaves no room for pods (prefix must be /30 or shorter)",
-                self.network.subnet
-            ));
+        if let Err(message) = self.network.check() {
+            return invalid(message);
         }
         for (host, reg) in &self.registries {
             for m in &reg.mirrors {

@@ -52,7 +52,7 @@ pub enum DaemonError {
     },
     /// The runtime core could not start.
     #[error("{0}")]
-    Runtime(#[from] crate::runtime::Error),
+    Runtime(#[from] crate::error::Error),
     /// The gRPC server failed.
     #[error("serving the CRI: {0}")]
     Serve(#[from] tonic::transport::Error),

@@ -7,6 +7,7 @@ pub mod config;
 pub mod container;
 pub mod cri;
 pub mod daemon;
+pub mod error;
 pub mod fsutil;
 pub mod idmap;
 pub mod image;

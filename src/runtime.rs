@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::error::{Error, Result, optional};
 use crate::image::{ImageStore, Usage};
 use crate::network::cidr::Ipv4Cidr;
 use crate::sandbox::Sandboxes;
@@ -47,50 +48,6 @@ impl Condition {
     }
 }
 
-/// Errors of the runtime core; `cri/` maps each kind to a gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The request is malformed; the message names what.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The object does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The object exists but is in the wrong state for this call.
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The caller may not do this (e.g. a registry refused the credentials).
-    #[error("{0}")]
-    PermissionDenied(String),
-    /// The object (or its name) exists already.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The call was cancelled or ran out of time.
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    /// The host ran out of something (disk, addresses).
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// A dependency (registry, kernel facility) is not reachable right now.
-    #[error("{0}")]
-    Unavailable(String),
-    /// Anything else: a bug or an unexpected failure of the host.
-    #[error("{0}")]
-    Internal(String),
-}
-
-/// The result type of the runtime core.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// For idempotent calls: a lookup that found nothing is `None`, not an error.
-pub fn optional<T>(r: Result<T>) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(Error::NotFound(_)) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// How long a measured container-filesystem usage is reused: kubelet asks every few seconds
 /// and walking every writable layer each time would cost more than the answer is worth.
 const CONTAINER_FS_CACHE: Duration = Duration::from_secs(10);
@@ -126,21 +83,17 @@ impl Runtime {
         let handlers: Vec<String> = std::iter::once(String::new())
             .chain(config.runtimes.keys().cloned())
             .collect();
+        let layout = crate::layout::Layout::new(&config.root, &config.state);
         let pods = Sandboxes::open(
-            &config.state,
+            &layout,
             &config.network,
             &config.cgroup_parent,
             config.cgroup_favor_dynmods,
             handlers,
         )
         .await?;
-        let containers = crate::container::Containers::open(
-            &config.root,
-            &config.state,
-            images.clone(),
-            pods.clone(),
-        )
-        .await?;
+        let containers =
+            crate::container::Containers::open(&layout, images.clone(), pods.clone()).await?;
         Ok(Runtime {
             config,
             pod_cidr: RwLock::new(None),

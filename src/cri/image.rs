@@ -7,9 +7,9 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::Cri;
+use crate::error::Error;
 use crate::image::registry::{Credentials, CriAuth};
 use crate::image::{Image, Usage};
-use crate::runtime::Error;
 
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
     match spec.map(|s| s.image.as_str()) {

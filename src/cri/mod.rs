@@ -15,7 +15,8 @@ use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
 use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{Error, Runtime};
+use crate::error::Error;
+use crate::runtime::Runtime;
 use crate::sandbox::NsMode;
 use trace::rpc;
 

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::runtime::Error;
+use crate::error::Error;
 use crate::store::{self, StoreError};
 use content::{ContentError, ContentStore};
 use manifest::ImageConfig;

@@ -5,6 +5,7 @@
 //! attach tries the bridge again, so fixing the cause heals the node without a restart.
 
 pub mod cidr;
+mod config;
 pub mod ipam;
 pub mod netlink;
 pub mod nft;
@@ -16,8 +17,8 @@ use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::NetworkConfig;
 use cidr::Ipv4Cidr;
+pub use config::NetworkConfig;
 use ipam::{Ipam, IpamError};
 use netlink::NetlinkError;
 use nft::{HostPort, Nft, NftError, Proto};
@@ -106,14 +107,14 @@ pub struct Network {
 }
 
 impl Network {
-    /// Opens the network: IPAM state under `state_dir`, a netlink socket in berthd's namespace,
+    /// Opens the network: IPAM records in `ipam_dir`, a netlink socket in berthd's namespace,
     /// then the bridge and the nftables table (with the hostPorts of `pods`, which exist).
     pub async fn start(
         cfg: &NetworkConfig,
-        state_dir: &Path,
+        ipam_dir: &Path,
         pods: &[PodNet],
     ) -> Result<Network, String> {
-        let ipam = Ipam::open(&state_dir.join("ipam")).map_err(|e| e.to_string())?;
+        let ipam = Ipam::open(ipam_dir).map_err(|e| e.to_string())?;
         let (conn, host, _) =
             rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
         tokio::spawn(conn);

@@ -1,0 +1,421 @@
+//! CreateContainer: the request checked (privilege is the pod's to grant), the name
+//! reserved, the record written, then each step of making the container: root filesystem,
+//! identity, mounts, OCI spec, the monitor's create. A failed step undoes them all.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{
+    ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, Propagation, image_file,
+    internal, log_path, mon_err, now_ns, rootfs, spec, user,
+};
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::monitor::client::MonitorError;
+use crate::monitor::proto::{self, request};
+use crate::sandbox::{NsMode, Pod, PodRecord, PodState};
+use crate::store;
+
+impl Containers {
+    /// CreateContainer.
+    pub async fn create(
+        &self,
+        pod: Arc<Pod>,
+        spec: ContainerSpec,
+        image: Arc<Image>,
+    ) -> Result<String> {
+        // Serialized with the pod's Stop/Remove: no container appears in a pod going away.
+        let _pod_op = pod.lock().await;
+        let p = pod.record();
+        if p.state != PodState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                p.id
+            )));
+        }
+        // Privilege is the pod's to grant: a container alone cannot take the node.
+        if spec.security.privileged && !p.spec.security.privileged {
+            return Err(Error::InvalidArgument(format!(
+                "container {:?} asks for privileged, but pod sandbox {} is not privileged \
+                 (linux.security_context.privileged of the pod)",
+                spec.name, p.id
+            )));
+        }
+        // Mounts that propagate back to the node are the node's to grant, as Kubernetes does.
+        if let Some(m) = spec
+            .mounts
+            .iter()
+            .find(|m| m.propagation == Propagation::Bidirectional)
+            && !spec.security.privileged
+        {
+            return Err(Error::InvalidArgument(format!(
+                "mount {}: Bidirectional propagation needs a privileged container",
+                m.container_path
+            )));
+        }
+        let key = format!("{}/{}/{}", p.id, spec.name, spec.attempt);
+        if let Some(other) = self.names.lock().expect("names poisoned").get(&key) {
+            return Err(Error::AlreadyExists(format!(
+                "container name {:?} (attempt {}) in pod {} is reserved by container {other}",
+                spec.name, spec.attempt, p.id
+            )));
+        }
+        let id = crate::sandbox::new_id();
+        let dir = self.ctr_dir(&id);
+        crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
+        let log_path = log_path(&p.spec.log_directory, &spec.log_path)?;
+        let rc = image.config.config.clone().unwrap_or_default();
+        let mut rec = ContainerRecord {
+            id: id.clone(),
+            pod_id: p.id.clone(),
+            image_id: image.record.id.clone(),
+            image_name: image
+                .record
+                .repo_tags
+                .first()
+                .cloned()
+                .unwrap_or_else(|| spec.image.clone()),
+            state: CtrState::Creating,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            pid: 0,
+            user: user::User::default(),
+            env: Vec::new(),
+            cwd: String::new(),
+            stop_signal: rc.stop_signal.clone(),
+            log_path,
+            mounts: Vec::new(),
+            spec,
+        };
+        if let Err(e) = self.persist(&rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let ctr = Arc::new(Ctr {
+            id: id.clone(),
+            record: RwLock::new(rec.clone()),
+            op: tokio::sync::Mutex::new(()),
+            exited: watch::channel(false).0,
+        });
+        // Registered while Creating (not listed), so an exit event racing the answer finds it.
+        self.ctrs
+            .write()
+            .expect("containers poisoned")
+            .insert(id.clone(), ctr.clone());
+        match self.make(&mut rec, &p, &image).await {
+            Ok(()) => {
+                rec.state = CtrState::Created;
+                let persisted = self.persist(&rec);
+                *ctr.record.write().expect("container record poisoned") = rec.clone();
+                if let Err(e) = persisted {
+                    self.undo(&rec).await;
+                    return Err(e);
+                }
+                self.names
+                    .lock()
+                    .expect("names poisoned")
+                    .insert(key, id.clone());
+                tracing::info!(container = %id, pod = %p.id, name = %rec.spec.name, image = %rec.image_name, "container created");
+                Ok(id)
+            }
+            Err(e) => {
+                tracing::info!(container = %id, pod = %p.id, error = %e, "container creation failed; undoing");
+                self.undo(&rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of CreateContainer, in order. The record written before them lets `undo`
+    /// take back whatever exists (each of its steps is safe when its object is missing).
+    async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let rootfs_dir = self.make_rootfs(&rec.id, image)?;
+        let t_mount = t0.elapsed();
+        rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
+        rec.mounts = host_mounts(&rec.spec.mounts)?;
+        self.write_spec(rec, p, image, &rootfs_dir)?;
+        // The record written at the start already lets an undo reach the monitor: nothing
+        // new is needed on disk before the container is made.
+        let t_spec = t0.elapsed();
+        let runtime_us = self.monitor_create(rec, p).await?;
+        tracing::debug!(
+            container = %rec.id,
+            runtime_us,
+            mount_us = t_mount.as_micros() as u64,
+            spec_us = (t_spec - t_mount).as_micros() as u64,
+            monitor_create_us = (t0.elapsed() - t_spec).as_micros() as u64,
+            "container made"
+        );
+        Ok(())
+    }
+
+    /// The container's root filesystem: a hold on the image, the writable layer, the
+    /// overlay, and targets for the pod's file mounts.
+    fn make_rootfs(&self, id: &str, image: &Image) -> Result<PathBuf> {
+        let dir = self.ctr_dir(id);
+        let upper = self.layout.layers().join(id);
+        // The writable layer's directory is root's alone; the upper dir in it is the root
+        // directory the container sees (overlayfs takes its mode from there), so 0755.
+        crate::layout::private_dir(&upper).map_err(internal("creating the container's layer"))?;
+        for d in [upper.join("upper"), upper.join("work"), dir.join("rootfs")] {
+            std::fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&d)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(internal("creating the container's directories"))?;
+        }
+        self.images
+            .hold(id, image)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let rootfs_dir = dir.join("rootfs");
+        rootfs::mount_overlay(
+            &self.images.lower_dirs(image),
+            &upper.join("upper"),
+            &upper.join("work"),
+            &rootfs_dir,
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        rootfs::ensure_file_targets(
+            &rootfs_dir,
+            &["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"],
+        )
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(rootfs_dir)
+    }
+
+    /// Who the process runs as, names resolved through the image's own files.
+    async fn resolve_user(
+        &self,
+        rec: &ContainerRecord,
+        image: &Image,
+        rootfs_dir: &Path,
+    ) -> Result<user::User> {
+        let s = &rec.spec;
+        if s.security.run_as_group.is_some()
+            && s.security.run_as_user.is_none()
+            && s.security.run_as_username.is_empty()
+        {
+            return Err(Error::InvalidArgument(
+                "run_as_group is set without run_as_user or run_as_username".into(),
+            ));
+        }
+        let rc = image.config.config.clone().unwrap_or_default();
+        let image_file = |e: image_file::ImageFileError| match e {
+            image_file::ImageFileError::TimedOut { .. } => Error::DeadlineExceeded(e.to_string()),
+            image_file::ImageFileError::Io { .. } => Error::Internal(e.to_string()),
+            _ => Error::InvalidArgument(format!("image {}: {e}", rec.image_name)),
+        };
+        let passwd = image_file::read(rootfs_dir, "/etc/passwd")
+            .await
+            .map_err(image_file)?;
+        let group = image_file::read(rootfs_dir, "/etc/group")
+            .await
+            .map_err(image_file)?;
+        user::resolve(
+            &user::Wanted {
+                uid: s.security.run_as_user,
+                username: &s.security.run_as_username,
+                gid: s.security.run_as_group,
+                image_user: &rc.user,
+                supplemental: &s.security.supplemental_groups,
+                strict: s.security.strict_groups,
+            },
+            passwd.as_deref(),
+            group.as_deref(),
+        )
+        .map_err(Error::InvalidArgument)
+    }
+
+    /// The OCI spec, written to the bundle; the process's environment and working directory
+    /// recorded for ExecSync.
+    fn write_spec(
+        &self,
+        rec: &mut ContainerRecord,
+        p: &PodRecord,
+        image: &Image,
+        rootfs_dir: &Path,
+    ) -> Result<()> {
+        let s = &rec.spec;
+        let target_pid = match s.security.pid_mode {
+            Some(NsMode::Target) => {
+                let t = self.get(&s.security.target_id)?.record();
+                if t.state != CtrState::Running {
+                    return Err(Error::FailedPrecondition(format!(
+                        "target container {} is not running",
+                        t.id
+                    )));
+                }
+                Some(t.pid)
+            }
+            _ => None,
+        };
+        let oci = spec::build(
+            &spec::Inputs {
+                spec: s,
+                image: &image.config,
+                pod: p,
+                pod_dir: &self.pods.files_dir(&p.id),
+                ns_dir: &self.pods.ns_dir(&p.id),
+                rootfs: rootfs_dir,
+                user: &rec.user,
+                id: &rec.id,
+                cgroup_mode: self.pods.cgroups.mode,
+                target_pid,
+                allowed_caps: &self.allowed_caps,
+            },
+            &rec.mounts,
+        )
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // The spec holds the container's environment: 0600, like every record.
+        let json = serde_json::to_vec(&oci).expect("OCI specs serialize");
+        store::write_atomic_volatile(&self.ctr_dir(&rec.id).join("config.json"), &json)
+            .map_err(|e| Error::Internal(format!("writing the OCI spec: {e}")))?;
+        rec.env = oci
+            .process()
+            .as_ref()
+            .and_then(|p| p.env().clone())
+            .unwrap_or_default();
+        rec.cwd = spec::working_dir(&rec.spec, &image.config);
+        Ok(())
+    }
+
+    /// The pod's monitor creates the container (its init waits for Start); returns how long
+    /// the runtime took, in microseconds.
+    async fn monitor_create(&self, rec: &mut ContainerRecord, p: &PodRecord) -> Result<u64> {
+        let id = rec.id.clone();
+        let dir = self.ctr_dir(&id);
+        let oom = (rec.spec.resources.oom_score_adj != 0 || self.own_oom != 0)
+            .then(|| rec.spec.resources.oom_score_adj.max(self.own_oom));
+        let created = self
+            .monitor(&p.id)
+            .call(
+                request::Op::Create(proto::Create {
+                    container_id: id.clone(),
+                    bundle: dir.to_string_lossy().into_owned(),
+                    log_path: rec
+                        .log_path
+                        .as_ref()
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    stdin: rec.spec.stdin,
+                    stdin_once: rec.spec.stdin_once,
+                    tty: rec.spec.tty,
+                    exit_file: dir.join("exit.json").to_string_lossy().into_owned(),
+                    oom_score_adj: oom.unwrap_or(0) as i32,
+                    set_oom_score_adj: oom.is_some(),
+                    cgroup_procs: self
+                        .pods
+                        .cgroups
+                        .procs_file(&p.cgroup.join(&id))
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                }),
+                Some(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|e| match e {
+                MonitorError::Failed { message, .. } => {
+                    Error::Internal(format!("creating container {id}: {message}"))
+                }
+                e => mon_err(e),
+            })?;
+        match created.result {
+            Some(proto::response::Result::Created(c)) => {
+                rec.pid = c.pid;
+                Ok(c.micros)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// Kills what runs in a container's cgroup: for when its monitor, which would have, is
+    /// gone (its processes outlive it when the pod does not share one PID namespace).
+    pub(super) fn kill_orphans(&self, rec: &ContainerRecord) {
+        let Ok(pod) = self.pods.get(&rec.pod_id) else {
+            return;
+        };
+        if let Some(procs) = self
+            .pods
+            .cgroups
+            .procs_file(&pod.record().cgroup.join(&rec.id))
+        {
+            crate::cgroup::kill_procs(&procs);
+        }
+    }
+
+    /// Undoes a container that is not (or no longer) wanted: monitor state, rootfs, dirs, hold.
+    pub(super) async fn undo(&self, rec: &ContainerRecord) {
+        self.kill_orphans(rec);
+        let _ = self
+            .monitor(&rec.pod_id)
+            .call(
+                request::Op::Delete(proto::Delete {
+                    container_id: rec.id.clone(),
+                    force: true,
+                }),
+                Some(Duration::from_secs(10)),
+            )
+            .await;
+        self.remove_files(&rec.id).await;
+        self.ctrs
+            .write()
+            .expect("containers poisoned")
+            .remove(&rec.id);
+    }
+
+    pub(super) async fn remove_files(&self, id: &str) {
+        let dir = self.ctr_dir(id);
+        rootfs::unmount(&dir.join("rootfs"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(self.layout.layers().join(id));
+        // The monitor removes it at Delete; not when the monitor is gone.
+        let _ = std::fs::remove_dir_all(
+            self.layout
+                .lc_root()
+                .join(crate::monitor::server::lc_id(id)),
+        );
+        if let Err(e) = self.images.release(id).await {
+            tracing::warn!(container = id, error = %e, "releasing the image hold");
+        }
+    }
+}
+
+/// The request's host paths: absolute, existing; symlinks resolved so the mount shows the
+/// target.
+fn host_mounts(mounts: &[MountSpec]) -> Result<Vec<(MountSpec, PathBuf)>> {
+    let mut out = Vec::new();
+    for m in mounts {
+        if m.container_path.is_empty() || !m.container_path.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "mount container path {:?} must be absolute",
+                m.container_path
+            )));
+        }
+        if !m.host_path.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "mount host path {:?} must be absolute",
+                m.host_path
+            )));
+        }
+        let resolved = std::fs::canonicalize(&m.host_path).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "mount host path {:?} cannot be used: {e}",
+                m.host_path
+            ))
+        })?;
+        out.push((m.clone(), resolved));
+    }
+    Ok(out)
+}

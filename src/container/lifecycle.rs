@@ -1,0 +1,194 @@
+//! StartContainer, StopContainer (the stop signal, then SIGKILL), RemoveContainer and
+//! ReopenContainerLog: each asks the pod's monitor and records what changed.
+
+use std::time::Duration;
+
+use super::{Containers, CtrState, mon_err, now_ns, signal_number};
+use crate::error::{Error, Result};
+use crate::monitor::client::MonitorError;
+use crate::monitor::proto::{self, request};
+
+impl Containers {
+    /// StartContainer.
+    pub async fn start(&self, id: &str) -> Result<()> {
+        let ctr = self.get(id)?;
+        let _op = ctr.op.lock().await;
+        let rec = ctr.record();
+        match rec.state {
+            CtrState::Created => {}
+            CtrState::Running => {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is already running",
+                    rec.id
+                )));
+            }
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "container {} is {s:?}, not created",
+                    rec.id
+                )));
+            }
+        }
+        let mut exited = ctr.exited.subscribe();
+        let r = self
+            .monitor(&rec.pod_id)
+            .call(
+                request::Op::Start(proto::Start {
+                    container_id: rec.id.clone(),
+                }),
+                Some(Duration::from_secs(60)),
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                let mut r = ctr.record.write().expect("container record poisoned");
+                if r.state == CtrState::Created {
+                    r.state = CtrState::Running;
+                    r.started_at = now_ns();
+                }
+                let snapshot = r.clone();
+                drop(r);
+                self.persist(&snapshot)?;
+                tracing::info!(container = %rec.id, "container started");
+                Ok(())
+            }
+            Err(MonitorError::Failed {
+                kind: proto::ErrorKind::StartFailed,
+                message,
+            }) => {
+                {
+                    let mut r = ctr.record.write().expect("container record poisoned");
+                    r.started_at = now_ns();
+                }
+                // The process exits at once; its exit (code 128, StartError) is recorded before
+                // the answer, so a status right after shows it.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
+                Err(Error::Internal(format!(
+                    "starting container {}: {message}",
+                    rec.id
+                )))
+            }
+            Err(e) => Err(mon_err(e)),
+        }
+    }
+
+    /// StopContainer: the stop signal, then SIGKILL after `timeout`. Unknown or stopped: fine.
+    pub async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
+        let Some(ctr) = crate::error::optional(self.get(id))? else {
+            return Ok(());
+        };
+        let _op = ctr.op.lock().await;
+        let rec = ctr.record();
+        if !matches!(rec.state, CtrState::Created | CtrState::Running) {
+            return Ok(());
+        }
+        let mon = self.monitor(&rec.pod_id);
+        let mut exited = ctr.exited.subscribe();
+        let kill = |sig: i32| {
+            let mon = mon.clone();
+            let id = rec.id.clone();
+            async move {
+                mon.call(
+                    request::Op::Kill(proto::Kill {
+                        container_id: id,
+                        signal: sig,
+                    }),
+                    Some(Duration::from_secs(10)),
+                )
+                .await
+            }
+        };
+        if rec.state == CtrState::Running && !timeout.is_zero() {
+            let sig = signal_number(&rec.stop_signal).unwrap_or(libc::SIGTERM);
+            tracing::info!(container = %rec.id, signal = sig, timeout_s = timeout.as_secs(), "stopping container");
+            kill(sig).await.map_err(mon_err)?;
+            if tokio::time::timeout(timeout, exited.wait_for(|e| *e))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        kill(libc::SIGKILL).await.map_err(mon_err)?;
+        match tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|e| *e)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::DeadlineExceeded(format!(
+                "container {} did not exit after SIGKILL",
+                rec.id
+            ))),
+        }
+    }
+
+    /// RemoveContainer: stops it if it runs, then removes everything of it. Unknown: fine.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let Some(ctr) = crate::error::optional(self.get(id))? else {
+            return Ok(());
+        };
+        self.stop(&ctr.id, Duration::ZERO).await?;
+        let _op = ctr.op.lock().await;
+        let rec = ctr.record();
+        if !self
+            .ctrs
+            .read()
+            .expect("containers poisoned")
+            .contains_key(&rec.id)
+        {
+            return Ok(());
+        }
+        match self
+            .monitor(&rec.pod_id)
+            .call(
+                request::Op::Delete(proto::Delete {
+                    container_id: rec.id.clone(),
+                    force: false,
+                }),
+                Some(Duration::from_secs(30)),
+            )
+            .await
+        {
+            Ok(_) | Err(MonitorError::Unreachable { .. }) => {}
+            Err(e) => return Err(mon_err(e)),
+        }
+        self.remove_files(&rec.id).await;
+        self.ctrs
+            .write()
+            .expect("containers poisoned")
+            .remove(&rec.id);
+        let key = format!("{}/{}/{}", rec.pod_id, rec.spec.name, rec.spec.attempt);
+        let mut names = self.names.lock().expect("names poisoned");
+        if names.get(&key) == Some(&rec.id) {
+            names.remove(&key);
+        }
+        tracing::info!(container = %rec.id, "container removed");
+        Ok(())
+    }
+
+    /// ReopenContainerLog: only for a running container.
+    pub async fn reopen_log(&self, id: &str) -> Result<()> {
+        let ctr = self.get(id)?;
+        let rec = ctr.record();
+        if rec.state != CtrState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
+        }
+        if rec.log_path.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} has no log path",
+                rec.id
+            )));
+        }
+        self.monitor(&rec.pod_id)
+            .call(
+                request::Op::ReopenLog(proto::ReopenLog {
+                    container_id: rec.id,
+                }),
+                Some(Duration::from_secs(10)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(mon_err)
+    }
+}

@@ -1,0 +1,180 @@
+//! Opening the pod store at start: what a previous berthd left is finished or undone. Pods
+//! whose creation was interrupted are undone, pods whose init or monitor died are stopped,
+//! namespace pins and cgroups nothing refers to are removed.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use super::stop_remove::remove_pod_dirs;
+use super::{Name, Pod, PodRecord, PodState, Sandboxes, init, internal, namespaces};
+use crate::cgroup::{self, Cgroups};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::network::{Network, PodNet};
+use crate::store;
+
+/// The pod records under `layout`; pod directories without a readable record and pin
+/// directories of no pod are removed.
+fn read_records(layout: &Layout) -> Vec<PodRecord> {
+    let mut records = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(layout.pods()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            match store::read_json::<PodRecord>(&e.path().join("pod.json")) {
+                Ok(Some(r)) if r.id == name => records.push(r),
+                _ => {
+                    tracing::warn!(pod = %name, "removing a pod directory without a record");
+                    remove_pod_dirs(&e.path(), &layout.ns().join(&name));
+                }
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(layout.ns()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !records.iter().any(|r| r.id == name) {
+                namespaces::unpin_all(&e.path());
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    records
+}
+
+impl Sandboxes {
+    /// Opens the pod store under `layout`, starts the network and reconciles what a previous
+    /// berthd left: half-made pods are undone, pods whose init died are stopped, leftovers
+    /// nothing refers to are removed.
+    pub async fn open(
+        layout: &Layout,
+        net_cfg: &crate::network::NetworkConfig,
+        default_cgroup_parent: &str,
+        favor_dynmods: bool,
+        handlers: Vec<String>,
+    ) -> Result<Arc<Sandboxes>> {
+        crate::layout::private_dir(&layout.pods())
+            .map_err(internal("creating the pods directory"))?;
+        namespaces::prepare_pin_root(&layout.ns())
+            .map_err(internal("preparing the namespace pin directory"))?;
+        let records = read_records(layout);
+        let live_nets: Vec<PodNet> = records
+            .iter()
+            .filter(|r| r.state == PodState::Ready)
+            .filter_map(|r| r.net.clone())
+            .collect();
+        let network = Arc::new(
+            Network::start(net_cfg, &layout.ipam(), &live_nets)
+                .await
+                .map_err(Error::Internal)?,
+        );
+        let cgroups = Cgroups::detect();
+        if favor_dynmods {
+            match cgroups.favor_dynmods() {
+                Ok(()) => tracing::info!(
+                    "cgroup2 hierarchy uses favordynmods: task migrations skip an RCU grace period"
+                ),
+                Err(e) => tracing::warn!(error = %e, "cannot enable favordynmods"),
+            }
+        }
+        let s = Arc::new(Sandboxes {
+            layout: layout.clone(),
+            pods: RwLock::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
+            network,
+            cgroups,
+            default_cgroup_parent: default_cgroup_parent.to_string(),
+            handlers,
+            zygote: crate::zygote::Zygote::default(),
+            owned_cgroups: Mutex::new(
+                store::read_json(&layout.cgroups_record())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
+        });
+        for r in records {
+            s.adopt(r).await;
+        }
+        let live: Vec<String> = s
+            .pods
+            .read()
+            .expect("pods poisoned")
+            .values()
+            .filter(|p| p.state() == PodState::Ready)
+            .map(|p| p.id.clone())
+            .collect();
+        s.network.reconcile(&live).await;
+        s.remove_unused_cgroups();
+        Ok(s)
+    }
+
+    /// Takes a pod a previous berthd recorded: undone if it was being created, stopped if its
+    /// init or monitor is gone, kept as it is otherwise.
+    async fn adopt(&self, mut r: PodRecord) {
+        match r.state {
+            PodState::Creating => {
+                tracing::info!(pod = %r.id, "undoing a pod whose creation was interrupted");
+                self.undo(&mut r).await;
+                return;
+            }
+            PodState::Ready => {
+                let dead = |p: Option<(i32, u64)>| {
+                    p.is_some_and(|(pid, start)| init::start_time(pid) != Some(start))
+                };
+                if dead(r.init) || dead(r.monitor) {
+                    tracing::info!(pod = %r.id, "the pod's init or monitor is gone: stopping the pod");
+                    self.teardown(&mut r).await;
+                    r.state = PodState::NotReady;
+                    let _ = self.persist(&r);
+                }
+            }
+            PodState::NotReady => self.teardown(&mut r).await,
+        }
+        self.names
+            .lock()
+            .expect("names poisoned")
+            .insert(r.spec.name_key(), Name::Taken(r.id.clone()));
+        let pod = Arc::new(Pod {
+            id: r.id.clone(),
+            record: RwLock::new(r),
+            op: tokio::sync::Mutex::new(()),
+        });
+        self.pods
+            .write()
+            .expect("pods poisoned")
+            .insert(pod.id.clone(), pod);
+    }
+
+    /// Removes the cgroup directories berth made for pods that are gone.
+    fn remove_unused_cgroups(&self) {
+        let owned: Vec<PathBuf> = self
+            .owned_cgroups
+            .lock()
+            .expect("cgroup ownership poisoned")
+            .iter()
+            .cloned()
+            .collect();
+        let in_use: Vec<PathBuf> = self
+            .pods
+            .read()
+            .expect("pods poisoned")
+            .values()
+            .flat_map(|p| self.cgroups.lineage(&p.record().cgroup))
+            .collect();
+        let mut dead: Vec<PathBuf> = owned.into_iter().filter(|d| !in_use.contains(d)).collect();
+        dead.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        {
+            let mut o = self
+                .owned_cgroups
+                .lock()
+                .expect("cgroup ownership poisoned");
+            for d in dead {
+                if let Ok(true) = cgroup::remove_dir(&d) {
+                    o.remove(&d);
+                }
+            }
+            let _ = store::write_json_volatile(&self.layout.cgroups_record(), &*o);
+        }
+    }
+}

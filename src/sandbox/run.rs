@@ -1,0 +1,395 @@
+//! RunPodSandbox: the request checked before anything is made, the name reserved (a retry
+//! after a client timeout waits for the first attempt instead of failing), the record written,
+//! then each step of making the pod. A failed step undoes everything made before it.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use super::{
+    Name, NsMode, Pod, PodRecord, PodSpec, PodState, Sandboxes, files, init, internal, namespaces,
+    new_id, now_ns, sysctl,
+};
+use crate::cgroup;
+use crate::error::{Error, Result};
+use crate::network::PodNet;
+use crate::store;
+
+impl Sandboxes {
+    /// Checks what can be checked before anything is made.
+    fn validate(&self, spec: &PodSpec) -> Result<()> {
+        if spec.name.is_empty() || spec.uid.is_empty() || spec.namespace.is_empty() {
+            return Err(Error::InvalidArgument(
+                "pod metadata needs a name, a uid and a namespace".into(),
+            ));
+        }
+        if !spec.runtime_handler.is_empty() {
+            return Err(Error::InvalidArgument(
+                if self.handlers.contains(&spec.runtime_handler) {
+                    format!(
+                        "runtime handler {:?} is configured, but running pods with OCI runtime \
+                         binaries is not implemented yet: berth runs only its embedded runtime \
+                         (handler \"\")",
+                        spec.runtime_handler
+                    )
+                } else {
+                    format!(
+                        "unknown runtime handler {:?}: berth serves only its embedded runtime \
+                         (handler \"\")",
+                        spec.runtime_handler
+                    )
+                },
+            ));
+        }
+        // The hostname and DNS settings become lines of /etc/hosts and /etc/resolv.conf: a
+        // newline or a space in one would add lines of the caller's choosing.
+        if spec.hostname.is_empty()
+            || spec.hostname.len() > 64
+            || spec
+                .hostname
+                .chars()
+                .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "hostname {:?} must be 1-64 characters without '/', whitespace or control \
+                 characters",
+                spec.hostname
+            )));
+        }
+        if let Some(dns) = &spec.dns {
+            for (what, v) in dns
+                .servers
+                .iter()
+                .map(|v| ("server", v))
+                .chain(dns.searches.iter().map(|v| ("search", v)))
+                .chain(dns.options.iter().map(|v| ("option", v)))
+            {
+                if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "dns_config {what} {v:?} must be non-empty, without whitespace or \
+                         control characters"
+                    )));
+                }
+            }
+        }
+        if spec.namespaces.network == NsMode::Target || spec.namespaces.ipc == NsMode::Target {
+            return Err(Error::InvalidArgument(
+                "network and IPC namespaces cannot be TARGET".into(),
+            ));
+        }
+        if !spec.cgroup_parent.is_empty() {
+            cgroup::relative(&spec.cgroup_parent)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        }
+        for (k, v) in &spec.sysctls {
+            let s = sysctl::parse(k).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let host = match s.owner {
+                sysctl::Owner::Net => spec.host_network(),
+                sysctl::Owner::Ipc => spec.namespaces.ipc == NsMode::Node,
+            };
+            if host {
+                return Err(Error::InvalidArgument(format!(
+                    "sysctl {k} is not allowed: the pod uses the node's {} namespace",
+                    s.owner
+                )));
+            }
+            if v.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "sysctl {k}: the value holds a NUL"
+                )));
+            }
+        }
+        let mut seen = Vec::new();
+        for p in &spec.ports {
+            if p.container_port == 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "port mapping {p:?} has no container port"
+                )));
+            }
+            if p.host_port != 0 {
+                let key = (p.proto, p.host_ip, p.host_port);
+                if seen.contains(&key) {
+                    return Err(Error::InvalidArgument(format!(
+                        "host port {}/{} is mapped twice in this pod",
+                        p.host_port, p.proto
+                    )));
+                }
+                seen.push(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// RunPodSandbox: returns the new pod's id. A call whose client goes away still finishes
+    /// (in the background), so a retry meets a finished pod or a released name, never a name
+    /// reserved forever.
+    pub async fn run(self: &Arc<Self>, spec: PodSpec) -> Result<String> {
+        self.validate(&spec)?;
+        let key = spec.name_key();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        loop {
+            let wait = {
+                let mut names = self.names.lock().expect("names poisoned");
+                match names.get(&key) {
+                    Some(Name::Taken(id)) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "pod sandbox name {key} is reserved by sandbox {id}"
+                        )));
+                    }
+                    Some(Name::Creating(w)) => Some(w.clone()),
+                    None => {
+                        names.insert(key.clone(), Name::Creating(rx.clone()));
+                        None
+                    }
+                }
+            };
+            match wait {
+                Some(mut w) => {
+                    let _ = w.changed().await;
+                }
+                None => break,
+            }
+        }
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let id = new_id();
+            let r = this.create(&id, spec).await;
+            {
+                let mut names = this.names.lock().expect("names poisoned");
+                match &r {
+                    Ok(()) => names.insert(key, Name::Taken(id.clone())),
+                    Err(_) => names.remove(&key),
+                };
+            }
+            let _ = tx.send(true);
+            r.map(|()| id)
+        });
+        task.await
+            .map_err(|e| Error::Internal(format!("pod creation task failed: {e}")))?
+    }
+
+    async fn create(&self, id: &str, spec: PodSpec) -> Result<()> {
+        let parent = if spec.cgroup_parent.is_empty() {
+            format!("{}/{id}", self.default_cgroup_parent)
+        } else {
+            spec.cgroup_parent.clone()
+        };
+        let cgroup_rel =
+            cgroup::relative(&parent).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let mut rec = PodRecord {
+            id: id.to_string(),
+            state: PodState::Creating,
+            created_at: now_ns(),
+            cgroup: cgroup_rel.clone(),
+            net: None,
+            init: None,
+            monitor: None,
+            shm: false,
+            spec,
+        };
+        let dir = self.pod_dir(id);
+        crate::layout::private_dir(&dir).map_err(internal("creating the pod directory"))?;
+        // Recorded before anything else is made: a restart can undo from here on.
+        if let Err(e) = self.persist(&rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let r = self.make(&mut rec).await;
+        match r {
+            Ok(launched) => {
+                rec.state = PodState::Ready;
+                if let Err(e) = self.persist(&rec) {
+                    self.undo(&mut rec).await;
+                    return Err(e);
+                }
+                if let Some(l) = launched {
+                    l.confirm();
+                }
+                tracing::info!(pod = %id, name = %rec.spec.name, namespace = %rec.spec.namespace, ip = ?rec.net.as_ref().map(|n| n.ip), "pod sandbox ready");
+                let pod = Arc::new(Pod {
+                    id: id.to_string(),
+                    record: RwLock::new(rec),
+                    op: tokio::sync::Mutex::new(()),
+                });
+                self.pods
+                    .write()
+                    .expect("pods poisoned")
+                    .insert(id.to_string(), pod);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::info!(pod = %id, error = %e, "pod sandbox creation failed; undoing");
+                self.undo(&mut rec).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The steps of RunPodSandbox, in order; each records what it made in `rec` (and `rec` is
+    /// persisted where a later step could be interrupted), so `undo` can take back exactly
+    /// what exists. On error the caller undoes from `rec`.
+    async fn make(&self, rec: &mut PodRecord) -> Result<Option<init::Launched>> {
+        self.make_cgroup(&rec.cgroup)?;
+        let (made, want) = self.make_namespaces(rec).await?;
+        // /dev/shm of its own unless it shares the node's IPC namespace.
+        if want.ipc {
+            files::mount_shm(&self.pod_dir(&rec.id).join("shm"))
+                .map_err(|e| Error::Internal(format!("mounting the pod's /dev/shm: {e}")))?;
+            rec.shm = true;
+        }
+        if let (Some(netns), Some(handle)) = (&made.netns, &made.net_handle) {
+            rec.net = Some(self.attach_network(rec, netns.as_fd(), handle).await?);
+        }
+        drop(made);
+        self.write_files(rec)?;
+        self.start_monitor(rec).await?;
+        if rec.spec.namespaces.pid == NsMode::Pod {
+            return self.start_init(rec, want).await.map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The pod's network, IPC and UTS namespaces (as it has them of its own), pinned, with
+    /// its hostname and sysctls set inside.
+    async fn make_namespaces(
+        &self,
+        rec: &PodRecord,
+    ) -> Result<(namespaces::Made, namespaces::Wanted)> {
+        let spec = &rec.spec;
+        let want = namespaces::Wanted {
+            net: !spec.host_network(),
+            ipc: spec.namespaces.ipc != NsMode::Node,
+            uts: !spec.host_network(),
+        };
+        let ns_dir = self.ns_dir(&rec.id);
+        crate::layout::private_dir(&ns_dir)
+            .map_err(internal("creating the namespace pin directory"))?;
+        let sysctls: Vec<(String, String)> = spec
+            .sysctls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let made = namespaces::create(&ns_dir, want, &spec.hostname, &sysctls)
+            .await
+            .map_err(|e| {
+                if e.invalid {
+                    Error::InvalidArgument(format!("pod namespaces: {e}"))
+                } else {
+                    Error::Internal(format!("pod namespaces: {e}"))
+                }
+            })?;
+        Ok((made, want))
+    }
+
+    /// The veth pair, address, routes and hostPorts of the pod.
+    async fn attach_network(
+        &self,
+        rec: &PodRecord,
+        netns: std::os::fd::BorrowedFd<'_>,
+        handle: &rtnetlink::Handle,
+    ) -> Result<PodNet> {
+        use crate::network::NetError;
+        self.network
+            .attach(&rec.id, netns, handle, &rec.spec.ports)
+            .await
+            .map_err(|e| match &e {
+                NetError::Ipam(crate::network::ipam::IpamError::Exhausted(_)) => {
+                    Error::ResourceExhausted(e.to_string())
+                }
+                NetError::HostPorts(n) if n.conflict => Error::FailedPrecondition(format!(
+                    "{e} (a host port of this pod is already mapped to another pod)"
+                )),
+                NetError::Bridge(_) => Error::Unavailable(e.to_string()),
+                _ => Error::Internal(e.to_string()),
+            })
+    }
+
+    /// /etc/hostname, /etc/hosts and /etc/resolv.conf of the pod's containers.
+    fn write_files(&self, rec: &PodRecord) -> Result<()> {
+        let spec = &rec.spec;
+        let hostname = if spec.host_network() {
+            nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| spec.hostname.clone())
+        } else {
+            spec.hostname.clone()
+        };
+        files::write_all(
+            &self.pod_dir(&rec.id),
+            &hostname,
+            rec.net.as_ref().map(|n| n.ip),
+            spec.dns.as_ref(),
+        )
+        .map_err(internal(
+            "writing the pod's hostname, hosts and resolv.conf",
+        ))
+    }
+
+    /// The monitor that will hold the pod's containers (it exits by itself unless berthd
+    /// greets it within a minute, so a crash before the record is written leaks nothing).
+    async fn start_monitor(&self, rec: &mut PodRecord) -> Result<()> {
+        let socket = self.layout.monitor_socket(&rec.id);
+        let pid = self
+            .zygote
+            .spawn(crate::zygote::Request::Monitor {
+                pod_id: rec.id.clone(),
+                socket: socket.to_string_lossy().into_owned(),
+                lc_root: self.layout.lc_root().to_string_lossy().into_owned(),
+            })
+            .await
+            .map_err(internal("starting the pod's monitor"))?;
+        let start = init::start_time(pid)
+            .ok_or_else(|| Error::Internal("the pod's monitor died at once".into()))?;
+        rec.monitor = Some((pid, start));
+        self.persist(rec)
+    }
+
+    /// The infra init of a PID namespace shared by the pod: in the pod's cgroup, its PID
+    /// namespace pinned. It joins the namespaces the pod has of its own, so nothing it holds
+    /// is the node's.
+    async fn start_init(
+        &self,
+        rec: &mut PodRecord,
+        want: namespaces::Wanted,
+    ) -> Result<init::Launched> {
+        let ns_dir = self.ns_dir(&rec.id);
+        let pins = [("net", want.net), ("ipc", want.ipc), ("uts", want.uts)]
+            .into_iter()
+            .filter(|(_, own)| *own)
+            .map(|(kind, _)| (kind.to_string(), namespaces::pin_path(&ns_dir, kind)))
+            .collect();
+        let l = init::launch(&self.zygote, &rec.id, pins)
+            .await
+            .map_err(internal("starting the pod's init"))?;
+        rec.init = Some((l.pid, l.start_time));
+        self.persist(rec)?;
+        self.cgroups
+            .add_process(&rec.cgroup, l.pid)
+            .map_err(|e| Error::Internal(format!("moving the pod's init into its cgroup: {e}")))?;
+        namespaces::pin(
+            &format!("/proc/{}/ns/pid", l.pid),
+            &namespaces::pin_path(&ns_dir, "pid"),
+        )
+        .map_err(|e| Error::Internal(format!("pinning the pod's PID namespace: {e}")))?;
+        Ok(l)
+    }
+
+    /// Makes the pod's cgroup. The directories that did not exist are recorded as berth's
+    /// before they are made: only those are ever removed (kubelet owns the ones it made), and
+    /// a directory several pods share goes with the last of them.
+    fn make_cgroup(&self, rel: &Path) -> Result<()> {
+        let mut owned = self
+            .owned_cgroups
+            .lock()
+            .expect("cgroup ownership poisoned");
+        let missing = self.cgroups.missing(rel);
+        if !missing.is_empty() {
+            owned.extend(missing);
+            store::write_json_volatile(&self.layout.cgroups_record(), &*owned)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        self.cgroups
+            .create(rel)
+            .map_err(|e| Error::Internal(format!("creating the pod cgroup: {e}")))
+    }
+}

@@ -1,0 +1,131 @@
+//! Taking a pod apart: StopPodSandbox ends what runs and connects it (init, hostPorts,
+//! network namespace), RemovePodSandbox removes what remains (pins, /dev/shm, cgroup,
+//! directories, record). The same idempotent steps undo a pod that failed to come up.
+
+use std::path::Path;
+
+use super::{Name, PodRecord, PodState, Sandboxes, files, init, namespaces};
+use crate::cgroup;
+use crate::error::Result;
+use crate::store;
+
+impl Sandboxes {
+    /// Stops what runs and what connects the pod: its init, its hostPorts, its network
+    /// namespace (the kernel frees it, and the veth in it, in its own time; the address is
+    /// released once the veth is gone). Idempotent.
+    pub(super) async fn teardown(&self, rec: &mut PodRecord) {
+        if let Some((pid, start)) = rec.init.take() {
+            init::kill(pid, start).await;
+        }
+        if rec.net.is_some() || rec.state != PodState::NotReady {
+            self.network.detach(&rec.id, rec.net.as_ref()).await;
+        }
+        rec.net = None;
+        namespaces::unpin(&namespaces::pin_path(&self.ns_dir(&rec.id), "net"));
+    }
+
+    /// Undoes everything of a pod that failed to come up.
+    pub(super) async fn undo(&self, rec: &mut PodRecord) {
+        self.teardown(rec).await;
+        self.network.released(&rec.id).await;
+        self.remove_resources(rec);
+    }
+
+    /// Removes what remains of a stopped pod: pins, /dev/shm, cgroup, directories, record.
+    fn remove_resources(&self, rec: &PodRecord) {
+        if let Some((pid, start)) = rec.monitor {
+            init::kill_now(pid, start);
+        }
+        let _ = std::fs::remove_file(self.layout.monitor_socket(&rec.id));
+        files::unmount_shm(&self.pod_dir(&rec.id).join("shm"));
+        self.release_cgroup(&rec.cgroup);
+        remove_pod_dirs(&self.pod_dir(&rec.id), &self.ns_dir(&rec.id));
+    }
+
+    /// Removes the berth-made directories of a pod's cgroup that nothing uses any more.
+    fn release_cgroup(&self, rel: &Path) {
+        let mut owned = self
+            .owned_cgroups
+            .lock()
+            .expect("cgroup ownership poisoned");
+        let before = owned.len();
+        for d in self.cgroups.lineage(rel) {
+            if !owned.contains(&d) {
+                continue;
+            }
+            // The pod's own directory may still hold container cgroups a crashed berthd never
+            // removed; its ancestors are shared and are only removed when already empty.
+            let removed = if d.ends_with(rel) {
+                cgroup::remove_tree(&d)
+            } else {
+                cgroup::remove_dir(&d)
+            };
+            match removed {
+                Ok(true) => {
+                    owned.remove(&d);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(cgroup = %d.display(), error = %e, "could not remove cgroup")
+                }
+            }
+        }
+        if owned.len() != before
+            && let Err(e) = store::write_json_volatile(&self.layout.cgroups_record(), &*owned)
+        {
+            tracing::warn!(error = %e, "recording cgroup ownership");
+        }
+    }
+
+    /// StopPodSandbox (after the pod's containers were stopped). Unknown or stopped: fine.
+    pub async fn stop(&self, id: &str) -> Result<()> {
+        let Some(pod) = crate::error::optional(self.get(id))? else {
+            return Ok(());
+        };
+        let _op = pod.lock().await;
+        let mut rec = pod.record();
+        if rec.state == PodState::NotReady {
+            return Ok(());
+        }
+        self.teardown(&mut rec).await;
+        rec.state = PodState::NotReady;
+        self.persist(&rec)?;
+        *pod.record.write().expect("pod record poisoned") = rec;
+        tracing::info!(pod = %pod.id, "pod sandbox stopped");
+        Ok(())
+    }
+
+    /// RemovePodSandbox (after its containers were removed). Unknown: fine.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        let Some(pod) = crate::error::optional(self.get(id))? else {
+            return Ok(());
+        };
+        let _op = pod.lock().await;
+        let mut rec = pod.record();
+        if rec.state != PodState::NotReady {
+            self.teardown(&mut rec).await;
+        }
+        // The address comes free once the kernel has destroyed the namespace and its veth: in
+        // the background, not on the caller's path.
+        self.remove_resources(&rec);
+        self.pods.write().expect("pods poisoned").remove(&pod.id);
+        let mut names = self.names.lock().expect("names poisoned");
+        if matches!(names.get(&rec.spec.name_key()), Some(Name::Taken(t)) if *t == pod.id) {
+            names.remove(&rec.spec.name_key());
+        }
+        tracing::info!(pod = %pod.id, "pod sandbox removed");
+        Ok(())
+    }
+}
+
+/// Removes a pod's directory (unmounting what could be mounted there) and its pin directory.
+pub(super) fn remove_pod_dirs(pod_dir: &Path, ns_dir: &Path) {
+    files::unmount_shm(&pod_dir.join("shm"));
+    namespaces::unpin_all(ns_dir);
+    let _ = std::fs::remove_dir(ns_dir);
+    if let Err(e) = std::fs::remove_dir_all(pod_dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %pod_dir.display(), error = %e, "could not remove the pod directory");
+    }
+}
