@@ -167,13 +167,26 @@ fn remove_socket(path: &Path, ino: u64) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn termination() -> &'static str {
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, caught from the moment this is called.
+struct Termination {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    fn install() -> Termination {
+        Termination {
+            term: signal(SignalKind::terminate()).expect("installing SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("installing SIGINT handler"),
+        }
+    }
+
+    /// Waits for either.
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
@@ -194,6 +207,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let rt = Arc::new(Runtime::open(config).await?);
     let (runtime_svc, image_svc) = Cri::new(rt).services();
 
+    // Before the socket exists: a client that sees it may stop us at once, and that SIGTERM
+    // must find the handler, not the default action.
+    let mut termination = Termination::install();
     let listener = bind_socket(&listen)?;
     let ino = {
         use std::os::unix::fs::MetadataExt;
@@ -214,7 +230,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     let mut server = server;
     let outcome = tokio::select! {
-        sig = termination() => {
+        sig = termination.wait() => {
             tracing::info!(signal = sig, grace_seconds = grace.as_secs(), "stopping: no new connections, finishing in-flight calls");
             let _ = stop_tx.send(());
             match tokio::time::timeout(grace, &mut server).await {

@@ -381,11 +381,7 @@ impl Containers {
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(self.layout.layers().join(id));
         // The monitor removes it at Delete; not when the monitor is gone.
-        let _ = std::fs::remove_dir_all(
-            self.layout
-                .lc_root()
-                .join(crate::monitor::server::lc_id(id)),
-        );
+        let _ = std::fs::remove_dir_all(self.layout.lc_root().join(crate::monitor::lc_id(id)));
         if let Err(e) = self.images.release(id).await {
             tracing::warn!(container = id, error = %e, "releasing the image hold");
         }

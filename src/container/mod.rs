@@ -8,6 +8,7 @@
 //! Here: the types, the store and lookups. `create` makes a container step by step and undoes
 //! it, `lifecycle` starts, stops and removes, `exec` runs ExecSync, `reconcile` adopts at start.
 
+pub mod capabilities;
 mod create;
 mod exec;
 pub mod image_file;
@@ -334,8 +335,8 @@ impl Containers {
             events: tx,
             images,
             pods,
-            allowed_caps: spec::own_capabilities(),
-            own_oom: spec::own_oom_score_adj(),
+            allowed_caps: capabilities::own_capabilities(),
+            own_oom: capabilities::own_oom_score_adj(),
         });
         c.reconcile().await;
         let weak = Arc::downgrade(&c);

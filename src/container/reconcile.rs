@@ -143,7 +143,7 @@ impl Containers {
         let known: Vec<&str> = live
             .iter()
             .chain(held.keys())
-            .map(|id| crate::monitor::server::lc_id(id))
+            .map(|id| crate::monitor::lc_id(id))
             .collect();
         if let Ok(rd) = std::fs::read_dir(self.layout.lc_root()) {
             for e in rd.flatten() {

@@ -7,98 +7,12 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use super::capabilities::{Wanted, capabilities};
 use super::user::User;
 use super::{ContainerSpec, MountSpec, Propagation};
 use crate::cgroup::Mode as CgroupMode;
 use crate::image::manifest::ImageConfig;
 use crate::sandbox::{NsMode, PodRecord};
-
-/// What runtimes grant a container by default (containerd's list).
-pub const DEFAULT_CAPS: [&str; 14] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FSETID",
-    "FOWNER",
-    "MKNOD",
-    "NET_RAW",
-    "SETGID",
-    "SETUID",
-    "SETFCAP",
-    "SETPCAP",
-    "NET_BIND_SERVICE",
-    "SYS_CHROOT",
-    "KILL",
-    "AUDIT_WRITE",
-];
-
-/// Capability names by number (capability.h), for reading the daemon's own bounding set.
-const CAP_NAMES: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
-/// The capabilities this daemon holds in its bounding set: a container never gets more.
-pub fn own_capabilities() -> Vec<&'static str> {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let bnd = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapBnd:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    CAP_NAMES
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| bnd & (1u64 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect()
-}
-
-/// This daemon's oom_score_adj: without CAP_SYS_RESOURCE a container cannot go below it.
-pub fn own_oom_score_adj() -> i64 {
-    std::fs::read_to_string("/proc/self/oom_score_adj")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// A spec that cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -198,42 +112,6 @@ pub fn working_dir(spec: &ContainerSpec, image: &ImageConfig) -> String {
     }
 }
 
-fn capabilities(spec: &ContainerSpec, allowed: &[&str]) -> Vec<String> {
-    let sec = &spec.security;
-    let upper = |c: &str| c.trim().trim_start_matches("CAP_").to_uppercase();
-    let mut caps: Vec<String> = if sec.privileged {
-        allowed.iter().map(|c| c.to_string()).collect()
-    } else {
-        DEFAULT_CAPS.iter().map(|c| c.to_string()).collect()
-    };
-    if !sec.privileged {
-        for a in &sec.add_caps {
-            if upper(a) == "ALL" {
-                caps = allowed.iter().map(|c| c.to_string()).collect();
-            } else if !caps.contains(&upper(a)) {
-                caps.push(upper(a));
-            }
-        }
-        for d in &sec.drop_caps {
-            if upper(d) == "ALL" {
-                caps.clear();
-            } else {
-                caps.retain(|c| *c != upper(d));
-            }
-        }
-        // An explicit add after ALL was dropped still counts.
-        if sec.drop_caps.iter().any(|d| upper(d) == "ALL") {
-            for a in &sec.add_caps {
-                if upper(a) != "ALL" && !caps.contains(&upper(a)) {
-                    caps.push(upper(a));
-                }
-            }
-        }
-    }
-    caps.retain(|c| allowed.contains(&c.as_str()));
-    caps.into_iter().map(|c| format!("CAP_{c}")).collect()
-}
-
 fn bind(dest: &str, src: &Path, ro: bool, extra: &[&str]) -> Value {
     let mut opts = vec!["rbind", "rprivate"];
     opts.extend_from_slice(extra);
@@ -263,25 +141,83 @@ pub fn build(
 ) -> Result<oci_spec::runtime::Spec, SpecError> {
     let s = i.spec;
     let sec = &s.security;
-    let pod_ns = &i.pod.spec.namespaces;
-    let host_net = pod_ns.network == NsMode::Node;
-    let host_ipc = pod_ns.ipc == NsMode::Node;
-    let pid_mode = sec.pid_mode.unwrap_or(pod_ns.pid);
-    let argv = argv(s, i.image)?;
-    let env = environment(s, i.image, i.user);
-    let caps = capabilities(s, i.allowed_caps);
+    let (devices, device_rules) = devices(s)?;
+    let mut resources = resources(&s.resources, i.cgroup_mode);
+    resources["devices"] = Value::Array(device_rules);
+    let (masked, readonly) = if sec.privileged {
+        (Vec::new(), Vec::new())
+    } else {
+        (
+            sec.masked_paths
+                .clone()
+                .unwrap_or_else(oci_spec::runtime::get_default_maskedpaths),
+            sec.readonly_paths
+                .clone()
+                .unwrap_or_else(oci_spec::runtime::get_default_readonly_paths),
+        )
+    };
+    let mut linux = json!({
+        "namespaces": namespaces(i)?,
+        "cgroupsPath": format!("/{}/{}", i.pod.cgroup.display(), i.id),
+        "resources": resources,
+        "maskedPaths": masked,
+        "readonlyPaths": readonly,
+        "devices": devices,
+    });
+    if let Some(seccomp) = &sec.seccomp {
+        linux["seccomp"] = seccomp.clone();
+    }
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": process(i)?,
+        "root": {"path": i.rootfs, "readonly": sec.readonly_rootfs},
+        "mounts": all_mounts(i, mounts),
+        "annotations": annotations(i),
+        "linux": linux,
+    });
+    serde_json::from_value(spec)
+        .map_err(|e| SpecError(format!("the generated OCI spec is invalid: {e}")))
+}
 
-    // Namespaces: the pod's pinned ones joined, a mount namespace (and on v2 a cgroup one) of
-    // its own.
+/// The process: argv, environment, identity, working directory, capabilities.
+fn process(i: &Inputs<'_>) -> Result<Value, SpecError> {
+    let s = i.spec;
+    let sec = &s.security;
+    let caps = capabilities(
+        Wanted {
+            privileged: sec.privileged,
+            add: &sec.add_caps,
+            drop: &sec.drop_caps,
+        },
+        i.allowed_caps,
+    );
+    let mut process = json!({
+        "terminal": s.tty,
+        "user": {"uid": i.user.uid, "gid": i.user.gid, "additionalGids": i.user.additional_gids},
+        "args": argv(s, i.image)?,
+        "env": environment(s, i.image, i.user),
+        "cwd": working_dir(s, i.image),
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+        "noNewPrivileges": sec.no_new_privs,
+    });
+    if !sec.apparmor_profile.is_empty() && sec.apparmor_profile != "unconfined" {
+        process["apparmorProfile"] = json!(sec.apparmor_profile);
+    }
+    Ok(process)
+}
+
+/// The pod's pinned namespaces joined, a mount namespace (and on v2 a cgroup one) of its own.
+fn namespaces(i: &Inputs<'_>) -> Result<Vec<Value>, SpecError> {
+    let pod_ns = &i.pod.spec.namespaces;
     let mut namespaces = vec![json!({"type": "mount"})];
-    if !host_net {
+    if pod_ns.network != NsMode::Node {
         namespaces.push(json!({"type": "network", "path": i.ns_dir.join("net")}));
         namespaces.push(json!({"type": "uts", "path": i.ns_dir.join("uts")}));
     }
-    if !host_ipc {
+    if pod_ns.ipc != NsMode::Node {
         namespaces.push(json!({"type": "ipc", "path": i.ns_dir.join("ipc")}));
     }
-    match pid_mode {
+    match i.spec.security.pid_mode.unwrap_or(pod_ns.pid) {
         NsMode::Pod if i.ns_dir.join("pid").exists() => {
             namespaces.push(json!({"type": "pid", "path": i.ns_dir.join("pid")}))
         }
@@ -297,20 +233,24 @@ pub fn build(
     if i.cgroup_mode == CgroupMode::Unified {
         namespaces.push(json!({"type": "cgroup"}));
     }
+    Ok(namespaces)
+}
 
-    // Mounts: runtime defaults, the pod's files, then the request's (which win on a clash).
+/// Mounts: runtime defaults, the pod's files, then the request's (which win on a clash).
+fn all_mounts(i: &Inputs<'_>, mounts: &[(MountSpec, PathBuf)]) -> Vec<Value> {
+    let sec = &i.spec.security;
     let user_dests: Vec<&str> = mounts
         .iter()
         .map(|(m, _)| m.container_path.as_str())
         .collect();
-    let mut mounts_json: Vec<Value> = oci_spec::runtime::get_default_mounts()
+    let mut out: Vec<Value> = oci_spec::runtime::get_default_mounts()
         .into_iter()
         .filter(|m| m.destination() != Path::new("/dev/shm"))
         .map(|m| serde_json::to_value(m).expect("mounts serialize"))
         .collect();
     if sec.privileged {
         // A privileged container sees /sys read-write, as other runtimes do.
-        for m in &mut mounts_json {
+        for m in &mut out {
             if (m["destination"] == "/sys" || m["destination"] == "/sys/fs/cgroup")
                 && let Some(opts) = m["options"].as_array_mut()
             {
@@ -318,23 +258,16 @@ pub fn build(
             }
         }
     }
-    let shm_src = if host_ipc {
+    let shm_src = if i.pod.spec.namespaces.ipc == NsMode::Node {
         PathBuf::from("/dev/shm")
     } else {
         i.pod_dir.join("shm")
     };
+    let ro = sec.readonly_rootfs;
     for (dest, src, ro) in [
-        (
-            "/etc/hostname",
-            i.pod_dir.join("hostname"),
-            sec.readonly_rootfs,
-        ),
-        ("/etc/hosts", i.pod_dir.join("hosts"), sec.readonly_rootfs),
-        (
-            "/etc/resolv.conf",
-            i.pod_dir.join("resolv.conf"),
-            sec.readonly_rootfs,
-        ),
+        ("/etc/hostname", i.pod_dir.join("hostname"), ro),
+        ("/etc/hosts", i.pod_dir.join("hosts"), ro),
+        ("/etc/resolv.conf", i.pod_dir.join("resolv.conf"), ro),
         ("/dev/shm", shm_src, false),
     ] {
         if !user_dests.contains(&dest) {
@@ -343,15 +276,17 @@ pub fn build(
             } else {
                 &[]
             };
-            mounts_json.push(bind(dest, &src, ro, extra));
+            out.push(bind(dest, &src, ro, extra));
         }
     }
     for (m, src) in mounts {
-        mounts_json.push(user_mount(m, src));
+        out.push(user_mount(m, src));
     }
+    out
+}
 
-    // Resources.
-    let r = &s.resources;
+/// The cgroup limits (devices apart).
+fn resources(r: &super::Resources, mode: CgroupMode) -> Value {
     let mut resources = json!({});
     let mut cpu = serde_json::Map::new();
     if r.cpu_shares > 0 {
@@ -386,18 +321,21 @@ pub fn build(
                 .collect(),
         );
     }
-    if i.cgroup_mode == CgroupMode::Unified && !r.unified.is_empty() {
+    if mode == CgroupMode::Unified && !r.unified.is_empty() {
         resources["unified"] = json!(r.unified);
     }
+    resources
+}
+
+/// The request's devices (nodes to make) and the device cgroup rules: deny all, the standard
+/// nodes every container gets, the request's; a privileged container gets every device.
+fn devices(s: &ContainerSpec) -> Result<(Vec<Value>, Vec<Value>), SpecError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut devices = Vec::new();
-    let mut device_rules = vec![json!({"allow": false, "access": "rwm"})];
-    if sec.privileged {
-        device_rules = vec![json!({"allow": true, "access": "rwm"})];
-    }
+    let mut rules = vec![json!({"allow": s.security.privileged, "access": "rwm"})];
     for d in &s.devices {
         let meta = std::fs::metadata(&d.host_path)
             .map_err(|e| SpecError(format!("device {}: {e}", d.host_path)))?;
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         let kind = if meta.file_type().is_char_device() {
             "c"
         } else if meta.file_type().is_block_device() {
@@ -421,7 +359,7 @@ pub fn build(
         } else {
             d.permissions.as_str()
         };
-        device_rules.push(
+        rules.push(
             json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": access}),
         );
     }
@@ -441,34 +379,14 @@ pub fn build(
         if minor >= 0 {
             rule["minor"] = json!(minor);
         }
-        device_rules.push(rule);
+        rules.push(rule);
     }
-    resources["devices"] = Value::Array(device_rules);
+    Ok((devices, rules))
+}
 
-    let masked = match &sec.masked_paths {
-        _ if sec.privileged => Vec::new(),
-        Some(p) => p.clone(),
-        None => oci_spec::runtime::get_default_maskedpaths(),
-    };
-    let readonly = match &sec.readonly_paths {
-        _ if sec.privileged => Vec::new(),
-        Some(p) => p.clone(),
-        None => oci_spec::runtime::get_default_readonly_paths(),
-    };
-
-    let mut process = json!({
-        "terminal": s.tty,
-        "user": {"uid": i.user.uid, "gid": i.user.gid, "additionalGids": i.user.additional_gids},
-        "args": argv,
-        "env": env,
-        "cwd": working_dir(s, i.image),
-        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": sec.no_new_privs,
-    });
-    if !sec.apparmor_profile.is_empty() && sec.apparmor_profile != "unconfined" {
-        process["apparmorProfile"] = json!(sec.apparmor_profile);
-    }
-    let annotations: BTreeMap<String, String> = s
+/// The request's annotations and the CRI's own (which the request cannot override).
+fn annotations(i: &Inputs<'_>) -> BTreeMap<String, String> {
+    i.spec
         .annotations
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
@@ -480,37 +398,15 @@ pub fn build(
             ("io.kubernetes.cri.sandbox-id".to_string(), i.pod.id.clone()),
             (
                 "io.kubernetes.cri.container-name".to_string(),
-                s.name.clone(),
+                i.spec.name.clone(),
             ),
         ])
-        .collect();
-    let mut linux = json!({
-        "namespaces": namespaces,
-        "cgroupsPath": format!("/{}/{}", i.pod.cgroup.display(), i.id),
-        "resources": resources,
-        "maskedPaths": masked,
-        "readonlyPaths": readonly,
-        "devices": devices,
-    });
-    if let Some(seccomp) = &sec.seccomp {
-        linux["seccomp"] = seccomp.clone();
-    }
-    let spec = json!({
-        "ociVersion": "1.0.2",
-        "process": process,
-        "root": {"path": i.rootfs, "readonly": sec.readonly_rootfs},
-        "mounts": mounts_json,
-        "annotations": annotations,
-        "linux": linux,
-    });
-    serde_json::from_value(spec)
-        .map_err(|e| SpecError(format!("the generated OCI spec is invalid: {e}")))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::container::ContainerSecurity;
 
     #[test]
     fn command_replaces_entrypoint_and_args_replace_cmd() {
@@ -549,39 +445,5 @@ mod tests {
             environment(&s, &image, &u),
             ["PATH=/bin", "A=1", "B=3", "C=4", "HOME=/root"]
         );
-    }
-
-    #[test]
-    fn capabilities_add_drop_all_and_stay_within_the_daemons() {
-        let allowed: Vec<&str> = CAP_NAMES
-            .iter()
-            .copied()
-            .filter(|c| *c != "SYS_RESOURCE")
-            .collect();
-        let mut s = ContainerSpec::default();
-        assert_eq!(capabilities(&s, &allowed).len(), DEFAULT_CAPS.len());
-        s.security = ContainerSecurity {
-            add_caps: vec!["SYS_ADMIN".into(), "SYS_RESOURCE".into()],
-            drop_caps: vec!["CHOWN".into()],
-            ..Default::default()
-        };
-        let c = capabilities(&s, &allowed);
-        assert!(c.contains(&"CAP_SYS_ADMIN".to_string()));
-        assert!(
-            !c.contains(&"CAP_SYS_RESOURCE".to_string()),
-            "the daemon does not hold it"
-        );
-        assert!(!c.contains(&"CAP_CHOWN".to_string()));
-        s.security = ContainerSecurity {
-            drop_caps: vec!["ALL".into()],
-            add_caps: vec!["NET_ADMIN".into()],
-            ..Default::default()
-        };
-        assert_eq!(capabilities(&s, &allowed), ["CAP_NET_ADMIN"]);
-        s.security = ContainerSecurity {
-            add_caps: vec!["ALL".into()],
-            ..Default::default()
-        };
-        assert_eq!(capabilities(&s, &allowed).len(), allowed.len());
     }
 }

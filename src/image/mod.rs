@@ -27,7 +27,7 @@ use crate::store::{self, StoreError};
 use content::{ContentError, ContentStore};
 use manifest::ImageConfig;
 use reference::{Digest, Reference, ReferenceError, is_sha256_hex};
-use registry::{CriAuth, Registry, RegistryError};
+use registry::{Registry, RegistryError};
 use snapshot::{LayerError, SnapshotStore};
 
 /// Errors of the image subsystem.
@@ -662,29 +662,6 @@ impl ImageStore {
 
     pub(crate) fn endpoints(&self, domain: &str) -> Vec<registry::Endpoint> {
         registry::endpoints(&self.config, domain)
-    }
-
-    /// Pulls an image; returns its ID.
-    pub async fn pull(
-        &self,
-        reference: &str,
-        creds: Option<CriAuth>,
-    ) -> Result<String, ImageError> {
-        let r = pull::pull(self, reference, creds).await;
-        return_free_heap();
-        r
-    }
-}
-
-/// Hands the heap a pull freed back to the kernel. A pull allocates megabytes on several
-/// threads (decompression windows, TLS, manifests) and glibc keeps each thread's freed arena
-/// pages mapped; berthd then idles for hours with that memory counted against it.
-fn return_free_heap() {
-    // SAFETY: malloc_trim only walks glibc's own arenas under their locks and advises the
-    // kernel about free pages; it touches no memory of ours and is safe from any thread.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -68,8 +68,33 @@ struct Resolved {
     manifest: manifest::Manifest,
 }
 
+impl ImageStore {
+    /// Pulls an image; returns its ID.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        creds: Option<CriAuth>,
+    ) -> Result<String, ImageError> {
+        let r = pull(self, reference, creds).await;
+        return_free_heap();
+        r
+    }
+}
+
+/// Hands the heap a pull freed back to the kernel. A pull allocates megabytes on several
+/// threads (decompression windows, TLS, manifests) and glibc keeps each thread's freed arena
+/// pages mapped; berthd then idles for hours with that memory counted against it.
+fn return_free_heap() {
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks and advises the
+    // kernel about free pages; it touches no memory of ours and is safe from any thread.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Pulls `reference`, trying each endpoint until one serves it.
-pub(super) async fn pull(
+async fn pull(
     store: &ImageStore,
     reference: &str,
     creds: Option<CriAuth>,

@@ -196,14 +196,14 @@ fn spawn_pod_init(pod_id: &str, pins: &[(String, PathBuf)]) -> io::Result<i32> {
 /// Binds the monitor's socket, then forks the monitor, which inherits it: berthd can connect
 /// as soon as this answers.
 fn spawn_monitor(pod_id: String, socket: &str, lc_root: String) -> io::Result<i32> {
-    let listener = crate::monitor::server::bind(std::path::Path::new(socket))?;
+    let listener = crate::monitor::bind(std::path::Path::new(socket))?;
     // SAFETY: a plain fork of this single-threaded process.
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             detach_stdio();
             let _ = nix::unistd::setsid();
             crate::proctitle::set(c"berth-monitor", &format!("berth-monitor {pod_id}"));
-            crate::monitor::server::run(pod_id, listener, lc_root.into())
+            crate::monitor::run(pod_id, listener, lc_root.into())
         }
         nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
     }
@@ -399,12 +399,6 @@ fn parse_answer(a: &[u8]) -> io::Result<i32> {
         "zygote: {}",
         s.strip_prefix("err ").unwrap_or(&s)
     )))
-}
-
-/// Writes all of `msg` to `fd` (a pipe the zygote reads), ignoring failures: for reports from
-/// a child that exits right after.
-fn report(fd: &OwnedFd, msg: &[u8]) {
-    let _ = rustix::io::write(fd, msg);
 }
 
 #[cfg(test)]

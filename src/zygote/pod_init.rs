@@ -40,7 +40,7 @@ pub fn run(pod_id: &str, pins: &[(String, PathBuf)], status: OwnedFd) -> ! {
     crate::proctitle::set(c"berth-init", &format!("berth-init {pod_id}"));
     match confine(pins, &status) {
         Ok(()) => {
-            super::report(&status, CONFINED);
+            report(&status, CONFINED);
             // close(2) itself: std's drop of an OwnedFd also calls fcntl in debug builds,
             // which the filter does not allow.
             // SAFETY: the descriptor is ours and is not used again.
@@ -49,7 +49,7 @@ pub fn run(pod_id: &str, pins: &[(String, PathBuf)], status: OwnedFd) -> ! {
             }
         }
         Err(e) => {
-            super::report(&status, e.as_bytes());
+            report(&status, e.as_bytes());
             exit(1);
         }
     }
@@ -260,6 +260,11 @@ fn serve() -> ! {
             confirmed = true;
         }
     }
+}
+
+/// Writes `msg` to the zygote's status pipe, ignoring failures: the init reports once.
+fn report(fd: &OwnedFd, msg: &[u8]) {
+    let _ = rustix::io::write(fd, msg);
 }
 
 /// exit_group(2) directly: nothing to flush, and no call the filter does not allow.

@@ -1,0 +1,551 @@
+//! The pod's containers in the monitor: created with libcontainer (in a helper, see
+//! `super::helper`), started through the start-status pipe that tells "exec'd" from "could not
+//! start", signalled, reaped (exit status to disk before it is reported), their output pumped
+//! into CRI logs, deleted.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::cri_log::{LogWriter, Stream};
+use super::helper::in_helper;
+use super::io::{now_ns, pipe, read_some, receive_pty_master, set_nonblocking, write_exit_file};
+use super::proto;
+use super::state::{Ctr, CtrStatus, Failure, Monitor, Owner, PendingStart};
+
+/// The exit code a container gets when its process could not be started (as containerd).
+const START_ERROR_CODE: i32 = 128;
+/// How much of a stream one wakeup reads, so one chatty container cannot starve the rest.
+const PUMP_ROUNDS: usize = 16;
+
+/// Where libcontainer keeps a container's state: a short id keeps unix socket paths under the
+/// kernel's limit.
+pub fn lc_id(container_id: &str) -> &str {
+    &container_id[..20.min(container_id.len())]
+}
+
+/// Runs `exec` for a container's process and reports a failure through `status_fd` (which
+/// closes at a successful exec, being close-on-exec): so StartContainer can tell "started"
+/// from "could not start", and the message names the command.
+#[derive(Clone)]
+struct StatusExecutor {
+    status_fd: RawFd,
+}
+
+impl Executor for StatusExecutor {
+    fn exec(&self, spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorError> {
+        let args: Vec<String> = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().clone())
+            .unwrap_or_default();
+        let Some(first) = args.first() else {
+            report_and_exit(self.status_fd, "no command given");
+        };
+        let c_args: Vec<std::ffi::CString> = args
+            .iter()
+            .map(|a| std::ffi::CString::new(a.as_bytes()).unwrap_or_default())
+            .collect();
+        let path = std::ffi::CString::new(first.as_bytes()).unwrap_or_default();
+        let err = nix::unistd::execvp(&path, &c_args).unwrap_err();
+        let what = match err {
+            nix::errno::Errno::ENOENT => "executable file not found in $PATH".to_string(),
+            nix::errno::Errno::EACCES => "permission denied".to_string(),
+            e => e.to_string(),
+        };
+        report_and_exit(self.status_fd, &format!("exec: {first:?}: {what}"))
+    }
+
+    fn validate(&self, _spec: &oci_spec::runtime::Spec) -> Result<(), ExecutorValidationError> {
+        // Checked at start, not at create: a missing command fails StartContainer, as with
+        // other runtimes, and the container ends Exited.
+        Ok(())
+    }
+}
+
+fn report_and_exit(fd: RawFd, msg: &str) -> ! {
+    // SAFETY: fd is the status pipe's write end, open in this (init) process; msg is valid.
+    unsafe {
+        libc::write(fd, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127);
+    }
+}
+
+/// How a container's process talks: pipes, or a terminal whose master comes over a socket.
+enum Io {
+    Pipes {
+        out: File,
+        err: File,
+        stdin: Option<File>,
+    },
+    Terminal {
+        console: UnixListener,
+        sock: PathBuf,
+    },
+}
+
+fn not_found(c: &str) -> Failure {
+    (
+        proto::ErrorKind::NotFound,
+        format!("container {c} is not in this pod's monitor"),
+    )
+}
+
+impl Monitor {
+    /// The state of every container.
+    pub fn states(&self) -> proto::States {
+        proto::States {
+            containers: self
+                .ctrs
+                .iter()
+                .map(|(id, c)| proto::ContainerState {
+                    container_id: id.clone(),
+                    pid: c.pid,
+                    status: match c.status {
+                        CtrStatus::Created => proto::Status::Created,
+                        CtrStatus::Running => proto::Status::Running,
+                        CtrStatus::Exited => proto::Status::Exited,
+                    } as i32,
+                    exit: c.exit.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Creates a container (libcontainer forks its init, which waits for Start).
+    pub fn create(&mut self, c: proto::Create) -> Result<i32, String> {
+        if self.ctrs.contains_key(&c.container_id) {
+            return Err(format!("container {} exists already", c.container_id));
+        }
+        let log = if c.log_path.is_empty() {
+            None
+        } else {
+            Some(
+                LogWriter::open(Path::new(&c.log_path))
+                    .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
+            )
+        };
+        let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
+        let lcid = lc_id(&c.container_id).to_string();
+        // What the container's processes may hold: the status pipe and their stdio.
+        let mut keep = vec![status_w.as_raw_fd()];
+        let builder = ContainerBuilder::new(lcid.clone(), SyscallType::Linux)
+            .with_root_path(&self.lc_root)
+            .and_then(|b| b.validate_id())
+            .map_err(|e| format!("creating container: {e}"))?
+            .with_executor(StatusExecutor {
+                status_fd: status_w.as_raw_fd(),
+            });
+        // Output: pipes, or with a terminal the pty master libcontainer's init makes and hands
+        // over a console socket (the runc protocol); it carries output (logged as stdout) and
+        // input.
+        let (builder, io) = if c.tty {
+            let sock = self.lc_root.join(format!("{lcid}.tty"));
+            let _ = std::fs::remove_file(&sock);
+            let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
+            (
+                builder.with_console_socket(Some(&sock)),
+                Io::Terminal { console, sock },
+            )
+        } else {
+            let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+            let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+            let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| format!("stdin pipe: {e}"))?;
+                (Some(File::from(w)), r)
+            } else {
+                let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+                (None, OwnedFd::from(null))
+            };
+            keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
+            let b = builder
+                .with_stdin(stdin_fd)
+                .with_stdout(out_w)
+                .with_stderr(err_w);
+            let io = Io::Pipes {
+                out: out_r,
+                err: err_r,
+                stdin: stdin_keep,
+            };
+            (b, io)
+        };
+        let bundle = c.bundle.clone();
+        let title = format!("berth-create {}", c.container_id);
+        let built = in_helper(&title, &keep, move || {
+            let container = builder
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| format!("creating container: {e}"))?;
+            container
+                .pid()
+                .map(|p| p.as_raw())
+                .ok_or_else(|| "libcontainer reported no pid".to_string())
+        });
+        // Our copy of the status pipe's write end must go, or its end of file would never come.
+        drop(status_w);
+        let pid = built?;
+        let (stdout, stderr, stdin) = match finish_create(&c, pid, io) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                if let Ok(mut lc) = Container::load(self.lc_root.join(&lcid)) {
+                    let _ = lc.delete(true);
+                }
+                return Err(e);
+            }
+        };
+        self.hold(c, pid, log, status_r, stdout, stderr, stdin);
+        Ok(pid)
+    }
+
+    /// Keeps a created container: its pid, output pumps and start-status pipe registered.
+    #[allow(clippy::too_many_arguments)]
+    fn hold(
+        &mut self,
+        c: proto::Create,
+        pid: i32,
+        log: Option<LogWriter>,
+        status: File,
+        stdout: File,
+        stderr: Option<File>,
+        stdin: Option<File>,
+    ) {
+        let id = c.container_id.clone();
+        set_nonblocking(&stdout);
+        let out_fd = stdout.as_raw_fd();
+        let err_fd = stderr.as_ref().map(|e| {
+            set_nonblocking(e);
+            e.as_raw_fd()
+        });
+        set_nonblocking(&status);
+        let status_fd = status.as_raw_fd();
+        self.pids.insert(pid, Owner::Container(id.clone()));
+        self.ctrs.insert(
+            id.clone(),
+            Ctr {
+                pid,
+                cgroup_procs: PathBuf::from(&c.cgroup_procs),
+                status: CtrStatus::Created,
+                exit: None,
+                exit_file: PathBuf::from(c.exit_file),
+                log,
+                stdout: Some(stdout),
+                stderr,
+                _stdin: stdin,
+                start_error: None,
+            },
+        );
+        let ctr = id.clone();
+        self.watch(out_fd, libc::POLLIN, move |m, _| {
+            m.pump_ctr(&ctr, Stream::Stdout)
+        });
+        if let Some(fd) = err_fd {
+            let ctr = id.clone();
+            self.watch(fd, libc::POLLIN, move |m, _| {
+                m.pump_ctr(&ctr, Stream::Stderr)
+            });
+        }
+        // The status pipe is watched from now on and answered at Start.
+        self.starts.push(PendingStart {
+            waiting: None,
+            ctr: id.clone(),
+            pipe: status,
+            msg: Vec::new(),
+        });
+        self.watch(status_fd, libc::POLLIN, move |m, _| m.start_ready(&id));
+    }
+
+    /// Tells the container's init to exec its command; the answer waits for the status pipe.
+    pub fn start(&mut self, conn: u64, req: u64, id: &str) -> Result<(), Failure> {
+        use proto::ErrorKind as K;
+        let Some(c) = self.ctrs.get(id) else {
+            return Err(not_found(id));
+        };
+        if c.status != CtrStatus::Created {
+            return Err((
+                K::Invalid,
+                format!("container {id} is not in the created state"),
+            ));
+        }
+        let mut lc = Container::load(self.lc_root.join(lc_id(id)))
+            .map_err(|e| (K::Failed, format!("loading container state: {e}")))?;
+        lc.start()
+            .map_err(|e| (K::Failed, format!("starting container: {e}")))?;
+        if let Some(c) = self.ctrs.get_mut(id) {
+            c.status = CtrStatus::Running;
+        }
+        match self.starts.iter_mut().find(|s| s.ctr == id) {
+            Some(s) => s.waiting = Some((conn, req)),
+            // The init died before it could be told to start: the exit is reported as usual.
+            None => self.respond(conn, req, Ok(None)),
+        }
+        Ok(())
+    }
+
+    /// The status pipe has news: the init exec'd (end of file, nothing written), failed to
+    /// (the message), or died before Start.
+    fn start_ready(&mut self, ctr: &str) {
+        let Some(i) = self.starts.iter().position(|s| s.ctr == ctr) else {
+            return;
+        };
+        let s = &mut self.starts[i];
+        let mut b = [0u8; 1024];
+        loop {
+            match s.pipe.read(&mut b) {
+                Ok(0) => break,
+                Ok(n) => s.msg.extend_from_slice(&b[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let s = self.starts.remove(i);
+        self.unwatch(s.pipe.as_raw_fd());
+        let msg = String::from_utf8_lossy(&s.msg).into_owned();
+        if !msg.is_empty()
+            && let Some(c) = self.ctrs.get_mut(ctr)
+        {
+            c.start_error = Some(msg.clone());
+        }
+        if let Some((conn, req)) = s.waiting {
+            if msg.is_empty() {
+                self.respond(conn, req, Ok(None));
+            } else {
+                self.respond(conn, req, Err((proto::ErrorKind::StartFailed, msg)));
+            }
+        }
+    }
+
+    /// Signals a container's init; SIGKILL takes what else runs in its cgroup too.
+    pub fn kill(
+        &mut self,
+        id: &str,
+        signal: i32,
+    ) -> Result<Option<proto::response::Result>, Failure> {
+        match self.ctrs.get(id) {
+            None => Err(not_found(id)),
+            Some(c) if c.status == CtrStatus::Exited => Ok(None),
+            Some(c) => {
+                let sig = Signal::try_from(signal).unwrap_or(Signal::SIGKILL);
+                if sig == Signal::SIGKILL {
+                    crate::cgroup::kill_procs(&c.cgroup_procs);
+                }
+                // The init is our child until reaped, so its pid cannot be reused.
+                match nix::sys::signal::kill(Pid::from_raw(c.pid), sig) {
+                    Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(None),
+                    Err(e) => Err((
+                        proto::ErrorKind::Failed,
+                        format!("signalling container {id}: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Reopens a container's log file (kubelet rotated it).
+    pub fn reopen_log(&mut self, id: &str) -> Result<Option<proto::response::Result>, Failure> {
+        use proto::ErrorKind as K;
+        match self.ctrs.get_mut(id) {
+            None => Err(not_found(id)),
+            Some(c) => match c.log.as_mut() {
+                None => Err((K::Invalid, "the container has no log file".into())),
+                Some(l) => l
+                    .reopen()
+                    .map(|()| None)
+                    .map_err(|e| (K::Failed, format!("reopening the log: {e}"))),
+            },
+        }
+    }
+
+    fn pump_ctr(&mut self, id: &str, s: Stream) {
+        let Some(c) = self.ctrs.get_mut(id) else {
+            return;
+        };
+        let f = match s {
+            Stream::Stdout => &mut c.stdout,
+            Stream::Stderr => &mut c.stderr,
+        };
+        let Some(file) = f.as_mut() else { return };
+        let mut buf = [0u8; 64 * 1024];
+        for _ in 0..PUMP_ROUNDS {
+            match read_some(file, &mut buf) {
+                Ok(Some(0)) => return,
+                Ok(Some(n)) => {
+                    if let Some(l) = c.log.as_mut() {
+                        let _ = l.write(s, &buf[..n]);
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    let fd = file.as_raw_fd();
+                    *f = None;
+                    if let Some(l) = c.log.as_mut() {
+                        let _ = l.finish(s);
+                    }
+                    self.unwatch(fd);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reaps every exited child: containers (exit status to disk, then reported), exec'd
+    /// processes, and the orphans a subreaper inherits.
+    pub fn reap(&mut self) {
+        loop {
+            let st = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(st) => st,
+            };
+            let (pid, code, signal) = match st {
+                WaitStatus::Exited(p, c) => (p.as_raw(), c, 0),
+                WaitStatus::Signaled(p, s, _) => (p.as_raw(), 128 + s as i32, s as i32),
+                _ => continue,
+            };
+            match self.pids.remove(&pid) {
+                Some(Owner::Container(id)) => self.container_exited(&id, code, signal),
+                Some(Owner::Exec(eid)) => self.exec_exited(eid, code),
+                None => {}
+            }
+        }
+    }
+
+    fn container_exited(&mut self, id: &str, code: i32, signal: i32) {
+        // A failed exec writes its reason and exits at once: read the reason before the exit
+        // is recorded, whichever the poll reported first.
+        if self.starts.iter().any(|s| s.ctr == id) {
+            self.start_ready(id);
+        }
+        let Some(c) = self.ctrs.get_mut(id) else {
+            return;
+        };
+        let mut exit = proto::Exit {
+            code,
+            signal,
+            exited_at_ns: now_ns(),
+            message: String::new(),
+            start_failed: false,
+        };
+        if let Some(msg) = c.start_error.take() {
+            exit.code = START_ERROR_CODE;
+            exit.message = msg;
+            exit.start_failed = true;
+        }
+        // A container is over when its init is: what it left running in its cgroup goes too.
+        crate::cgroup::kill_procs(&c.cgroup_procs);
+        // On disk first: a berthd that restarts must find it even if it missed the event.
+        write_exit_file(&c.exit_file, &exit);
+        c.status = CtrStatus::Exited;
+        c.exit = Some(exit.clone());
+        drain(c);
+        self.broadcast(proto::Event {
+            container_id: id.to_string(),
+            exit: Some(exit),
+        });
+    }
+
+    /// Forgets a container: its init killed first when `force`, libcontainer's state removed.
+    pub fn delete(
+        &mut self,
+        id: &str,
+        force: bool,
+    ) -> Result<Option<proto::response::Result>, Failure> {
+        use proto::ErrorKind as K;
+        let Some(c) = self.ctrs.get(id) else {
+            return Ok(None);
+        };
+        if c.status != CtrStatus::Exited {
+            if !force {
+                return Err((
+                    K::Invalid,
+                    format!("container {id} still runs; stop it first"),
+                ));
+            }
+            // Nobody wants its exit: the reaper drops it once the container is forgotten.
+            crate::cgroup::kill_procs(&c.cgroup_procs);
+            let _ = nix::sys::signal::kill(Pid::from_raw(c.pid), Signal::SIGKILL);
+        }
+        let dir = self.lc_root.join(lc_id(id));
+        if dir.exists() {
+            match Container::load(dir.clone()) {
+                Ok(mut lc) => {
+                    if let Err(e) = lc.delete(true) {
+                        return Err((K::Failed, format!("deleting container {id}: {e}")));
+                    }
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        if let Some(c) = self.ctrs.remove(id) {
+            for f in [c.stdout.as_ref(), c.stderr.as_ref()].into_iter().flatten() {
+                self.unwatch(f.as_raw_fd());
+            }
+        }
+        if let Some(i) = self.starts.iter().position(|s| s.ctr == id) {
+            let s = self.starts.remove(i);
+            self.unwatch(s.pipe.as_raw_fd());
+        }
+        Ok(None)
+    }
+}
+
+/// After the create: oom_score_adj set on the init, and the output it will write.
+fn finish_create(
+    c: &proto::Create,
+    pid: i32,
+    io: Io,
+) -> Result<(File, Option<File>, Option<File>), String> {
+    if c.set_oom_score_adj {
+        std::fs::write(
+            format!("/proc/{pid}/oom_score_adj"),
+            c.oom_score_adj.to_string(),
+        )
+        .map_err(|e| format!("setting oom_score_adj {}: {e}", c.oom_score_adj))?;
+    }
+    match io {
+        Io::Pipes { out, err, stdin } => Ok((out, Some(err), stdin)),
+        Io::Terminal { console, sock } => {
+            let _ = std::fs::remove_file(&sock);
+            let master = receive_pty_master(&console)
+                .map_err(|e| format!("receiving the container's terminal: {e}"))?;
+            let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
+            Ok((reader, None, Some(master)))
+        }
+    }
+}
+
+/// Logs what a dead container wrote before it died (writers in the same PID namespace are
+/// gone with it; output still buffered in the pipes goes to the log).
+fn drain(c: &mut Ctr) {
+    let mut buf = vec![0u8; 64 * 1024];
+    for s in [Stream::Stdout, Stream::Stderr] {
+        for _ in 0..64 {
+            let f = match s {
+                Stream::Stdout => &mut c.stdout,
+                Stream::Stderr => &mut c.stderr,
+            };
+            match f.as_mut().map(|f| read_some(f, &mut buf)) {
+                Some(Ok(Some(n))) if n > 0 => {
+                    if let Some(l) = c.log.as_mut() {
+                        let _ = l.write(s, &buf[..n]);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+}
