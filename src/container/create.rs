@@ -37,26 +37,7 @@ impl Containers {
                 p.id
             )));
         }
-        // Privilege is the pod's to grant: a container alone cannot take the node.
-        if spec.security.privileged && !p.spec.security.privileged {
-            return Err(Error::InvalidArgument(format!(
-                "container {:?} asks for privileged, but pod sandbox {} is not privileged \
-                 (linux.security_context.privileged of the pod)",
-                spec.name, p.id
-            )));
-        }
-        // Mounts that propagate back to the node are the node's to grant, as Kubernetes does.
-        if let Some(m) = spec
-            .mounts
-            .iter()
-            .find(|m| m.propagation == Propagation::Bidirectional)
-            && !spec.security.privileged
-        {
-            return Err(Error::InvalidArgument(format!(
-                "mount {}: Bidirectional propagation needs a privileged container",
-                m.container_path
-            )));
-        }
+        check_privilege(&spec, &p)?;
         let key = format!("{}/{}/{}", p.id, spec.name, spec.attempt);
         if let Some(other) = self.names.lock().expect("names poisoned").get(&key) {
             return Err(Error::AlreadyExists(format!(
@@ -67,34 +48,7 @@ impl Containers {
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
         crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
-        let log_path = log_path(&p.spec.log_directory, &spec.log_path)?;
-        let rc = image.config.config.clone().unwrap_or_default();
-        let mut rec = ContainerRecord {
-            id: id.clone(),
-            pod_id: p.id.clone(),
-            image_id: image.record.id.clone(),
-            image_name: image
-                .record
-                .repo_tags
-                .first()
-                .cloned()
-                .unwrap_or_else(|| spec.image.clone()),
-            state: CtrState::Creating,
-            created_at: now_ns(),
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            pid: 0,
-            user: user::User::default(),
-            env: Vec::new(),
-            cwd: String::new(),
-            stop_signal: rc.stop_signal.clone(),
-            log_path,
-            mounts: Vec::new(),
-            spec,
-        };
+        let mut rec = new_record(&id, &p, spec, &image)?;
         if let Err(e) = self.persist(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -386,6 +340,66 @@ impl Containers {
             tracing::warn!(container = id, error = %e, "releasing the image hold");
         }
     }
+}
+
+/// Privilege is the pod's to grant: a container alone cannot take the node. Mounts that
+/// propagate back to the node need a privileged container, as Kubernetes has it.
+fn check_privilege(spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
+    if spec.security.privileged && !p.spec.security.privileged {
+        return Err(Error::InvalidArgument(format!(
+            "container {:?} asks for privileged, but pod sandbox {} is not privileged \
+             (linux.security_context.privileged of the pod)",
+            spec.name, p.id
+        )));
+    }
+    if let Some(m) = spec
+        .mounts
+        .iter()
+        .find(|m| m.propagation == Propagation::Bidirectional)
+        && !spec.security.privileged
+    {
+        return Err(Error::InvalidArgument(format!(
+            "mount {}: Bidirectional propagation needs a privileged container",
+            m.container_path
+        )));
+    }
+    Ok(())
+}
+
+/// The record of a container about to be made (state Creating).
+fn new_record(
+    id: &str,
+    p: &PodRecord,
+    spec: ContainerSpec,
+    image: &Image,
+) -> Result<ContainerRecord> {
+    let rc = image.config.config.clone().unwrap_or_default();
+    Ok(ContainerRecord {
+        id: id.to_string(),
+        pod_id: p.id.clone(),
+        image_id: image.record.id.clone(),
+        image_name: image
+            .record
+            .repo_tags
+            .first()
+            .cloned()
+            .unwrap_or_else(|| spec.image.clone()),
+        state: CtrState::Creating,
+        created_at: now_ns(),
+        started_at: 0,
+        finished_at: 0,
+        exit_code: 0,
+        reason: String::new(),
+        message: String::new(),
+        pid: 0,
+        user: user::User::default(),
+        env: Vec::new(),
+        cwd: String::new(),
+        stop_signal: rc.stop_signal.clone(),
+        log_path: log_path(&p.spec.log_directory, &spec.log_path)?,
+        mounts: Vec::new(),
+        spec,
+    })
 }
 
 /// The request's host paths: absolute, existing; symlinks resolved so the mount shows the

@@ -19,35 +19,60 @@ impl Containers {
     /// At start: adopts containers from the monitors, reads the exits that happened while
     /// berthd was away, undoes half-made containers and removes what nothing refers to.
     pub(super) async fn reconcile(&self) {
-        let mut records: Vec<ContainerRecord> = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(self.layout.containers()) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                match store::read_json::<ContainerRecord>(&e.path().join("container.json")) {
-                    Ok(Some(r)) if r.id == name => records.push(r),
-                    _ => {
-                        tracing::warn!(container = %name, "removing a container directory without a record");
-                        rootfs::unmount(&e.path().join("rootfs"));
-                        let _ = std::fs::remove_dir_all(e.path());
-                    }
+        let records = self.read_records();
+        let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
+        let held = self.held_by_monitors(&pods).await;
+        for r in records {
+            if r.state == CtrState::Creating || !pods.contains_key(&r.pod_id) {
+                tracing::info!(container = %r.id, "undoing a container whose creation was interrupted or whose pod is gone");
+                self.insert(r.clone(), true);
+                self.undo(&r).await;
+                continue;
+            }
+            let h = held.get(&r.id);
+            self.adopt(r, h);
+        }
+        self.remove_unreferenced(&held).await;
+    }
+
+    /// The container records; directories without a readable one are removed.
+    fn read_records(&self) -> Vec<ContainerRecord> {
+        let mut records = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.layout.containers()) else {
+            return records;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            match store::read_json::<ContainerRecord>(&e.path().join("container.json")) {
+                Ok(Some(r)) if r.id == name => records.push(r),
+                _ => {
+                    tracing::warn!(container = %name, "removing a container directory without a record");
+                    rootfs::unmount(&e.path().join("rootfs"));
+                    let _ = std::fs::remove_dir_all(e.path());
                 }
             }
         }
-        // What each live pod's monitor holds.
-        let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
-        let mut held: HashMap<String, proto::ContainerState> = HashMap::new();
-        for (pod, st) in &pods {
+        records
+    }
+
+    /// What each ready pod's monitor holds, by container id.
+    async fn held_by_monitors(
+        &self,
+        pods: &HashMap<String, PodState>,
+    ) -> HashMap<String, proto::ContainerState> {
+        let mut held = HashMap::new();
+        for (pod, st) in pods {
             if *st != PodState::Ready {
                 continue;
             }
-            match self
+            let listed = self
                 .monitor(pod)
                 .call(
                     request::Op::List(proto::List {}),
                     Some(Duration::from_secs(10)),
                 )
-                .await
-            {
+                .await;
+            match listed {
                 Ok(r) => {
                     if let Some(proto::response::Result::States(s)) = r.result {
                         for c in s.containers {
@@ -58,66 +83,63 @@ impl Containers {
                 Err(e) => tracing::warn!(pod = %pod, error = %e, "cannot reach the pod's monitor"),
             }
         }
-        for mut r in records {
-            if r.state == CtrState::Creating || !pods.contains_key(&r.pod_id) {
-                tracing::info!(container = %r.id, "undoing a container whose creation was interrupted or whose pod is gone");
-                self.ctrs.write().expect("containers poisoned").insert(
-                    r.id.clone(),
-                    Arc::new(Ctr {
-                        id: r.id.clone(),
-                        record: RwLock::new(r.clone()),
-                        op: Default::default(),
-                        exited: watch::channel(true).0,
-                    }),
-                );
-                self.undo(&r).await;
-                continue;
-            }
-            if matches!(r.state, CtrState::Created | CtrState::Running) {
-                match held.get(&r.id) {
-                    Some(s) if s.status == proto::Status::Exited as i32 => {
-                        if let Some(e) = &s.exit {
-                            apply_exit(&mut r, e);
-                        }
+        held
+    }
+
+    /// Takes a recorded container as its monitor (or its exit file) says it is now.
+    fn adopt(&self, mut r: ContainerRecord, held: Option<&proto::ContainerState>) {
+        if matches!(r.state, CtrState::Created | CtrState::Running) {
+            match held {
+                Some(s) if s.status == proto::Status::Exited as i32 => {
+                    if let Some(e) = &s.exit {
+                        apply_exit(&mut r, e);
                     }
-                    Some(s) if s.status == proto::Status::Running as i32 => {
-                        if r.state == CtrState::Created {
-                            r.state = CtrState::Running;
-                            r.started_at = now_ns();
-                        }
-                    }
-                    Some(_) => {}
-                    None => match read_exit_file(&self.ctr_dir(&r.id).join("exit.json")) {
-                        Some(e) => apply_exit(&mut r, &e),
-                        None => {
-                            self.kill_orphans(&r);
-                            r.state = CtrState::Exited;
-                            r.exit_code = 255;
-                            r.finished_at = now_ns();
-                            r.reason = "Unknown".into();
-                            r.message =
-                                "the pod's monitor is gone; the container's fate is unknown".into();
-                        }
-                    },
                 }
-                let _ = self.persist(&r);
+                Some(s) if s.status == proto::Status::Running as i32 => {
+                    if r.state == CtrState::Created {
+                        r.state = CtrState::Running;
+                        r.started_at = now_ns();
+                    }
+                }
+                Some(_) => {}
+                None => match read_exit_file(&self.ctr_dir(&r.id).join("exit.json")) {
+                    Some(e) => apply_exit(&mut r, &e),
+                    None => {
+                        self.kill_orphans(&r);
+                        r.state = CtrState::Exited;
+                        r.exit_code = 255;
+                        r.finished_at = now_ns();
+                        r.reason = "Unknown".into();
+                        r.message =
+                            "the pod's monitor is gone; the container's fate is unknown".into();
+                    }
+                },
             }
-            self.names.lock().expect("names poisoned").insert(
-                format!("{}/{}/{}", r.pod_id, r.spec.name, r.spec.attempt),
-                r.id.clone(),
-            );
-            let exited = r.state == CtrState::Exited;
-            self.ctrs.write().expect("containers poisoned").insert(
-                r.id.clone(),
-                Arc::new(Ctr {
-                    id: r.id.clone(),
-                    record: RwLock::new(r),
-                    op: tokio::sync::Mutex::new(()),
-                    exited: watch::channel(exited).0,
-                }),
-            );
+            let _ = self.persist(&r);
         }
-        // Writable layers and image holds of containers that no longer exist.
+        self.names.lock().expect("names poisoned").insert(
+            format!("{}/{}/{}", r.pod_id, r.spec.name, r.spec.attempt),
+            r.id.clone(),
+        );
+        let exited = r.state == CtrState::Exited;
+        self.insert(r, exited);
+    }
+
+    fn insert(&self, r: ContainerRecord, exited: bool) {
+        self.ctrs.write().expect("containers poisoned").insert(
+            r.id.clone(),
+            Arc::new(Ctr {
+                id: r.id.clone(),
+                record: RwLock::new(r),
+                op: tokio::sync::Mutex::new(()),
+                exited: watch::channel(exited).0,
+            }),
+        );
+    }
+
+    /// Writable layers, image holds and libcontainer state of containers that no longer
+    /// exist (a monitor that died with its pod could not be asked to delete them).
+    async fn remove_unreferenced(&self, held: &HashMap<String, proto::ContainerState>) {
         let live: Vec<String> = self
             .ctrs
             .read()
@@ -138,8 +160,6 @@ impl Containers {
                 let _ = self.images.release(&owner).await;
             }
         }
-        // libcontainer state of containers whose pod's monitor died with them (the undo above
-        // could not ask it to delete them): neither a record nor a monitor refers to it.
         let known: Vec<&str> = live
             .iter()
             .chain(held.keys())

@@ -220,6 +220,22 @@ fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
         .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))
 }
 
+/// A mount as ContainerStatus reports it (its host path resolved).
+fn cri_mount(m: &MountSpec, src: &std::path::Path) -> cri::Mount {
+    cri::Mount {
+        container_path: m.container_path.clone(),
+        host_path: src.to_string_lossy().into_owned(),
+        readonly: m.readonly,
+        recursive_read_only: m.recursive_read_only,
+        propagation: match m.propagation {
+            Propagation::Private => cri::MountPropagation::PropagationPrivate,
+            Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer,
+            Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
+        } as i32,
+        ..Default::default()
+    }
+}
+
 fn state(s: CtrState) -> i32 {
     (match s {
         CtrState::Creating | CtrState::Created => cri::ContainerState::ContainerCreated,
@@ -240,6 +256,23 @@ fn metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
 }
 
 impl Cri {
+    /// ContainerStatus's verbose `info`: the record, the user and the OCI spec (as crictl
+    /// inspect shows them).
+    fn verbose_info(&self, r: &ContainerRecord) -> HashMap<String, String> {
+        let layout = crate::layout::Layout::new(&self.rt.config().root, &self.rt.config().state);
+        let spec = std::fs::read_to_string(layout.containers().join(&r.id).join("config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
+        let v = serde_json::json!({
+            "pid": r.pid,
+            "sandboxID": r.pod_id,
+            "runtimeSpec": spec,
+            "user": r.user,
+            "record": r,
+        });
+        HashMap::from([("info".to_string(), v.to_string())])
+    }
+
     pub(super) async fn create_container(
         &self,
         req: cri::CreateContainerRequest,
@@ -339,45 +372,12 @@ impl Cri {
                 r.id
             )));
         }
-        let mut info = HashMap::new();
-        if req.verbose {
-            let spec = std::fs::read_to_string(
-                self.rt
-                    .config()
-                    .state
-                    .join("containers")
-                    .join(&r.id)
-                    .join("config.json"),
-            )
-            .ok()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok());
-            let v = serde_json::json!({
-                "pid": r.pid,
-                "sandboxID": r.pod_id,
-                "runtimeSpec": spec,
-                "user": r.user,
-                "record": r,
-            });
-            info.insert("info".to_string(), v.to_string());
-        }
-        let mounts = r
-            .mounts
-            .iter()
-            .map(|(m, src)| cri::Mount {
-                container_path: m.container_path.clone(),
-                host_path: src.to_string_lossy().into_owned(),
-                readonly: m.readonly,
-                recursive_read_only: m.recursive_read_only,
-                propagation: match m.propagation {
-                    Propagation::Private => cri::MountPropagation::PropagationPrivate,
-                    Propagation::HostToContainer => {
-                        cri::MountPropagation::PropagationHostToContainer
-                    }
-                    Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
-                } as i32,
-                ..Default::default()
-            })
-            .collect();
+        let info = if req.verbose {
+            self.verbose_info(&r)
+        } else {
+            HashMap::new()
+        };
+        let mounts = r.mounts.iter().map(|(m, src)| cri_mount(m, src)).collect();
         Ok(cri::ContainerStatusResponse {
             status: Some(cri::ContainerStatus {
                 id: r.id.clone(),

@@ -8,7 +8,7 @@ use tonic::Status;
 
 use super::Cri;
 use crate::error::Error;
-use crate::image::registry::{Credentials, CriAuth};
+use crate::image::credentials::{Credentials, CriAuth};
 use crate::image::{Image, Usage};
 
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {

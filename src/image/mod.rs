@@ -6,6 +6,9 @@
 //! waits behind a pull: pulls take the index lock only for the instant they publish.
 
 pub mod content;
+pub mod credentials;
+pub mod endpoints;
+mod gc;
 pub mod manifest;
 pub mod pull;
 pub mod reference;
@@ -13,9 +16,9 @@ pub mod registry;
 pub mod snapshot;
 pub mod unpack;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -310,29 +313,6 @@ pub struct ImageStore {
     next_lease: AtomicU64,
 }
 
-/// A pull's hold on what it has fetched but not yet published.
-pub(crate) struct PullLease<'a> {
-    store: &'a ImageStore,
-    id: String,
-}
-
-impl PullLease<'_> {
-    pub(crate) fn add(&self, items: impl IntoIterator<Item = String>) {
-        let mut l = self.store.leases.lock().expect("leases lock poisoned");
-        l.entry(self.id.clone()).or_default().extend(items);
-    }
-}
-
-impl Drop for PullLease<'_> {
-    fn drop(&mut self) {
-        self.store
-            .leases
-            .lock()
-            .expect("leases lock poisoned")
-            .remove(&self.id);
-    }
-}
-
 #[derive(Serialize, Deserialize)]
 struct LeaseRecord {
     owner: String,
@@ -445,69 +425,6 @@ impl ImageStore {
         }
     }
 
-    fn lease(&self) -> PullLease<'_> {
-        let id = format!("pull-{}", self.next_lease.fetch_add(1, Ordering::Relaxed));
-        PullLease { store: self, id }
-    }
-
-    /// Holds an image's layers for `owner` (a container), durably, until `release`.
-    pub fn hold(&self, owner: &str, img: &Image) -> Result<(), ImageError> {
-        let items: Vec<String> = img
-            .chain_ids()
-            .into_iter()
-            .chain(img.content_digests())
-            .collect();
-        store::write_json_volatile(
-            &self.leases_dir.join(format!("{owner}.json")),
-            &LeaseRecord {
-                owner: owner.to_string(),
-                image_id: img.record.id.clone(),
-                items: items.clone(),
-            },
-        )?;
-        self.leases
-            .lock()
-            .expect("leases lock poisoned")
-            .insert(owner.to_string(), items);
-        Ok(())
-    }
-
-    /// Drops `owner`'s hold and collects what nothing uses any more.
-    pub async fn release(&self, owner: &str) -> Result<(), ImageError> {
-        match std::fs::remove_file(self.leases_dir.join(format!("{owner}.json"))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(ImageError::Store(StoreError::Io {
-                    what: "removing",
-                    path: self.leases_dir.join(format!("{owner}.json")),
-                    source,
-                }));
-            }
-        }
-        let had = self
-            .leases
-            .lock()
-            .expect("leases lock poisoned")
-            .remove(owner)
-            .is_some();
-        if had {
-            self.gc().await;
-        }
-        Ok(())
-    }
-
-    /// Owners of durable holds (containers), for reconciliation at start.
-    pub fn holders(&self) -> Vec<String> {
-        self.leases
-            .lock()
-            .expect("leases lock poisoned")
-            .keys()
-            .filter(|k| !k.starts_with("pull-"))
-            .cloned()
-            .collect()
-    }
-
     /// Publishes a pulled image: merges with an existing record of the same ID, moves tags from
     /// other images to it, and writes every changed record.
     async fn publish(
@@ -578,68 +495,6 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Removes an image (every tag of it) found by any reference form; an unknown one is fine.
-    /// Its layers go when no other image and no container uses them.
-    pub async fn remove(&self, name: &str) -> Result<(), ImageError> {
-        {
-            let _commit = self.commit.lock().await;
-            let Some(img) = self.find(name) else {
-                return Ok(());
-            };
-            store::remove(
-                &self
-                    .images_dir
-                    .join(format!("{}.json", &img.record.id["sha256:".len()..])),
-            )?;
-            self.index
-                .write()
-                .expect("image index lock poisoned")
-                .remove(&img.record.id);
-            tracing::info!(image = %img.record.id, tags = ?img.record.repo_tags, "image removed");
-        }
-        self.gc().await;
-        Ok(())
-    }
-
-    /// Deletes snapshots and content that no image, pull or container holds.
-    pub async fn gc(&self) {
-        let _commit = self.commit.lock().await;
-        let mut keep: HashSet<String> = HashSet::new();
-        for img in self.read_index().by_id.values() {
-            keep.extend(img.chain_ids());
-            keep.extend(img.content_digests());
-        }
-        for items in self.leases.lock().expect("leases lock poisoned").values() {
-            keep.extend(items.iter().cloned());
-        }
-        let dead_snapshots: Vec<String> = self
-            .snapshots
-            .chain_ids()
-            .into_iter()
-            .filter(|c| !keep.contains(c))
-            .collect();
-        let dead_content: Vec<Digest> = self
-            .content
-            .list()
-            .into_iter()
-            .filter(|d| !keep.contains(d.as_str()))
-            .collect();
-        if dead_snapshots.is_empty() && dead_content.is_empty() {
-            return;
-        }
-        let snaps = &self.snapshots;
-        let content = &self.content;
-        // Deleting trees is slow, blocking work; the commit lock keeps pulls from racing it.
-        tokio::task::block_in_place(|| {
-            for c in &dead_snapshots {
-                snaps.remove(c);
-            }
-            for d in &dead_content {
-                content.remove(d);
-            }
-        });
-    }
-
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -660,8 +515,8 @@ impl ImageStore {
         Duration::from_secs(self.config.images.pull_progress_timeout_seconds.max(1))
     }
 
-    pub(crate) fn endpoints(&self, domain: &str) -> Vec<registry::Endpoint> {
-        registry::endpoints(&self.config, domain)
+    pub(crate) fn endpoints(&self, domain: &str) -> Vec<endpoints::Endpoint> {
+        endpoints::endpoints(&self.config, domain)
     }
 }
 

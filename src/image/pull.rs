@@ -13,9 +13,11 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
+use super::credentials::{Credentials, CriAuth};
+use super::endpoints::Endpoint;
 use super::manifest::{self, Document, ImageConfig};
 use super::reference::{Digest, Reference};
-use super::registry::{Credentials, CriAuth, Endpoint, RegistryError};
+use super::registry::RegistryError;
 use super::snapshot::{self, LayerError, SnapshotMeta};
 use super::{ImageError, ImageRecord, ImageStore, LayerRecord};
 
@@ -111,7 +113,13 @@ async fn pull(
                 reference: r.to_string(),
                 message,
             })?;
-        match pull_from(store, &r, &ep, &creds).await {
+        let attempt = Attempting {
+            store,
+            r: &r,
+            ep: &ep,
+            creds: &creds,
+        };
+        match attempt.run().await {
             Ok(id) => {
                 tracing::info!(image = %r, id = %id, endpoint = %ep, elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
                 return Ok(id);
@@ -146,124 +154,174 @@ impl From<ImageError> for Attempt {
     }
 }
 
-async fn pull_from(
-    store: &ImageStore,
-    r: &Reference,
-    ep: &Endpoint,
-    creds: &Credentials,
-) -> Result<String, Attempt> {
-    let reg = store.registry();
-    let bad = |message: String| {
+/// One attempt: a pull from one endpoint with one set of credentials.
+struct Attempting<'a> {
+    store: &'a ImageStore,
+    r: &'a Reference,
+    ep: &'a Endpoint,
+    creds: &'a Credentials,
+}
+
+impl Attempting<'_> {
+    /// The image is not usable (as served by this endpoint).
+    fn bad(&self, message: String) -> Attempt {
         Attempt::Fatal(ImageError::BadImage {
-            reference: r.to_string(),
-            endpoint: ep.to_string(),
+            reference: self.r.to_string(),
+            endpoint: self.ep.to_string(),
             message,
         })
-    };
-    let content_err = |context: &str, source| {
-        Attempt::Fatal(ImageError::Content {
-            context: format!("pulling {r}: {context}"),
-            source,
-        })
-    };
-
-    // Manifest, through an index when there is one.
-    let (top, top_digest) = reg
-        .fetch_manifest(ep, r.path(), &r.registry_ref(), creds)
-        .await
-        .map_err(Attempt::NextEndpoint)?;
-    let resolved = match manifest::parse_document(&top).map_err(bad)? {
-        Document::Manifest(m) => Resolved {
-            top_digest: top_digest.clone(),
-            index_digest: None,
-            manifest_digest: top_digest.clone(),
-            manifest: m,
-        },
-        Document::Index(entries) => {
-            let want = manifest::host_platform();
-            let pick = manifest::select_platform(&entries, &want).ok_or_else(|| {
-                let have: Vec<String> = entries
-                    .iter()
-                    .filter_map(|e| e.platform.as_ref().map(|p| p.to_string()))
-                    .collect();
-                bad(format!(
-                    "no manifest for {want} in the index (it has {})",
-                    have.join(", ")
-                ))
-            })?;
-            let (body, digest) = reg
-                .fetch_manifest(ep, r.path(), &pick.digest, creds)
-                .await
-                .map_err(Attempt::NextEndpoint)?;
-            match manifest::parse_document(&body).map_err(bad)? {
-                Document::Manifest(m) => {
-                    let d = Digest::parse(&digest)
-                        .ok_or_else(|| bad(format!("bad digest {digest}")))?;
-                    store
-                        .content()
-                        .write(&d, &body)
-                        .map_err(|e| content_err("platform manifest", e))?;
-                    Resolved {
-                        top_digest: top_digest.clone(),
-                        index_digest: Some(top_digest.clone()),
-                        manifest_digest: digest,
-                        manifest: m,
-                    }
-                }
-                Document::Index(_) => {
-                    return Err(bad("an index entry points to another index".into()));
-                }
-            }
-        }
-    };
-    let top_d = Digest::parse(&resolved.top_digest)
-        .ok_or_else(|| bad(format!("bad digest {}", resolved.top_digest)))?;
-    if let Some(want) = r.digest()
-        && want != &top_d
-    {
-        return Err(Attempt::NextEndpoint(RegistryError::DigestMismatch {
-            endpoint: ep.to_string(),
-            what: format!("manifest {r}"),
-            message: format!("asked for {want}, got {top_d}"),
-        }));
     }
 
-    // What this pull fetches is held against garbage collection until it is published.
-    let lease = store.lease();
-    let m = &resolved.manifest;
-    let config_digest = Digest::parse(&m.config.digest)
-        .ok_or_else(|| bad(format!("bad config digest {:?}", m.config.digest)))?;
-    lease.add([
-        resolved.top_digest.clone(),
-        resolved.manifest_digest.clone(),
-        config_digest.to_string(),
-    ]);
-    store
-        .content()
-        .write(&top_d, &top)
-        .map_err(|e| content_err("manifest", e))?;
+    fn content_err(&self, context: &str, source: super::content::ContentError) -> Attempt {
+        Attempt::Fatal(ImageError::Content {
+            context: format!("pulling {}: {context}", self.r),
+            source,
+        })
+    }
 
-    // Config.
-    let config_raw = if store.content().contains(&config_digest) {
-        store
-            .content()
-            .read(&config_digest)
-            .map_err(|e| content_err("config", e))?
-    } else {
-        if m.config.size > MAX_CONFIG_BYTES as i64 {
-            return Err(bad(format!(
-                "config of {} bytes is too large",
-                m.config.size
-            )));
+    fn digest(&self, d: &str, what: &str) -> Result<Digest, Attempt> {
+        Digest::parse(d).ok_or_else(|| self.bad(format!("malformed {what} digest {d:?}")))
+    }
+
+    /// The steps of a pull from this endpoint; returns the image ID.
+    async fn run(&self) -> Result<String, Attempt> {
+        let (top, resolved) = self.resolve().await?;
+        let top_d = self.digest(&resolved.top_digest, "manifest")?;
+        if let Some(want) = self.r.digest()
+            && want != &top_d
+        {
+            return Err(Attempt::NextEndpoint(RegistryError::DigestMismatch {
+                endpoint: self.ep.to_string(),
+                what: format!("manifest {}", self.r),
+                message: format!("asked for {want}, got {top_d}"),
+            }));
         }
-        let stream = reg
+        // What this pull fetches is held against garbage collection until it is published.
+        let lease = self.store.lease();
+        let m = &resolved.manifest;
+        let config_digest = self.digest(&m.config.digest, "config")?;
+        lease.add([
+            resolved.top_digest.clone(),
+            resolved.manifest_digest.clone(),
+            config_digest.to_string(),
+        ]);
+        self.store
+            .content()
+            .write(&top_d, &top)
+            .map_err(|e| self.content_err("manifest", e))?;
+        let config_raw = self.config(m, &config_digest).await?;
+        let config: ImageConfig = serde_json::from_slice(&config_raw)
+            .map_err(|e| self.bad(format!("image config: {e}")))?;
+        let config_json: serde_json::Value =
+            serde_json::from_slice(&config_raw).unwrap_or_default();
+        let layers = self.layer_records(m, &config)?;
+        lease.add(layers.iter().map(|l| l.chain_id.clone()));
+        // The missing layers, several at a time.
+        futures::stream::iter(layers.iter().map(Ok))
+            .try_for_each_concurrent(self.store.max_downloads(), |l| self.ensure_layer(l))
+            .await?;
+        let size =
+            layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>() + config_raw.len() as u64;
+        let rec = ImageRecord {
+            id: config_digest.to_string(),
+            repo_tags: if self.r.digest().is_none() {
+                self.r.tagged().into_iter().collect()
+            } else {
+                Vec::new()
+            },
+            repo_digests: vec![self.r.with_digest(&top_d)],
+            manifest_digest: resolved.manifest_digest.clone(),
+            index_digest: resolved.index_digest.clone(),
+            layers,
+            size,
+            pulled_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        };
+        self.store.publish(rec, config, config_json).await?;
+        drop(lease);
+        Ok(config_digest.to_string())
+    }
+
+    /// The manifest for this host, through an index when there is one; the top document's
+    /// bytes too (stored once the pull is leased).
+    async fn resolve(&self) -> Result<(Bytes, Resolved), Attempt> {
+        let reg = self.store.registry();
+        let (top, top_digest) = reg
+            .fetch_manifest(self.ep, self.r.path(), &self.r.registry_ref(), self.creds)
+            .await
+            .map_err(Attempt::NextEndpoint)?;
+        let entries = match manifest::parse_document(&top).map_err(|e| self.bad(e))? {
+            Document::Manifest(m) => {
+                let resolved = Resolved {
+                    top_digest: top_digest.clone(),
+                    index_digest: None,
+                    manifest_digest: top_digest,
+                    manifest: m,
+                };
+                return Ok((top, resolved));
+            }
+            Document::Index(entries) => entries,
+        };
+        let want = manifest::host_platform();
+        let pick = manifest::select_platform(&entries, &want).ok_or_else(|| {
+            let have: Vec<String> = entries
+                .iter()
+                .filter_map(|e| e.platform.as_ref().map(|p| p.to_string()))
+                .collect();
+            self.bad(format!(
+                "no manifest for {want} in the index (it has {})",
+                have.join(", ")
+            ))
+        })?;
+        let (body, digest) = reg
+            .fetch_manifest(self.ep, self.r.path(), &pick.digest, self.creds)
+            .await
+            .map_err(Attempt::NextEndpoint)?;
+        let Document::Manifest(m) = manifest::parse_document(&body).map_err(|e| self.bad(e))?
+        else {
+            return Err(self.bad("an index entry points to another index".into()));
+        };
+        let d = self.digest(&digest, "platform manifest")?;
+        self.store
+            .content()
+            .write(&d, &body)
+            .map_err(|e| self.content_err("platform manifest", e))?;
+        let resolved = Resolved {
+            top_digest: top_digest.clone(),
+            index_digest: Some(top_digest),
+            manifest_digest: digest,
+            manifest: m,
+        };
+        Ok((top, resolved))
+    }
+
+    /// The image config: from the content store, or fetched (bounded) and verified.
+    async fn config(
+        &self,
+        m: &manifest::Manifest,
+        config_digest: &Digest,
+    ) -> Result<Vec<u8>, Attempt> {
+        let content = self.store.content();
+        if content.contains(config_digest) {
+            return content
+                .read(config_digest)
+                .map_err(|e| self.content_err("config", e));
+        }
+        if m.config.size > MAX_CONFIG_BYTES as i64 {
+            return Err(self.bad(format!("config of {} bytes is too large", m.config.size)));
+        }
+        let stream = self
+            .store
+            .registry()
             .fetch_blob(
-                ep,
-                r.path(),
+                self.ep,
+                self.r.path(),
                 config_digest.as_str(),
                 m.config.size,
                 &m.config.media_type,
-                creds,
+                self.creds,
             )
             .await
             .map_err(Attempt::NextEndpoint)?;
@@ -272,220 +330,200 @@ async fn pull_from(
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
                 Attempt::NextEndpoint(RegistryError::Protocol {
-                    endpoint: ep.to_string(),
+                    endpoint: self.ep.to_string(),
                     message: format!("config {config_digest}: {e}"),
                 })
             })?;
             if buf.len() + chunk.len() > MAX_CONFIG_BYTES {
-                return Err(bad("config larger than 16 MiB".into()));
+                return Err(self.bad("config larger than 16 MiB".into()));
             }
             buf.extend_from_slice(&chunk);
         }
-        match store.content().write(&config_digest, &buf) {
-            Ok(()) => buf,
+        match content.write(config_digest, &buf) {
+            Ok(()) => Ok(buf),
             Err(super::content::ContentError::DigestMismatch { expected, actual }) => {
-                return Err(Attempt::NextEndpoint(RegistryError::DigestMismatch {
-                    endpoint: ep.to_string(),
+                Err(Attempt::NextEndpoint(RegistryError::DigestMismatch {
+                    endpoint: self.ep.to_string(),
                     what: format!("config {expected}"),
                     message: format!("content hashes to {actual}"),
-                }));
+                }))
             }
-            Err(e) => return Err(content_err("config", e)),
+            Err(e) => Err(self.content_err("config", e)),
         }
-    };
-    let config: ImageConfig =
-        serde_json::from_slice(&config_raw).map_err(|e| bad(format!("image config: {e}")))?;
-    let config_json: serde_json::Value = serde_json::from_slice(&config_raw).unwrap_or_default();
-    let diff_ids = &config.rootfs.diff_ids;
-    if diff_ids.len() != m.layers.len() {
-        return Err(bad(format!(
-            "the manifest has {} layers but the config names {} diff IDs",
-            m.layers.len(),
-            diff_ids.len()
-        )));
     }
-    for d in diff_ids {
-        Digest::parse(d).ok_or_else(|| bad(format!("config has a malformed diff ID {d:?}")))?;
-    }
-    let chains = snapshot::chain_ids(diff_ids);
-    lease.add(chains.iter().cloned());
 
-    // Layers: the missing ones, several at a time.
-    let layers: Vec<LayerRecord> = m
-        .layers
-        .iter()
-        .zip(diff_ids)
-        .zip(&chains)
-        .map(|((l, d), c)| LayerRecord {
-            digest: l.digest.clone(),
-            media_type: l.media_type.clone(),
-            size: l.size,
-            diff_id: d.clone(),
-            chain_id: c.clone(),
-        })
-        .collect();
-    for l in &layers {
-        Digest::parse(&l.digest)
-            .ok_or_else(|| bad(format!("layer with a malformed digest {:?}", l.digest)))?;
+    /// The layers as recorded: each manifest layer with its diff ID and chain ID, all
+    /// well-formed and as many as the config names.
+    fn layer_records(
+        &self,
+        m: &manifest::Manifest,
+        config: &ImageConfig,
+    ) -> Result<Vec<LayerRecord>, Attempt> {
+        let diff_ids = &config.rootfs.diff_ids;
+        if diff_ids.len() != m.layers.len() {
+            return Err(self.bad(format!(
+                "the manifest has {} layers but the config names {} diff IDs",
+                m.layers.len(),
+                diff_ids.len()
+            )));
+        }
+        for d in diff_ids {
+            Digest::parse(d)
+                .ok_or_else(|| self.bad(format!("config has a malformed diff ID {d:?}")))?;
+        }
+        let chains = snapshot::chain_ids(diff_ids);
+        let layers: Vec<LayerRecord> = m
+            .layers
+            .iter()
+            .zip(diff_ids)
+            .zip(&chains)
+            .map(|((l, d), c)| LayerRecord {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                size: l.size,
+                diff_id: d.clone(),
+                chain_id: c.clone(),
+            })
+            .collect();
+        for l in &layers {
+            Digest::parse(&l.digest)
+                .ok_or_else(|| self.bad(format!("layer with a malformed digest {:?}", l.digest)))?;
+        }
+        Ok(layers)
     }
-    futures::stream::iter(layers.iter().map(Ok))
-        .try_for_each_concurrent(store.max_downloads(), |l| {
-            ensure_layer(store, r, ep, creds, l)
-        })
-        .await?;
 
-    // Publish.
-    let size = layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>() + config_raw.len() as u64;
-    let rec = ImageRecord {
-        id: config_digest.to_string(),
-        repo_tags: if r.digest().is_none() {
-            r.tagged().into_iter().collect()
-        } else {
-            Vec::new()
-        },
-        repo_digests: vec![r.with_digest(&top_d)],
-        manifest_digest: resolved.manifest_digest.clone(),
-        index_digest: resolved.index_digest.clone(),
-        layers,
-        size,
-        pulled_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0),
-    };
-    store.publish(rec, config, config_json).await?;
-    drop(lease);
-    Ok(config_digest.to_string())
-}
-
-/// Makes sure the snapshot of one layer exists: downloads and unpacks it unless another pull
-/// already did (or is doing it: then this waits for that one).
-async fn ensure_layer(
-    store: &ImageStore,
-    r: &Reference,
-    ep: &Endpoint,
-    creds: &Credentials,
-    l: &LayerRecord,
-) -> Result<(), Attempt> {
-    let snaps = store.snapshots();
-    let _building = snaps.lock(&l.chain_id).await;
-    if snaps.get(&l.chain_id).is_some() {
-        return Ok(());
-    }
-    let layer_err = |source: LayerError| {
+    fn layer_err(&self, l: &LayerRecord, source: LayerError) -> Attempt {
         Attempt::Fatal(ImageError::Layer {
-            reference: r.to_string(),
+            reference: self.r.to_string(),
             digest: l.digest.clone(),
-            endpoint: ep.to_string(),
+            endpoint: self.ep.to_string(),
             source: Box::new(source),
         })
-    };
-    let temp = snaps.begin(&l.chain_id).map_err(layer_err)?;
-    let stream = store
-        .registry()
-        .fetch_blob(ep, r.path(), &l.digest, l.size, &l.media_type, creds)
-        .await
-        .map_err(Attempt::NextEndpoint)?;
+    }
 
-    let (tx, rx) = mpsc::channel::<Chunk>(32);
-    let digest = l.digest.clone();
-    let diff_id = l.diff_id.clone();
-    // The unpacking thread owns the temp snapshot: if anything fails, including this future
-    // being dropped, it removes the directory itself.
-    let unpacker = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            cur: Bytes::new(),
-            ended: false,
+    /// A layer's snapshot, unless it exists: downloaded and unpacked at once (on a blocking
+    /// thread fed through a channel), verified, committed.
+    async fn ensure_layer(&self, l: &LayerRecord) -> Result<(), Attempt> {
+        let snaps = self.store.snapshots();
+        let _building = snaps.lock(&l.chain_id).await;
+        if snaps.get(&l.chain_id).is_some() {
+            return Ok(());
+        }
+        let temp = snaps.begin(&l.chain_id).map_err(|e| self.layer_err(l, e))?;
+        let stream = self
+            .store
+            .registry()
+            .fetch_blob(
+                self.ep,
+                self.r.path(),
+                &l.digest,
+                l.size,
+                &l.media_type,
+                self.creds,
+            )
+            .await
+            .map_err(Attempt::NextEndpoint)?;
+        let (tx, rx) = mpsc::channel::<Chunk>(32);
+        let (digest, diff_id) = (l.digest.clone(), l.diff_id.clone());
+        // The unpacking thread owns the temp snapshot: if anything fails, including this
+        // future being dropped, it removes the directory itself.
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let reader = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+                ended: false,
+            };
+            let res = snapshot::unpack_verified(reader, &temp.fs(), &digest, &diff_id);
+            res.map(|stats| (temp, stats))
+        });
+        let started = Instant::now();
+        let downloaded = self.download(l, stream, tx).await;
+        let joined = unpacker.await.map_err(|e| {
+            self.layer_err(
+                l,
+                LayerError::Io {
+                    path: snaps.dir().to_owned(),
+                    source: std::io::Error::other(format!("unpacking thread failed: {e}")),
+                },
+            )
+        })?;
+        let received = downloaded?;
+        let (temp, stats) = joined.map_err(|e| match e {
+            LayerError::DigestMismatch { expected, actual } => {
+                Attempt::NextEndpoint(RegistryError::DigestMismatch {
+                    endpoint: self.ep.to_string(),
+                    what: format!("layer {expected}"),
+                    message: format!("the downloaded blob hashes to {actual}"),
+                })
+            }
+            e => self.layer_err(l, e),
+        })?;
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        tracing::info!(
+            image = %self.r, layer = %l.digest, bytes = received, files = stats.inodes,
+            rate_mib_s = format!("{:.1}", received as f64 / secs / 1048576.0),
+            "layer unpacked"
+        );
+        let meta = SnapshotMeta {
+            chain_id: l.chain_id.clone(),
+            diff_id: l.diff_id.clone(),
+            digest: l.digest.clone(),
+            stats,
         };
-        let res = snapshot::unpack_verified(reader, &temp.fs(), &digest, &diff_id);
-        res.map(|stats| (temp, stats))
-    });
+        snaps.commit(temp, meta).map_err(|e| self.layer_err(l, e))
+    }
 
-    let timeout = store.progress_timeout();
-    let mut stream = std::pin::pin!(stream);
-    let started = Instant::now();
-    let mut last_log = started;
-    let mut received: u64 = 0;
-    let mut download_error: Option<Attempt> = None;
-    loop {
-        let next = match tokio::time::timeout(timeout, stream.next()).await {
-            Ok(n) => n,
-            Err(_) => {
-                download_error = Some(Attempt::Fatal(ImageError::Stalled {
-                    reference: r.to_string(),
+    /// Feeds a layer's download to the unpacker; returns the bytes received. A download that
+    /// delivers nothing for the progress timeout fails; an unpacker that stops ends it (its
+    /// own error says why).
+    async fn download(
+        &self,
+        l: &LayerRecord,
+        stream: impl futures::Stream<Item = std::io::Result<Bytes>>,
+        tx: mpsc::Sender<Chunk>,
+    ) -> Result<u64, Attempt> {
+        let timeout = self.store.progress_timeout();
+        let mut stream = std::pin::pin!(stream);
+        let started = Instant::now();
+        let mut last_log = started;
+        let mut received: u64 = 0;
+        loop {
+            let Ok(next) = tokio::time::timeout(timeout, stream.next()).await else {
+                return Err(Attempt::Fatal(ImageError::Stalled {
+                    reference: self.r.to_string(),
                     digest: l.digest.clone(),
-                    endpoint: ep.to_string(),
+                    endpoint: self.ep.to_string(),
                     seconds: timeout.as_secs(),
                     received,
                 }));
-                break;
-            }
-        };
-        match next {
-            Some(Ok(b)) => {
-                received += b.len() as u64;
-                if last_log.elapsed() >= PROGRESS_LOG_EVERY {
-                    last_log = Instant::now();
-                    let secs = started.elapsed().as_secs_f64().max(0.001);
-                    tracing::info!(
-                        image = %r, layer = %l.digest, received, total = l.size,
-                        rate_mib_s = format!("{:.1}", received as f64 / secs / 1048576.0),
-                        "pull progress"
-                    );
+            };
+            match next {
+                Some(Ok(b)) => {
+                    received += b.len() as u64;
+                    if last_log.elapsed() >= PROGRESS_LOG_EVERY {
+                        last_log = Instant::now();
+                        let secs = started.elapsed().as_secs_f64().max(0.001);
+                        tracing::info!(
+                            image = %self.r, layer = %l.digest, received, total = l.size,
+                            rate_mib_s = format!("{:.1}", received as f64 / secs / 1048576.0),
+                            "pull progress"
+                        );
+                    }
+                    if tx.send(Chunk::Data(b)).await.is_err() {
+                        return Ok(received);
+                    }
                 }
-                if tx.send(Chunk::Data(b)).await.is_err() {
-                    break; // the unpacker stopped: its error says why
+                Some(Err(e)) => {
+                    return Err(Attempt::NextEndpoint(RegistryError::Protocol {
+                        endpoint: self.ep.to_string(),
+                        message: format!("layer {}: {e}", l.digest),
+                    }));
                 }
-            }
-            Some(Err(e)) => {
-                download_error = Some(Attempt::NextEndpoint(RegistryError::Protocol {
-                    endpoint: ep.to_string(),
-                    message: format!("layer {}: {e}", l.digest),
-                }));
-                break;
-            }
-            None => {
-                let _ = tx.send(Chunk::End).await;
-                break;
+                None => {
+                    let _ = tx.send(Chunk::End).await;
+                    return Ok(received);
+                }
             }
         }
     }
-    drop(tx);
-    let joined = unpacker.await.map_err(|e| {
-        layer_err(LayerError::Io {
-            path: snaps.dir().to_owned(),
-            source: std::io::Error::other(format!("unpacking thread failed: {e}")),
-        })
-    })?;
-    if let Some(e) = download_error {
-        return Err(e);
-    }
-    let (temp, stats) = joined.map_err(|e| match e {
-        LayerError::DigestMismatch { expected, actual } => {
-            Attempt::NextEndpoint(RegistryError::DigestMismatch {
-                endpoint: ep.to_string(),
-                what: format!("layer {expected}"),
-                message: format!("the downloaded blob hashes to {actual}"),
-            })
-        }
-        e => layer_err(e),
-    })?;
-    let secs = started.elapsed().as_secs_f64().max(0.001);
-    tracing::info!(
-        image = %r, layer = %l.digest, bytes = received, files = stats.inodes,
-        rate_mib_s = format!("{:.1}", received as f64 / secs / 1048576.0),
-        "layer unpacked"
-    );
-    snaps
-        .commit(
-            temp,
-            SnapshotMeta {
-                chain_id: l.chain_id.clone(),
-                diff_id: l.diff_id.clone(),
-                digest: l.digest.clone(),
-                stats,
-            },
-        )
-        .map_err(layer_err)
 }

@@ -146,40 +146,7 @@ impl Monitor {
             .with_executor(StatusExecutor {
                 status_fd: status_w.as_raw_fd(),
             });
-        // Output: pipes, or with a terminal the pty master libcontainer's init makes and hands
-        // over a console socket (the runc protocol); it carries output (logged as stdout) and
-        // input.
-        let (builder, io) = if c.tty {
-            let sock = self.lc_root.join(format!("{lcid}.tty"));
-            let _ = std::fs::remove_file(&sock);
-            let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
-            (
-                builder.with_console_socket(Some(&sock)),
-                Io::Terminal { console, sock },
-            )
-        } else {
-            let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
-            let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
-            let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(|e| format!("stdin pipe: {e}"))?;
-                (Some(File::from(w)), r)
-            } else {
-                let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-                (None, OwnedFd::from(null))
-            };
-            keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
-            let b = builder
-                .with_stdin(stdin_fd)
-                .with_stdout(out_w)
-                .with_stderr(err_w);
-            let io = Io::Pipes {
-                out: out_r,
-                err: err_r,
-                stdin: stdin_keep,
-            };
-            (b, io)
-        };
+        let (builder, io) = self.container_io(&c, &lcid, builder, &mut keep)?;
         let bundle = c.bundle.clone();
         let title = format!("berth-create {}", c.container_id);
         let built = in_helper(&title, &keep, move || {
@@ -209,6 +176,49 @@ impl Monitor {
         };
         self.hold(c, pid, log, status_r, stdout, stderr, stdin);
         Ok(pid)
+    }
+
+    /// The container's stdio: pipes (their write ends added to `keep`), or with a terminal the
+    /// pty master libcontainer's init makes and hands over a console socket (the runc
+    /// protocol); it carries output (logged as stdout) and input.
+    fn container_io(
+        &self,
+        c: &proto::Create,
+        lcid: &str,
+        builder: ContainerBuilder,
+        keep: &mut Vec<RawFd>,
+    ) -> Result<(ContainerBuilder, Io), String> {
+        if c.tty {
+            let sock = self.lc_root.join(format!("{lcid}.tty"));
+            let _ = std::fs::remove_file(&sock);
+            let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
+            Ok((
+                builder.with_console_socket(Some(&sock)),
+                Io::Terminal { console, sock },
+            ))
+        } else {
+            let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+            let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+            let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| format!("stdin pipe: {e}"))?;
+                (Some(File::from(w)), r)
+            } else {
+                let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+                (None, OwnedFd::from(null))
+            };
+            keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
+            let b = builder
+                .with_stdin(stdin_fd)
+                .with_stdout(out_w)
+                .with_stderr(err_w);
+            let io = Io::Pipes {
+                out: out_r,
+                err: err_r,
+                stdin: stdin_keep,
+            };
+            Ok((b, io))
+        }
     }
 
     /// Keeps a created container: its pid, output pumps and start-status pipe registered.

@@ -49,50 +49,7 @@ impl Monitor {
         }
         let (out_r, out_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
         let (err_r, err_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
-        let null =
-            File::open("/dev/null").map_err(|err| (K::Failed, format!("/dev/null: {err}")))?;
-        let env: HashMap<String, String> = e
-            .env
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        let keep = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        let (lc_root, lcid) = (self.lc_root.clone(), lc_id(&e.container_id).to_string());
-        let (args, cwd, uid, gid, gids) = (
-            e.args.clone(),
-            e.cwd.clone(),
-            e.uid,
-            e.gid,
-            e.additional_gids.clone(),
-        );
-        let title = format!("berth-exec {}", e.container_id);
-        let built = in_helper(&title, &keep, move || {
-            ContainerBuilder::new(lcid, SyscallType::Linux)
-                .with_root_path(&lc_root)
-                .map(|b| {
-                    b.with_stdin(OwnedFd::from(null))
-                        .with_stdout(out_w)
-                        .with_stderr(err_w)
-                        .as_tenant()
-                        .with_detach(true)
-                        .with_container_args(args)
-                        .with_env(env)
-                        .with_cwd(if cwd.is_empty() {
-                            None
-                        } else {
-                            Some(PathBuf::from(&cwd))
-                        })
-                        .with_user(Some(uid))
-                        .with_group(Some(gid))
-                        .with_additional_gids(gids)
-                })
-                .and_then(|b| b.build())
-                .map(|pid| pid.as_raw())
-                .map_err(|e| e.to_string())
-        });
+        let built = self.start_tenant(&e, out_w, err_w);
         let pid = match built {
             Ok(pid) => pid,
             Err(msg) => {
@@ -142,6 +99,54 @@ impl Monitor {
         }
         // It may already have exited (SIGCHLD pending): the next loop pass reaps it.
         Ok(())
+    }
+
+    /// The exec'd process, started by libcontainer's tenant builder in a helper (stdin
+    /// /dev/null, output to the pipes given); its pid.
+    fn start_tenant(&self, e: &proto::Exec, out_w: OwnedFd, err_w: OwnedFd) -> Result<i32, String> {
+        let null = File::open("/dev/null").map_err(|err| format!("/dev/null: {err}"))?;
+        let env: HashMap<String, String> = e
+            .env
+            .iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        let keep = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        let (lc_root, lcid) = (self.lc_root.clone(), lc_id(&e.container_id).to_string());
+        let (args, cwd, uid, gid, gids) = (
+            e.args.clone(),
+            e.cwd.clone(),
+            e.uid,
+            e.gid,
+            e.additional_gids.clone(),
+        );
+        let title = format!("berth-exec {}", e.container_id);
+        in_helper(&title, &keep, move || {
+            ContainerBuilder::new(lcid, SyscallType::Linux)
+                .with_root_path(&lc_root)
+                .map(|b| {
+                    b.with_stdin(OwnedFd::from(null))
+                        .with_stdout(out_w)
+                        .with_stderr(err_w)
+                        .as_tenant()
+                        .with_detach(true)
+                        .with_container_args(args)
+                        .with_env(env)
+                        .with_cwd(if cwd.is_empty() {
+                            None
+                        } else {
+                            Some(PathBuf::from(&cwd))
+                        })
+                        .with_user(Some(uid))
+                        .with_group(Some(gid))
+                        .with_additional_gids(gids)
+                })
+                .and_then(|b| b.build())
+                .map(|pid| pid.as_raw())
+                .map_err(|e| e.to_string())
+        })
     }
 
     fn pump_exec(&mut self, eid: u64, s: Stream) {

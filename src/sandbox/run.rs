@@ -41,37 +41,7 @@ impl Sandboxes {
                 },
             ));
         }
-        // The hostname and DNS settings become lines of /etc/hosts and /etc/resolv.conf: a
-        // newline or a space in one would add lines of the caller's choosing.
-        if spec.hostname.is_empty()
-            || spec.hostname.len() > 64
-            || spec
-                .hostname
-                .chars()
-                .any(|c| c == '/' || c.is_whitespace() || c.is_control())
-        {
-            return Err(Error::InvalidArgument(format!(
-                "hostname {:?} must be 1-64 characters without '/', whitespace or control \
-                 characters",
-                spec.hostname
-            )));
-        }
-        if let Some(dns) = &spec.dns {
-            for (what, v) in dns
-                .servers
-                .iter()
-                .map(|v| ("server", v))
-                .chain(dns.searches.iter().map(|v| ("search", v)))
-                .chain(dns.options.iter().map(|v| ("option", v)))
-            {
-                if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "dns_config {what} {v:?} must be non-empty, without whitespace or \
-                         control characters"
-                    )));
-                }
-            }
-        }
+        validate_names(spec)?;
         if spec.namespaces.network == NsMode::Target || spec.namespaces.ipc == NsMode::Target {
             return Err(Error::InvalidArgument(
                 "network and IPC namespaces cannot be TARGET".into(),
@@ -81,43 +51,8 @@ impl Sandboxes {
             cgroup::relative(&spec.cgroup_parent)
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         }
-        for (k, v) in &spec.sysctls {
-            let s = sysctl::parse(k).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            let host = match s.owner {
-                sysctl::Owner::Net => spec.host_network(),
-                sysctl::Owner::Ipc => spec.namespaces.ipc == NsMode::Node,
-            };
-            if host {
-                return Err(Error::InvalidArgument(format!(
-                    "sysctl {k} is not allowed: the pod uses the node's {} namespace",
-                    s.owner
-                )));
-            }
-            if v.contains('\0') {
-                return Err(Error::InvalidArgument(format!(
-                    "sysctl {k}: the value holds a NUL"
-                )));
-            }
-        }
-        let mut seen = Vec::new();
-        for p in &spec.ports {
-            if p.container_port == 0 {
-                return Err(Error::InvalidArgument(format!(
-                    "port mapping {p:?} has no container port"
-                )));
-            }
-            if p.host_port != 0 {
-                let key = (p.proto, p.host_ip, p.host_port);
-                if seen.contains(&key) {
-                    return Err(Error::InvalidArgument(format!(
-                        "host port {}/{} is mapped twice in this pod",
-                        p.host_port, p.proto
-                    )));
-                }
-                seen.push(key);
-            }
-        }
-        Ok(())
+        validate_sysctls(spec)?;
+        validate_ports(spec)
     }
 
     /// RunPodSandbox: returns the new pod's id. A call whose client goes away still finishes
@@ -392,4 +327,85 @@ impl Sandboxes {
             .create(rel)
             .map_err(|e| Error::Internal(format!("creating the pod cgroup: {e}")))
     }
+}
+
+/// The hostname and DNS settings become lines of /etc/hosts and /etc/resolv.conf: a newline
+/// or a space in one would add lines of the caller's choosing.
+fn validate_names(spec: &PodSpec) -> Result<()> {
+    if spec.hostname.is_empty()
+        || spec.hostname.len() > 64
+        || spec
+            .hostname
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(Error::InvalidArgument(format!(
+            "hostname {:?} must be 1-64 characters without '/', whitespace or control \
+             characters",
+            spec.hostname
+        )));
+    }
+    if let Some(dns) = &spec.dns {
+        for (what, v) in dns
+            .servers
+            .iter()
+            .map(|v| ("server", v))
+            .chain(dns.searches.iter().map(|v| ("search", v)))
+            .chain(dns.options.iter().map(|v| ("option", v)))
+        {
+            if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(Error::InvalidArgument(format!(
+                    "dns_config {what} {v:?} must be non-empty, without whitespace or \
+                     control characters"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each sysctl is namespaced, and the pod has that namespace of its own.
+fn validate_sysctls(spec: &PodSpec) -> Result<()> {
+    for (k, v) in &spec.sysctls {
+        let s = sysctl::parse(k).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let host = match s.owner {
+            sysctl::Owner::Net => spec.host_network(),
+            sysctl::Owner::Ipc => spec.namespaces.ipc == NsMode::Node,
+        };
+        if host {
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {k} is not allowed: the pod uses the node's {} namespace",
+                s.owner
+            )));
+        }
+        if v.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {k}: the value holds a NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Port mappings name a container port; no host port is mapped twice.
+fn validate_ports(spec: &PodSpec) -> Result<()> {
+    let mut seen = Vec::new();
+    for p in &spec.ports {
+        if p.container_port == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "port mapping {p:?} has no container port"
+            )));
+        }
+        if p.host_port != 0 {
+            let key = (p.proto, p.host_ip, p.host_port);
+            if seen.contains(&key) {
+                return Err(Error::InvalidArgument(format!(
+                    "host port {}/{} is mapped twice in this pod",
+                    p.host_port, p.proto
+                )));
+            }
+            seen.push(key);
+        }
+    }
+    Ok(())
 }
