@@ -28,6 +28,13 @@ ensure_rust() {
     fi
 }
 
+# Where cargo builds when the caller did not say: one directory per machine, outside the
+# checkout, so a fresh clone (as CI runs) reuses what an earlier run compiled. Cargo rebuilds
+# whatever changed, the berth crate of a new checkout always.
+use_build_cache() {
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/berth-cargo-target}"
+}
+
 # What building and running berthd needs.
 BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev)
 RUN_PACKAGES=(iproute2 nftables util-linux)

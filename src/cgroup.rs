@@ -68,6 +68,23 @@ pub fn relative(parent: &str) -> Result<PathBuf, BadParent> {
 }
 
 impl Cgroups {
+    /// Whether the runtime can set limits of `controller` for containers: a v1 hierarchy of it
+    /// (legacy and hybrid hosts: the runtime manages v1 there), or the v2 root enabling it.
+    pub fn has_controller(&self, controller: &str) -> bool {
+        match self.mode {
+            Mode::Legacy => self
+                .hierarchies
+                .iter()
+                .any(|h| !h.v2 && h.controllers.iter().any(|c| c == controller)),
+            Mode::Unified => self.unified().is_some_and(|u| {
+                std::fs::read_to_string(u.join("cgroup.controllers"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .any(|c| c == controller)
+            }),
+        }
+    }
+
     /// Reads the hierarchies from /proc/self/mountinfo.
     pub fn detect() -> Cgroups {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -297,6 +314,29 @@ pub fn remove_dir(d: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// How many huge pages of `size` (`2MB`, `1GB`, as the CRI names them) the node has or may
+/// overcommit; `None` when the kernel has no such size.
+pub fn hugepages(size: &str) -> Option<u64> {
+    let size = size.trim();
+    let (num, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit())?);
+    let kb = num.parse::<u64>().ok()?
+        * match unit.to_ascii_uppercase().as_str() {
+            "KB" => 1,
+            "MB" => 1 << 10,
+            "GB" => 1 << 20,
+            _ => return None,
+        };
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{kb}kB");
+    let read = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{dir}/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("nr_hugepages")? + read("nr_overcommit_hugepages").unwrap_or(0))
+}
+
 /// Removes a cgroup directory together with the child cgroups left under it (a container's,
 /// when berthd died before removing it), deepest first. `Ok(false)` when something in the
 /// tree still has processes: the rest stays for the next attempt.
@@ -346,6 +386,16 @@ pub fn kill_procs(procs: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hugepage_sizes_are_read_as_the_cri_names_them() {
+        let has_2m = std::path::Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
+        assert_eq!(hugepages("2MB").is_some(), has_2m);
+        assert_eq!(hugepages("2048KB").is_some(), has_2m);
+        assert_eq!(hugepages("3MB"), None);
+        assert_eq!(hugepages("2XB"), None);
+        assert_eq!(hugepages(""), None);
+    }
 
     #[test]
     fn parents_are_made_relative_and_dot_dot_is_refused() {

@@ -775,3 +775,53 @@ async fn a_container_half_made_when_berthd_died_is_undone_at_restart() {
     w.remove_pod(&pod.0).await;
     assert_eq!(w.leftovers(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelets_hugepage_limits_do_not_stop_a_container_on_a_node_without_hugepages() {
+    // kubelet sends a limit of 0 for every page size the kernel knows. This host's hugetlb
+    // controller is on cgroup2 only; with no pages of a size there is nothing to enforce.
+    let sizes: Vec<String> = std::fs::read_dir("/sys/kernel/mm/hugepages")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    let kb: u64 = n
+                        .strip_prefix("hugepages-")?
+                        .strip_suffix("kB")?
+                        .parse()
+                        .ok()?;
+                    let pages = std::fs::read_to_string(e.path().join("nr_hugepages")).ok()?;
+                    (pages.trim() == "0").then(|| {
+                        if kb >= 1 << 20 {
+                            format!("{}GB", kb >> 20)
+                        } else {
+                            format!("{}MB", kb >> 10)
+                        }
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut w = World::new().await;
+    let pod = w.pod("hugepages").await;
+    let mut c = container("c", &["sleep", "3600"]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            hugepage_limits: sizes
+                .iter()
+                .map(|s| cri::HugepageLimit {
+                    page_size: s.clone(),
+                    limit: 0,
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = w.run(&pod, c).await;
+    assert_eq!(
+        w.status(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    w.remove_pod(&pod.0).await;
+}

@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""A real kubelet, standalone (no API server), driving berthd through static pods: what kubelet
+does to a runtime every day. Run by e2e/kubelet/run inside a network namespace of its own, with
+the fixtures registry on its loopback; this script starts berthd and kubelet there, writes
+manifests, watches kubelet's read-only API and crictl, and reports each scenario.
+
+Usage: scenarios.py WORK BERTHD KUBELET CRICTL CGROUP_TAG [--bench N]
+With --bench N it only measures static pod start (manifest written -> container running, as
+kubelet reports it) for N pods and prints median and p90.
+"""
+import gzip
+import json
+import shutil
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+WORK, BERTHD, KUBELET, CRICTL, TAG = sys.argv[1:6]
+BENCH = int(sys.argv[sys.argv.index("--bench") + 1]) if "--bench" in sys.argv else 0
+NODE = "berth-node"
+SOCK = f"{WORK}/berth.sock"
+MANIFESTS = f"{WORK}/manifests"
+LOGS = f"{WORK}/pod-logs"
+BUSYBOX = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
+NGINX = "registry.k8s.io/e2e-test-images/nginx:1.14-2"
+procs = {}
+results = []
+
+
+def log(msg):
+    print(f"kubelet-e2e: {msg}", flush=True)
+
+
+def start(name, argv):
+    out = open(f"{WORK}/{name}.log", "a")
+    procs[name] = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+    # For e2e/kubelet/run's cleanup, should this script die before it stops them.
+    with open(f"{WORK}/pids", "a") as f:
+        f.write(f"{procs[name].pid}\n")
+
+
+def stop(name, sig=signal.SIGTERM, wait=30):
+    p = procs.pop(name, None)
+    if p is None:
+        return
+    p.send_signal(sig)
+    try:
+        p.wait(wait)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def until(what, f, timeout=120, every=0.5):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            last = f()
+            if last:
+                return last
+        except Exception as e:  # a probe that fails now may pass later
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting until {what} (last: {last!r})")
+
+
+def get(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def start_berthd():
+    start("berthd", [BERTHD, "--config", f"{WORK}/config.toml", "--root", f"{WORK}/root",
+                     "--state", f"{WORK}/state", "--listen", SOCK, "--log-level", "info"])
+    until("berthd serves", lambda: os.path.exists(SOCK) and crictl("version").returncode == 0,
+          timeout=30)
+
+
+def crictl(*args):
+    return subprocess.run([CRICTL, "--runtime-endpoint", f"unix://{SOCK}",
+                           "--image-endpoint", f"unix://{SOCK}", "--timeout", "10s", *args],
+                          capture_output=True, text=True)
+
+
+def crictl_json(*args):
+    r = crictl(*args, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def make_cgroup_root():
+    """kubelet wants its cgroup root to exist in every hierarchy (cpuset ones need cpus and
+    mems to take tasks)."""
+    for line in open("/proc/self/mountinfo"):
+        pre, _, post = line.partition(" - ")
+        if not post.startswith(("cgroup ", "cgroup2 ")):
+            continue
+        d = os.path.join(pre.split()[4], f"{TAG}-kubelet")
+        os.makedirs(d, exist_ok=True)
+        for f in ["cpuset.cpus", "cpuset.mems"]:
+            if os.path.exists(os.path.join(d, f)):
+                with open(os.path.join(os.path.dirname(d), f)) as src:
+                    value = src.read().strip()
+                with open(os.path.join(d, f), "w") as dst:
+                    dst.write(value)
+
+
+def start_kubelet():
+    make_cgroup_root()
+    os.makedirs(MANIFESTS, exist_ok=True)
+    os.makedirs(LOGS, exist_ok=True)
+    cfg = f"""apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+staticPodPath: {MANIFESTS}
+fileCheckFrequency: 1s
+syncFrequency: 5s
+containerRuntimeEndpoint: unix://{SOCK}
+imageServiceEndpoint: unix://{SOCK}
+cgroupDriver: cgroupfs
+cgroupRoot: /{TAG}-kubelet
+cgroupsPerQOS: true
+failCgroupV1: false
+failSwapOn: false
+address: 127.0.0.1
+readOnlyPort: 10255
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication:
+  anonymous:
+    enabled: true
+  webhook:
+    enabled: false
+authorization:
+  mode: AlwaysAllow
+podLogsDir: {LOGS}
+containerLogMaxSize: 1Mi
+containerLogMaxFiles: 3
+containerLogMonitorInterval: 3s
+evictionHard:
+  memory.available: "1Mi"
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+localStorageCapacityIsolation: false
+resolvConf: /etc/resolv.conf
+"""
+    with open(f"{WORK}/kubelet.yaml", "w") as f:
+        f.write(cfg)
+    start("kubelet", [KUBELET, f"--config={WORK}/kubelet.yaml", f"--root-dir={WORK}/kubelet",
+                      f"--cert-dir={WORK}/kubelet/pki", f"--hostname-override={NODE}", "--v=2"])
+    until("kubelet is healthy", lambda: get("http://127.0.0.1:10248/healthz") == b"ok",
+          timeout=120)
+
+
+def pods():
+    return {p["metadata"]["name"]: p for p in
+            json.loads(get("http://127.0.0.1:10255/pods")).get("items") or []}
+
+
+def pod(name):
+    return pods().get(f"{name}-{NODE}")
+
+
+def condition(p, kind):
+    return any(c["type"] == kind and c["status"] == "True"
+               for c in (p or {}).get("status", {}).get("conditions", []))
+
+
+def ctr_status(name, ctr, init=False):
+    p = pod(name) or {}
+    key = "initContainerStatuses" if init else "containerStatuses"
+    return next((c for c in p.get("status", {}).get(key, []) if c["name"] == ctr), None)
+
+
+def running(name, ctr):
+    c = ctr_status(name, ctr)
+    return c is not None and "running" in c.get("state", {})
+
+
+def write_manifest(name, spec):
+    manifest = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "default", "uid": f"uid-{name}"},
+                "spec": {"restartPolicy": "Always", **spec}}
+    tmp = f"{WORK}/.{name}.json"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f)
+    os.rename(tmp, f"{MANIFESTS}/{name}.json")
+
+
+def sandboxes(name):
+    return [p["id"] for p in crictl_json("pods", "--name", f"{name}-{NODE}")["items"]]
+
+
+def scenario(title):
+    def wrap(f):
+        def run():
+            t0 = time.time()
+            try:
+                detail = f() or ""
+                results.append((title, True, detail))
+                log(f"PASS {title} ({time.time() - t0:.1f}s) {detail}")
+            except Exception as e:
+                results.append((title, False, str(e)))
+                log(f"FAIL {title}: {e}")
+        return run
+    return wrap
+
+
+@scenario("1 nginx with an HTTP readiness probe becomes Ready")
+def nginx_ready():
+    write_manifest("web", {"containers": [{
+        "name": "nginx", "image": NGINX,
+        "readinessProbe": {"httpGet": {"path": "/", "port": 80}, "periodSeconds": 1}}]})
+    until("web is Ready", lambda: condition(pod("web"), "Ready"))
+
+
+@scenario("2 a failing exec liveness probe restarts the container, not the sandbox")
+def liveness_restart():
+    write_manifest("live", {"containers": [{
+        "name": "app", "image": BUSYBOX,
+        "command": ["sh", "-c", "echo started; touch /tmp/healthy; sleep 4; rm /tmp/healthy; "
+                    "sleep 3600"],
+        "livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]},
+                          "periodSeconds": 1, "failureThreshold": 1}}]})
+    until("live runs", lambda: running("live", "app"))
+    first = sandboxes("live")
+    until("the container was restarted",
+          lambda: (ctr_status("live", "app") or {}).get("restartCount", 0) >= 1, timeout=90)
+    until("the new instance runs", lambda: running("live", "app"))
+    assert sandboxes("live") == first, f"sandbox recreated: {first} -> {sandboxes('live')}"
+    old = f"{LOGS}/default_live-{NODE}_uid-live/app/0.log"
+    assert os.path.exists(old) and "started" in open(old).read(), f"{old} is not readable"
+    return f"restartCount={ctr_status('live', 'app')['restartCount']}"
+
+
+@scenario("3 an init container completes before the app container starts")
+def init_first():
+    write_manifest("init", {
+        "volumes": [{"name": "shared", "emptyDir": {}}],
+        "initContainers": [{"name": "prep", "image": BUSYBOX,
+                            "command": ["sh", "-c", "echo prepared > /shared/flag"],
+                            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}],
+        "containers": [{"name": "app", "image": BUSYBOX,
+                        "command": ["sh", "-c", "cat /shared/flag; sleep 3600"],
+                        "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}]})
+    until("the app runs", lambda: running("init", "app"))
+    prep = ctr_status("init", "prep", init=True)
+    reason = prep["state"].get("terminated", {}).get("reason")
+    assert reason == "Completed", f"init container state {prep['state']}"
+    logf = f"{LOGS}/default_init-{NODE}_uid-init/app/0.log"
+    until("the app saw the init container's file",
+          lambda: "prepared" in open(logf).read(), timeout=20)
+
+
+@scenario("4 a hostPort pod answers on the node")
+def host_port():
+    write_manifest("hostport", {"containers": [{
+        "name": "nginx", "image": NGINX,
+        "ports": [{"containerPort": 80, "hostPort": 18080, "protocol": "TCP"}]}]})
+    until("hostport runs", lambda: running("hostport", "nginx"))
+    until("127.0.0.1:18080 answers", lambda: b"nginx" in get("http://127.0.0.1:18080/"),
+          timeout=30)
+
+
+def numbers(path):
+    data = open(path, "rb").read()
+    if path.endswith(".gz"):
+        data = gzip.decompress(data)
+    out = []
+    for line in data.decode(errors="replace").splitlines():
+        m = re.search(r" F seq=(\d+) ", line)
+        if m:
+            out.append(int(m.group(1)))
+    return out
+
+
+@scenario("5 kubelet rotates a chatty container's log; no line is lost at the seam")
+def log_rotation():
+    write_manifest("chatty", {"containers": [{
+        "name": "talk", "image": BUSYBOX,
+        "command": ["sh", "-c", "i=0; while true; do j=0; while [ $j -lt 200 ]; do "
+                    "echo \"seq=$i $(printf '%080d' 0)\"; i=$((i+1)); j=$((j+1)); done; "
+                    "usleep 20000; done"]}]})
+    d = f"{LOGS}/default_chatty-{NODE}_uid-chatty/talk"
+    until("chatty runs", lambda: running("chatty", "talk"))
+
+    def rotated():
+        return sorted(f for f in os.listdir(d) if f.startswith("0.log."))
+    until("kubelet rotated the log", lambda: rotated(), timeout=120)
+    first = os.path.join(d, rotated()[0])
+    time.sleep(1)
+    old, new = numbers(first), numbers(os.path.join(d, "0.log"))
+    assert old and new, "empty log files"
+    # The current file may already be a later one (several rotations): find the seam after
+    # the first rotated file among all files.
+    files = [os.path.join(d, f) for f in rotated()] + [os.path.join(d, "0.log")]
+    seq = []
+    for f in files:
+        seq.extend(numbers(f))
+    gaps = [(a, b) for a, b in zip(seq, seq[1:]) if b != a + 1]
+    assert not gaps, f"lines lost or repeated at {gaps[:5]}"
+    return f"{len(files) - 1} rotations, {len(seq)} lines contiguous"
+
+
+@scenario("6 removing a manifest stops and removes the pod, leaving nothing")
+def remove_manifest():
+    before = sandboxes("hostport")
+    assert before, "the hostport pod has no sandbox"
+    os.remove(f"{MANIFESTS}/hostport.json")
+    until("kubelet forgets the pod", lambda: pod("hostport") is None, timeout=60)
+    until("its sandbox is removed", lambda: not sandboxes("hostport"), timeout=150, every=2)
+    state = f"{WORK}/state"
+    for sid in before:
+        for left in [f"{state}/pods/{sid}", f"{state}/ns/{sid}"]:
+            assert not os.path.exists(left), f"{left} remains"
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"veth{before[0][:10]}" not in links, "its veth remains"
+    mounts = open("/proc/self/mountinfo").read()
+    assert before[0] not in mounts, "a mount of it remains"
+    return "gone"
+
+
+@scenario("7 berthd killed with kill -9 and restarted: kubelet reconnects, nothing is recreated")
+def berthd_crash():
+    names = ["web", "live", "init"]
+    ids = {n: sandboxes(n) for n in names}
+    restarts = {n: [c.get("restartCount", 0) for c in pod(n)["status"]["containerStatuses"]]
+                for n in names}
+    stop("berthd", signal.SIGKILL)
+    time.sleep(2)
+    start_berthd()
+    until("kubelet sees web Ready again", lambda: condition(pod("web"), "Ready"), timeout=60)
+    time.sleep(15)  # several PLEG relists and pod syncs
+    for n in names:
+        assert sandboxes(n) == ids[n], f"{n}: sandbox {ids[n]} -> {sandboxes(n)}"
+    now = {n: [c.get("restartCount", 0) for c in pod(n)["status"]["containerStatuses"]]
+           for n in ["web", "init"]}
+    for n in now:
+        assert now[n] == restarts[n], f"{n}: restarts {restarts[n]} -> {now[n]}"
+    return "sandbox ids and restart counts kept"
+
+
+def runtime_errors():
+    """Every CRI call kubelet logged as failed, with berth's answer, counted."""
+    seen = {}
+    text = open(f"{WORK}/kubelet.log", errors="replace").read()
+    for line in text.splitlines():
+        if "rpc error" not in line:
+            continue
+        m = re.search(r'rpc error: code = (\w+) desc = ([^"\\]*)', line)
+        what = re.search(r'"([A-Za-z ]*(?:failed|Failed|error|Error)[^"]*)"', line)
+        desc = re.sub(r"[0-9a-f]{64}", "<id>", m.group(2) if m else line)
+        key = (m.group(1) if m else "?", desc[:160], what.group(1)[:80] if what else "")
+        seen[key] = seen.get(key, 0) + 1
+    return seen
+
+
+def stats_gaps():
+    """What /stats/summary lacks (until berth serves stats)."""
+    try:
+        s = json.loads(get("http://127.0.0.1:10255/stats/summary", timeout=20))
+    except urllib.error.HTTPError as e:
+        return [f"/stats/summary failed: {e}: {e.read().decode(errors='replace').strip()[:300]}"]
+    except Exception as e:
+        return [f"/stats/summary failed: {e}"]
+    gaps = []
+    for key in ["cpu", "memory", "fs", "runtime"]:
+        if not s.get("node", {}).get(key):
+            gaps.append(f"node.{key}")
+    ps = s.get("pods", [])
+    if not ps:
+        gaps.append("pods (none listed)")
+    for p in ps:
+        name = p.get("podRef", {}).get("name", "?")
+        for key in ["cpu", "memory", "network", "volume", "ephemeral-storage"]:
+            if not p.get(key):
+                gaps.append(f"pod {name}: {key}")
+        for c in p.get("containers", []):
+            for key in ["cpu", "memory", "rootfs", "logs"]:
+                if not c.get(key):
+                    gaps.append(f"pod {name} container {c.get('name')}: {key}")
+    return gaps
+
+
+def bench(n):
+    ready_at = {}
+    t0 = {}
+    for i in range(n):
+        name = f"b{i}"
+        t0[name] = time.time()
+        write_manifest(name, {"containers": [{"name": "c", "image": BUSYBOX,
+                                               "command": ["sleep", "3600"]}]})
+    pending = set(t0)
+    deadline = time.time() + 300
+    while pending and time.time() < deadline:
+        ps = pods()
+        for name in list(pending):
+            p = ps.get(f"{name}-{NODE}")
+            cs = (p or {}).get("status", {}).get("containerStatuses", [])
+            if cs and "running" in cs[0].get("state", {}):
+                ready_at[name] = time.time() - t0[name]
+                pending.discard(name)
+        time.sleep(0.1)
+    xs = sorted(ready_at.values())
+    if pending:
+        log(f"bench: {len(pending)} pods never ran")
+    if xs:
+        p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+        log(f"bench: static pod start (manifest -> running, as kubelet reports it), {len(xs)} pods: "
+            f"median {statistics.median(xs) * 1000:.0f} ms, p90 {p90 * 1000:.0f} ms")
+    for name in t0:
+        os.remove(f"{MANIFESTS}/{name}.json")
+    until("the bench pods are gone", lambda: not any(k.startswith("b") for k in pods()),
+          timeout=120)
+
+
+def main():
+    # kubelet makes /var/lib/kubelet/device-plugins whatever its root dir: removed at the end
+    # when this run made it.
+    had_var_lib_kubelet = os.path.exists("/var/lib/kubelet")
+    try:
+        start_berthd()
+        start_kubelet()
+        if BENCH:
+            bench(BENCH)
+            return 0
+        for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
+                  remove_manifest, berthd_crash]:
+            s()
+        errors = runtime_errors()
+        log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "
+            f"{len(errors)} kinds")
+        for (code, desc, ctx), n in sorted(errors.items(), key=lambda kv: -kv[1]):
+            log(f"  {n:5d}x {code}: {desc} [{ctx}]")
+        gaps = stats_gaps()
+        log(f"/stats/summary lacks {len(gaps)} items")
+        for g in gaps[:40]:
+            log(f"  {g}")
+        results.append(("8 kubelet's runtime errors and stats gaps are listed", True,
+                        f"{len(errors)} error kinds, {len(gaps)} stats gaps"))
+    finally:
+        for f in os.listdir(MANIFESTS) if os.path.isdir(MANIFESTS) else []:
+            os.remove(os.path.join(MANIFESTS, f))
+        if "kubelet" in procs:
+            try:
+                until("kubelet removed every pod", lambda: not pods(), timeout=60)
+            except AssertionError as e:
+                log(str(e))
+        stop("kubelet")
+        # What kubelet left in berth (it removes sandboxes on its own schedule).
+        crictl("rmp", "-fa")
+        stop("berthd")
+        if not had_var_lib_kubelet:
+            shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
+    failed = [r for r in results if not r[1]]
+    log(f"{len(results) - len(failed)} of {len(results)} scenarios passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
