@@ -4,9 +4,10 @@ does to a runtime every day. Run by e2e/kubelet/run inside a network namespace o
 the fixtures registry on its loopback; this script starts berthd and kubelet there, writes
 manifests, watches kubelet's read-only API and crictl, and reports each scenario.
 
-Usage: scenarios.py WORK BERTHD KUBELET CRICTL CGROUP_TAG [--bench N]
+Usage: scenarios.py WORK BERTHD KUBELET CRICTL CGROUP_TAG [--bench N] [--containerd]
 With --bench N it only measures static pod start (manifest written -> container running, as
-kubelet reports it) for N pods and prints median and p90.
+kubelet reports it) for N pods and prints median and p90; with --containerd as well, the
+runtime is Debian's containerd (with the CNI bridge plugin) instead of berthd, for comparison.
 """
 import gzip
 import json
@@ -23,6 +24,7 @@ import urllib.request
 
 WORK, BERTHD, KUBELET, CRICTL, TAG = sys.argv[1:6]
 BENCH = int(sys.argv[sys.argv.index("--bench") + 1]) if "--bench" in sys.argv else 0
+CONTAINERD = "--containerd" in sys.argv
 NODE = "berth-node"
 SOCK = f"{WORK}/berth.sock"
 MANIFESTS = f"{WORK}/manifests"
@@ -76,7 +78,45 @@ def get(url, timeout=5):
         return r.read()
 
 
+def start_containerd():
+    """Debian's containerd on its own root, state and socket, with a CNI bridge network (its
+    CRI plugin needs one) and the fixtures registry as mirror."""
+    cni = f"{WORK}/cni"
+    os.makedirs(f"{cni}/net.d", exist_ok=True)
+    with open(f"{cni}/net.d/10-bench.conflist", "w") as f:
+        json.dump({"cniVersion": "1.0.0", "name": "bench", "plugins": [
+            {"type": "bridge", "bridge": "ctrd0", "isGateway": True, "ipMasq": True,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/16"}]],
+                      "dataDir": f"{cni}/ipam"}},
+            {"type": "portmap", "capabilities": {"portMappings": True}}]}, f)
+    mirrors = "".join(
+        f'  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{h}"]\n'
+        f'    endpoint = ["http://127.0.0.1:5000"]\n'
+        for h in ["registry.k8s.io", "gcr.io", "docker.io"])
+    with open(f"{WORK}/containerd.toml", "w") as f:
+        f.write(f"""version = 2
+root = "{WORK}/ctrd-root"
+state = "{WORK}/ctrd-state"
+[grpc]
+  address = "{SOCK}"
+[ttrpc]
+  address = "{SOCK}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.9"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    [plugins."io.containerd.grpc.v1.cri".registry.mirrors]
+{mirrors}""")
+    start("containerd", ["containerd", "--config", f"{WORK}/containerd.toml"])
+    until("containerd serves", lambda: os.path.exists(SOCK) and crictl("version").returncode == 0,
+          timeout=30)
+
+
 def start_berthd():
+    if CONTAINERD:
+        return start_containerd()
     start("berthd", [BERTHD, "--config", f"{WORK}/config.toml", "--root", f"{WORK}/root",
                      "--state", f"{WORK}/state", "--listen", SOCK, "--log-level", "info"])
     until("berthd serves", lambda: os.path.exists(SOCK) and crictl("version").returncode == 0,
@@ -456,6 +496,7 @@ def main():
         # What kubelet left in berth (it removes sandboxes on its own schedule).
         crictl("rmp", "-fa")
         stop("berthd")
+        stop("containerd")
         if not had_var_lib_kubelet:
             shutil.rmtree("/var/lib/kubelet", ignore_errors=True)
     failed = [r for r in results if not r[1]]

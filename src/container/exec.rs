@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Containers, CtrState, EXEC_OUTPUT_LIMIT, ExecOutput, mon_err};
+use super::{Containers, EXEC_OUTPUT_LIMIT, ExecOutput, mon_err};
 use crate::error::{Error, Result};
 use crate::monitor::proto::{self, request};
 
@@ -15,14 +15,7 @@ impl Containers {
         cmd: Vec<String>,
         timeout: Duration,
     ) -> Result<ExecOutput> {
-        let ctr = self.get(id)?;
-        let rec = ctr.record();
-        if rec.state != CtrState::Running {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is not running",
-                rec.id
-            )));
-        }
+        let rec = self.running(id)?;
         if cmd.is_empty() {
             return Err(Error::InvalidArgument("ExecSync needs a command".into()));
         }

@@ -166,14 +166,7 @@ impl Containers {
 
     /// ReopenContainerLog: only for a running container.
     pub async fn reopen_log(&self, id: &str) -> Result<()> {
-        let ctr = self.get(id)?;
-        let rec = ctr.record();
-        if rec.state != CtrState::Running {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is not running",
-                rec.id
-            )));
-        }
+        let rec = self.running(id)?;
         if rec.log_path.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "container {} has no log path",

@@ -404,6 +404,18 @@ impl Containers {
         }
     }
 
+    /// The record of a running container (FailedPrecondition if it is not running).
+    fn running(&self, id: &str) -> Result<ContainerRecord> {
+        let rec = self.get(id)?.record();
+        if rec.state != CtrState::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
+        }
+        Ok(rec)
+    }
+
     /// Ids of a pod's containers.
     pub fn of_pod(&self, pod_id: &str) -> Vec<String> {
         self.ctrs
