@@ -450,6 +450,7 @@ def bench(n):
     xs = sorted(ready_at.values())
     if pending:
         log(f"bench: {len(pending)} pods never ran")
+        results.append(("bench", False, f"{len(pending)} pods never ran"))
     if xs:
         p90 = xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
         log(f"bench: static pod start (manifest -> running, as kubelet reports it), {len(xs)} pods: "
@@ -469,7 +470,7 @@ def main():
         start_kubelet()
         if BENCH:
             bench(BENCH)
-            return 0
+            return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash]:
             s()
