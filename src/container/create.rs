@@ -279,6 +279,7 @@ impl Containers {
                         .procs_file(&p.cgroup.join(&id))
                         .map(|p| p.to_string_lossy().into_owned())
                         .unwrap_or_default(),
+                    shielded: super::shares_pid_namespace(&rec.spec, p),
                 }),
                 Some(Duration::from_secs(60)),
             )

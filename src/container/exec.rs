@@ -37,6 +37,7 @@ impl Containers {
                     additional_gids: rec.user.additional_gids.clone(),
                     timeout_ms: timeout.as_millis() as u64,
                     max_output_bytes: EXEC_OUTPUT_LIMIT,
+                    shielded: self.exec_traceable(&rec),
                 }),
                 wait,
             )

@@ -404,6 +404,25 @@ impl Containers {
         }
     }
 
+    /// Whether a process ExecSync starts in this container could be traced by a process of the
+    /// pod before it execs: the container's PID namespace is shared, or the container may hold
+    /// CAP_SYS_PTRACE (anything else cannot trace a root process with every capability).
+    fn exec_traceable(&self, rec: &ContainerRecord) -> bool {
+        let Ok(pod) = self.pods.get(&rec.pod_id) else {
+            return true;
+        };
+        let sec = &rec.spec.security;
+        let caps = capabilities::capabilities(
+            capabilities::Wanted {
+                privileged: sec.privileged,
+                add: &sec.add_caps,
+                drop: &sec.drop_caps,
+            },
+            &self.allowed_caps,
+        );
+        shares_pid_namespace(&rec.spec, &pod.record()) || caps.iter().any(|c| c == "CAP_SYS_PTRACE")
+    }
+
     /// The record of a running container (FailedPrecondition if it is not running).
     fn running(&self, id: &str) -> Result<ContainerRecord> {
         let rec = self.get(id)?.record();
@@ -490,6 +509,17 @@ impl Containers {
         tracing::info!(container = %snapshot.id, exit_code = snapshot.exit_code, reason = %snapshot.reason, "container exited");
         let _ = ctr.exited.send(true);
     }
+}
+
+/// Whether the container's processes live in a PID namespace other containers see: the pod's
+/// shared one, or another container's (TARGET). A container's own namespace, or the node's
+/// (where a process that can trace it owns the node already), is not. A container waiting for
+/// Start in a shared one must be shielded from its neighbours (see `monitor::helper`).
+pub fn shares_pid_namespace(spec: &ContainerSpec, pod: &crate::sandbox::PodRecord) -> bool {
+    matches!(
+        spec.security.pid_mode.unwrap_or(pod.spec.namespaces.pid),
+        NsMode::Pod | NsMode::Target
+    )
 }
 
 /// Applies a reported exit to a record.

@@ -149,7 +149,7 @@ impl Monitor {
         let (builder, io) = self.container_io(&c, &lcid, builder, &mut keep)?;
         let bundle = c.bundle.clone();
         let title = format!("berth-create {}", c.container_id);
-        let built = in_helper(&title, &keep, move || {
+        let built = in_helper(&title, &keep, (self.procfs, c.shielded), move || {
             let container = builder
                 .as_init(&bundle)
                 .with_systemd(false)

@@ -123,7 +123,7 @@ impl Monitor {
             e.additional_gids.clone(),
         );
         let title = format!("berth-exec {}", e.container_id);
-        in_helper(&title, &keep, move || {
+        in_helper(&title, &keep, (self.procfs, e.shielded), move || {
             ContainerBuilder::new(lcid, SyscallType::Linux)
                 .with_root_path(&lc_root)
                 .map(|b| {

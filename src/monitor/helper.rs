@@ -22,14 +22,21 @@ use super::io::pipe;
 pub(super) fn in_helper(
     title: &str,
     keep: &[RawFd],
+    procfs: (RawFd, bool),
     build: impl FnOnce() -> Result<i32, String>,
 ) -> Result<i32, String> {
     let (result_r, result_w) = pipe().map_err(|e| format!("helper pipe: {e}"))?;
     // SAFETY: the monitor is single-threaded, so the child's copy of its memory is consistent.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("forking a helper: {e}"))? {
         nix::unistd::ForkResult::Child => {
+            let (cached, shielded) = procfs;
+            if shielded && let Err(e) = shield(cached) {
+                let _ = rustix::io::write(&result_w, format!("err shielding: {e}\n").as_bytes());
+                // SAFETY: _exit ends the child without running the monitor's destructors.
+                unsafe { libc::_exit(0) }
+            }
             let mut fds: Vec<RawFd> = keep.to_vec();
-            fds.extend([0, 1, 2, result_w.as_raw_fd()]);
+            fds.extend([0, 1, 2, cached, result_w.as_raw_fd()]);
             close_all_but(&mut fds);
             // What the processes it forks show until they exec.
             crate::proctitle::set(c"berth-helper", title);
@@ -71,23 +78,27 @@ pub(super) fn in_helper(
     }
 }
 
-/// Keeps libcontainer's path library (pathrs) from caching a procfs handle for the life of
-/// this process and its forks. The cached handle is a procfs of the node's PID namespace, and
-/// every process libcontainer forks holds it until it execs: a container created but not yet
-/// started, or a process ExecSync is starting, would hand any process of the pod allowed to
-/// trace it `/proc/<node pid>/root`, the node's root. pathrs refuses a cached descriptor that
-/// no longer is a procfs and falls back to a handle per operation, closed after it: so the
-/// cache is filled once here, and its descriptor replaced by /dev/null (close-on-exec).
-pub fn disable_procfs_cache() -> std::io::Result<()> {
+/// pathrs (libcontainer's path library) caches one handle on a procfs of the node's PID
+/// namespace for the life of a process, and every process libcontainer forks holds it until it
+/// execs: a container created but not yet started, or a process ExecSync is starting. Whoever
+/// can trace such a process could take `/proc/<node pid>/root`, the node's root. The monitor
+/// makes the cache once (`procfs_cache`); a helper that is `shielded` replaces its descriptor
+/// by /dev/null, which pathrs then refuses (and opens a handle per operation, closed after
+/// it: slower, ~5 ms a create); an unshielded one keeps it, for processes nothing of the pod
+/// can trace before they exec.
+pub fn procfs_cache() -> std::io::Result<RawFd> {
     let handle = pathrs::procfs::ProcfsHandle::new().map_err(std::io::Error::other)?;
-    let cached = handle.as_fd().as_raw_fd();
-    drop(handle);
+    Ok(handle.as_fd().as_raw_fd())
+}
+
+/// In a helper that must be shielded: the cached procfs descriptor becomes /dev/null
+/// (close-on-exec), and pathrs is checked to have let go of it.
+fn shield(cached: RawFd) -> std::io::Result<()> {
     let null = File::open("/dev/null")?;
     // SAFETY: `cached` is pathrs's cache slot, which it only ever borrows (and validates
     // before each use); putting another open file at that number cannot make any owner in
     // this process close or misuse a descriptor it does not own.
     unsafe { nix::unistd::dup3_raw(&null, cached, nix::fcntl::OFlag::O_CLOEXEC) }?;
-    // The one that probes it now marks the cache bad for this process and its children.
     let probe = pathrs::procfs::ProcfsHandle::new().map_err(std::io::Error::other)?;
     if probe.as_fd().as_raw_fd() == cached {
         return Err(std::io::Error::other(

@@ -22,10 +22,10 @@ pub fn run(pod_id: String, listener: UnixListener, lc_root: PathBuf) -> ! {
     // reparented here, so this process reaps them and learns their exit status.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let _ = std::fs::create_dir_all(&lc_root);
-    if super::helper::disable_procfs_cache().is_err() {
-        // Containers would hold a handle on the node's /proc until they exec: none are made.
+    let Ok(procfs) = super::helper::procfs_cache() else {
+        // libcontainer cannot work without a procfs handle: no container can be made.
         std::process::exit(1);
-    }
+    };
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGCHLD);
     mask.add(Signal::SIGPIPE);
@@ -37,7 +37,7 @@ pub fn run(pod_id: String, listener: UnixListener, lc_root: PathBuf) -> ! {
         Err(_) => std::process::exit(1),
     };
     let _ = listener.set_nonblocking(true);
-    let mut m = Monitor::new(pod_id, lc_root);
+    let mut m = Monitor::new(pod_id, lc_root, procfs);
     m.watch(listener.as_raw_fd(), libc::POLLIN, move |m, _| {
         m.accept(&listener)
     });

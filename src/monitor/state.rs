@@ -21,6 +21,8 @@ pub(super) struct Monitor {
     pub pod_id: String,
     /// libcontainer's state directory.
     pub lc_root: PathBuf,
+    /// pathrs's cached procfs descriptor (see `helper::procfs_cache`).
+    pub procfs: RawFd,
     /// berthd's connections.
     pub conns: HashMap<u64, Conn>,
     pub next_conn: u64,
@@ -51,11 +53,12 @@ impl Serve for Monitor {
 
 impl Monitor {
     /// A monitor for `pod_id` with nothing registered yet.
-    pub fn new(pod_id: String, lc_root: PathBuf) -> Monitor {
+    pub fn new(pod_id: String, lc_root: PathBuf, procfs: RawFd) -> Monitor {
         Monitor {
             ev: Sources::default(),
             pod_id,
             lc_root,
+            procfs,
             conns: HashMap::new(),
             next_conn: 0,
             ctrs: HashMap::new(),
