@@ -108,6 +108,15 @@ pub fn main() -> ! {
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
     }
+    // The copy base of every pod init's mount namespace; without it (an older kernel, say)
+    // each init copies the node's tree instead, which is slower but as empty in the end.
+    let template = match pod_init::template_namespace() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("berth-zygote: no template mount namespace for pod inits: {e}");
+            None
+        }
+    };
     let mut buf = vec![0u8; MAX_REQUEST];
     loop {
         // SAFETY: ZYGOTE_FD is the socket berthd passed; buf is valid for its length.
@@ -122,12 +131,14 @@ pub fn main() -> ! {
             std::process::exit(1);
         }
         let spawned = match Request::decode(&buf[..n as usize]) {
-            Some(Request::PodInit { pod_id, pins }) => spawn_pod_init(&pod_id, &pins),
+            Some(Request::PodInit { pod_id, pins }) => {
+                spawn_pod_init(&pod_id, &pins, template.as_ref())
+            }
             Some(Request::Monitor {
                 pod_id,
                 socket,
                 lc_root,
-            }) => spawn_monitor(pod_id, &socket, lc_root),
+            }) => spawn_monitor(pod_id, &socket, lc_root, template.as_ref()),
             None => Err(io::Error::other("unknown request")),
         };
         let answer = match spawned {
@@ -148,7 +159,11 @@ pub fn main() -> ! {
 
 /// Forks a child in a new PID namespace (it is PID 1 there) that confines itself and runs the
 /// pod init; answers once the child reported that its confinement is complete.
-fn spawn_pod_init(pod_id: &str, pins: &[(String, PathBuf)]) -> io::Result<i32> {
+fn spawn_pod_init(
+    pod_id: &str,
+    pins: &[(String, PathBuf)],
+    template: Option<&OwnedFd>,
+) -> io::Result<i32> {
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // The init is PID 1 of its namespace: signals without a handler would be dropped, so the
     // ones it waits for are blocked from its first instant (the mask is inherited).
@@ -173,7 +188,7 @@ fn spawn_pod_init(pod_id: &str, pins: &[(String, PathBuf)]) -> io::Result<i32> {
         -1 => Err(io::Error::last_os_error()),
         0 => {
             drop(status_r);
-            pod_init::run(pod_id, pins, status_w)
+            pod_init::run(pod_id, pins, template, status_w)
         }
         pid => {
             drop(status_w);
@@ -195,12 +210,23 @@ fn spawn_pod_init(pod_id: &str, pins: &[(String, PathBuf)]) -> io::Result<i32> {
 
 /// Binds the monitor's socket, then forks the monitor, which inherits it: berthd can connect
 /// as soon as this answers.
-fn spawn_monitor(pod_id: String, socket: &str, lc_root: String) -> io::Result<i32> {
+fn spawn_monitor(
+    pod_id: String,
+    socket: &str,
+    lc_root: String,
+    template: Option<&OwnedFd>,
+) -> io::Result<i32> {
     let listener = crate::monitor::bind(std::path::Path::new(socket))?;
     // SAFETY: a plain fork of this single-threaded process.
     match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
         nix::unistd::ForkResult::Child => {
             detach_stdio();
+            if let Some(t) = template {
+                // SAFETY: the template is the zygote's; this child never uses it.
+                unsafe {
+                    libc::close(t.as_raw_fd());
+                }
+            }
             let _ = nix::unistd::setsid();
             crate::proctitle::set(c"berth-monitor", &format!("berth-monitor {pod_id}"));
             crate::monitor::run(pod_id, listener, lc_root.into())
