@@ -9,6 +9,7 @@
 //! Here: the types and lookups. `run` makes a pod step by step, `stop_remove` undoes it,
 //! `reconcile` opens the store at start and finishes what a previous berthd left.
 
+mod cgroups;
 pub mod files;
 pub mod init;
 pub mod namespaces;
@@ -222,8 +223,8 @@ pub struct Sandboxes {
     handlers: Vec<String>,
     /// Forks the pods' inits and monitors.
     zygote: crate::zygote::Zygote,
-    /// Cgroup directories berth made (and only these it removes), across pods.
-    owned_cgroups: Mutex<std::collections::BTreeSet<PathBuf>>,
+    /// Cgroup directories berth made (and only these it removes) and the pods using them.
+    pod_cgroups: cgroups::PodCgroups,
 }
 
 fn now_ns() -> i64 {

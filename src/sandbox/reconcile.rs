@@ -3,12 +3,12 @@
 //! namespace pins and cgroups nothing refers to are removed.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+
 use std::sync::{Arc, Mutex, RwLock};
 
 use super::stop_remove::remove_pod_dirs;
 use super::{Name, Pod, PodRecord, PodState, Sandboxes, init, internal, namespaces};
-use crate::cgroup::{self, Cgroups};
+use crate::cgroup::Cgroups;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::network::{Network, PodNet};
@@ -86,12 +86,7 @@ impl Sandboxes {
             default_cgroup_parent: default_cgroup_parent.to_string(),
             handlers,
             zygote: crate::zygote::Zygote::default(),
-            owned_cgroups: Mutex::new(
-                store::read_json(&layout.cgroups_record())
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default(),
-            ),
+            pod_cgroups: super::cgroups::PodCgroups::load(layout.cgroups_record()),
         });
         for r in records {
             s.adopt(r).await;
@@ -135,6 +130,7 @@ impl Sandboxes {
             .lock()
             .expect("names poisoned")
             .insert(r.spec.name_key(), Name::Taken(r.id.clone()));
+        self.pod_cgroups.adopt(&r.id, &r.cgroup);
         let pod = Arc::new(Pod {
             id: r.id.clone(),
             record: RwLock::new(r),
@@ -148,33 +144,6 @@ impl Sandboxes {
 
     /// Removes the cgroup directories berth made for pods that are gone.
     fn remove_unused_cgroups(&self) {
-        let owned: Vec<PathBuf> = self
-            .owned_cgroups
-            .lock()
-            .expect("cgroup ownership poisoned")
-            .iter()
-            .cloned()
-            .collect();
-        let in_use: Vec<PathBuf> = self
-            .pods
-            .read()
-            .expect("pods poisoned")
-            .values()
-            .flat_map(|p| self.cgroups.lineage(&p.record().cgroup))
-            .collect();
-        let mut dead: Vec<PathBuf> = owned.into_iter().filter(|d| !in_use.contains(d)).collect();
-        dead.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        {
-            let mut o = self
-                .owned_cgroups
-                .lock()
-                .expect("cgroup ownership poisoned");
-            for d in dead {
-                if let Ok(true) = cgroup::remove_dir(&d) {
-                    o.remove(&d);
-                }
-            }
-            let _ = store::write_json_volatile(&self.layout.cgroups_record(), &*o);
-        }
+        self.pod_cgroups.remove_unused(&self.cgroups);
     }
 }

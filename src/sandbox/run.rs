@@ -3,7 +3,6 @@
 //! then each step of making the pod. A failed step undoes everything made before it.
 
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use super::{
@@ -13,7 +12,6 @@ use super::{
 use crate::cgroup;
 use crate::error::{Error, Result};
 use crate::network::PodNet;
-use crate::store;
 
 impl Sandboxes {
     /// Checks what can be checked before anything is made.
@@ -164,7 +162,7 @@ impl Sandboxes {
     /// persisted where a later step could be interrupted), so `undo` can take back exactly
     /// what exists. On error the caller undoes from `rec`.
     async fn make(&self, rec: &mut PodRecord) -> Result<Option<init::Launched>> {
-        self.make_cgroup(&rec.cgroup)?;
+        self.make_cgroup(rec)?;
         let (made, want) = self.make_namespaces(rec).await?;
         // /dev/shm of its own unless it shares the node's IPC namespace.
         if want.ipc {
@@ -309,23 +307,11 @@ impl Sandboxes {
         Ok(l)
     }
 
-    /// Makes the pod's cgroup. The directories that did not exist are recorded as berth's
-    /// before they are made: only those are ever removed (kubelet owns the ones it made), and
-    /// a directory several pods share goes with the last of them.
-    fn make_cgroup(&self, rel: &Path) -> Result<()> {
-        let mut owned = self
-            .owned_cgroups
-            .lock()
-            .expect("cgroup ownership poisoned");
-        let missing = self.cgroups.missing(rel);
-        if !missing.is_empty() {
-            owned.extend(missing);
-            store::write_json_volatile(&self.layout.cgroups_record(), &*owned)
-                .map_err(|e| Error::Internal(e.to_string()))?;
-        }
-        self.cgroups
-            .create(rel)
-            .map_err(|e| Error::Internal(format!("creating the pod cgroup: {e}")))
+    /// Makes the pod's cgroup (see `cgroups::PodCgroups` for who owns which directory).
+    fn make_cgroup(&self, rec: &PodRecord) -> Result<()> {
+        self.pod_cgroups
+            .make(&self.cgroups, &rec.id, &rec.cgroup)
+            .map_err(Error::Internal)
     }
 }
 

@@ -5,9 +5,7 @@
 use std::path::Path;
 
 use super::{Name, PodRecord, PodState, Sandboxes, files, init, namespaces};
-use crate::cgroup;
 use crate::error::Result;
-use crate::store;
 
 impl Sandboxes {
     /// Stops what runs and what connects the pod: its init, its hostPorts, its network
@@ -38,43 +36,9 @@ impl Sandboxes {
         }
         let _ = std::fs::remove_file(self.layout.monitor_socket(&rec.id));
         files::unmount_shm(&self.pod_dir(&rec.id).join("shm"));
-        self.release_cgroup(&rec.cgroup);
+        self.pod_cgroups
+            .release(&self.cgroups, &rec.id, &rec.cgroup);
         remove_pod_dirs(&self.pod_dir(&rec.id), &self.ns_dir(&rec.id));
-    }
-
-    /// Removes the berth-made directories of a pod's cgroup that nothing uses any more.
-    fn release_cgroup(&self, rel: &Path) {
-        let mut owned = self
-            .owned_cgroups
-            .lock()
-            .expect("cgroup ownership poisoned");
-        let before = owned.len();
-        for d in self.cgroups.lineage(rel) {
-            if !owned.contains(&d) {
-                continue;
-            }
-            // The pod's own directory may still hold container cgroups a crashed berthd never
-            // removed; its ancestors are shared and are only removed when already empty.
-            let removed = if d.ends_with(rel) {
-                cgroup::remove_tree(&d)
-            } else {
-                cgroup::remove_dir(&d)
-            };
-            match removed {
-                Ok(true) => {
-                    owned.remove(&d);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(cgroup = %d.display(), error = %e, "could not remove cgroup")
-                }
-            }
-        }
-        if owned.len() != before
-            && let Err(e) = store::write_json_volatile(&self.layout.cgroups_record(), &*owned)
-        {
-            tracing::warn!(error = %e, "recording cgroup ownership");
-        }
     }
 
     /// StopPodSandbox (after the pod's containers were stopped). Unknown or stopped: fine.
