@@ -230,6 +230,7 @@ impl Containers {
                 user: &rec.user,
                 id: &rec.id,
                 cgroup_mode: self.pods.cgroups.mode,
+                cgroup_view: self.cgroup_view(p, &rec.id),
                 target_pid,
                 allowed_caps: &self.allowed_caps,
             },
@@ -247,6 +248,23 @@ impl Containers {
             .unwrap_or_default();
         rec.cwd = spec::working_dir(&rec.spec, &image.config);
         Ok(())
+    }
+
+    /// On a v1 host, the container's view of its cgroups: its own directory in the hierarchies
+    /// the runtime manages, the monitor's in the others (where it inherits that).
+    fn cgroup_view(&self, p: &PodRecord, id: &str) -> Option<Vec<super::cgroup_view::ViewMount>> {
+        if self.pods.cgroups.mode != crate::cgroup::Mode::Legacy {
+            return None;
+        }
+        let monitor = p
+            .monitor
+            .and_then(|(pid, _)| std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok())
+            .unwrap_or_default();
+        Some(super::cgroup_view::v1_view(
+            &self.pods.cgroups,
+            &p.cgroup.join(id),
+            &monitor,
+        ))
     }
 
     /// The pod's monitor creates the container (its init waits for Start); returns how long

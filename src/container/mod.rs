@@ -9,6 +9,7 @@
 //! it, `lifecycle` starts, stops and removes, `exec` runs ExecSync, `reconcile` adopts at start.
 
 pub mod capabilities;
+mod cgroup_view;
 mod create;
 mod exec;
 pub mod image_file;

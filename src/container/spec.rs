@@ -39,6 +39,9 @@ pub struct Inputs<'a> {
     pub id: &'a str,
     /// v1 or v2.
     pub cgroup_mode: CgroupMode,
+    /// On a v1 host, what the container sees at /sys/fs/cgroup (in place of a `cgroup`
+    /// mount; see `cgroup_view`).
+    pub cgroup_view: Option<Vec<super::cgroup_view::ViewMount>>,
     /// The pid of a TARGET container's init, when the PID namespace is TARGET.
     pub target_pid: Option<i32>,
     /// Capabilities the daemon may hand out.
@@ -243,11 +246,19 @@ fn all_mounts(i: &Inputs<'_>, mounts: &[(MountSpec, PathBuf)]) -> Vec<Value> {
         .iter()
         .map(|(m, _)| m.container_path.as_str())
         .collect();
-    let mut out: Vec<Value> = oci_spec::runtime::get_default_mounts()
-        .into_iter()
-        .filter(|m| m.destination() != Path::new("/dev/shm"))
-        .map(|m| serde_json::to_value(m).expect("mounts serialize"))
-        .collect();
+    let mut out: Vec<Value> = Vec::new();
+    for m in oci_spec::runtime::get_default_mounts() {
+        if m.destination() == Path::new("/dev/shm") {
+            continue;
+        }
+        if m.destination() == Path::new("/sys/fs/cgroup")
+            && let Some(view) = &i.cgroup_view
+        {
+            out.extend(super::cgroup_view::mounts(view, sec.privileged));
+            continue;
+        }
+        out.push(serde_json::to_value(m).expect("mounts serialize"));
+    }
     if sec.privileged {
         // A privileged container sees /sys read-write, as other runtimes do.
         for m in &mut out {

@@ -26,6 +26,7 @@ pub(super) fn in_helper(
     build: impl FnOnce() -> Result<i32, String>,
 ) -> Result<i32, String> {
     let (result_r, result_w) = pipe().map_err(|e| format!("helper pipe: {e}"))?;
+    let (errors_r, errors_w) = pipe().map_err(|e| format!("helper pipe: {e}"))?;
     // SAFETY: the monitor is single-threaded, so the child's copy of its memory is consistent.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("forking a helper: {e}"))? {
         nix::unistd::ForkResult::Child => {
@@ -36,15 +37,33 @@ pub(super) fn in_helper(
                 unsafe { libc::_exit(0) }
             }
             let mut fds: Vec<RawFd> = keep.to_vec();
-            fds.extend([0, 1, 2, cached, result_w.as_raw_fd()]);
+            fds.extend([
+                0,
+                1,
+                2,
+                cached,
+                result_w.as_raw_fd(),
+                errors_r.as_raw_fd(),
+                errors_w.as_raw_fd(),
+            ]);
             close_all_but(&mut fds);
+            let mut errors_r = errors_r;
+            log_errors_to(errors_w);
             // What the processes it forks show until they exec.
             crate::proctitle::set(c"berth-helper", title);
             // The helper is not the processes' parent for long: they are reparented to the
             // monitor (the subreaper) when it exits.
             let answer = match build() {
                 Ok(pid) => format!("ok {pid}\n"),
-                Err(e) => format!("err {}\n", e.replace('\n', " ")),
+                Err(e) => {
+                    let detail = logged_errors(&mut errors_r);
+                    let e = if detail.is_empty() {
+                        e
+                    } else {
+                        format!("{e} ({detail})")
+                    };
+                    format!("err {}\n", e.replace('\n', " "))
+                }
             };
             let _ = rustix::io::write(&result_w, answer.as_bytes());
             // SAFETY: _exit ends the child without running the monitor's destructors.
@@ -52,6 +71,7 @@ pub(super) fn in_helper(
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(result_w);
+            drop((errors_r, errors_w));
             // Up to the newline, not to the end of file: the processes libcontainer forked
             // hold the write end (close-on-exec) until they exec.
             let mut answer = Vec::new();
@@ -75,6 +95,62 @@ pub(super) fn in_helper(
                 _ => Err("the helper died without an answer".into()),
             }
         }
+    }
+}
+
+/// libcontainer's forked processes say why they failed only in a log event (their error
+/// crosses back to the caller as its top-level message, "failed to prepare rootfs"): the
+/// helper sends error events to a pipe, from which a failure takes its detail. Non-blocking,
+/// so a full pipe drops events rather than stalling a container's setup.
+fn log_errors_to(w: std::os::fd::OwnedFd) {
+    let _ = nix::fcntl::fcntl(
+        &w,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(File::from(w)))
+        .with_max_level(tracing::Level::ERROR)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_level(false)
+        .finish();
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// What the error events in the pipe say, on one line, the latest kept when too long.
+fn logged_errors(r: &mut File) -> String {
+    let _ = nix::fcntl::fcntl(
+        &*r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
+    let mut all = Vec::new();
+    let mut b = [0u8; 4096];
+    while let Ok(n) = r.read(&mut b) {
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&b[..n]);
+        if all.len() > 64 * 1024 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&all);
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    const MAX: usize = 2048;
+    if line.len() > MAX {
+        let mut start = line.len() - MAX;
+        while !line.is_char_boundary(start) {
+            start += 1;
+        }
+        format!("…{}", &line[start..])
+    } else {
+        line
     }
 }
 
