@@ -62,11 +62,24 @@ fn create_private(tmp: &Path) -> std::io::Result<File> {
         .open(tmp)
 }
 
+/// A temporary name beside `path` that no other write uses: two writers of one record never
+/// share (and steal) each other's temporary file.
+fn tmp_for(path: &Path) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().unwrap_or(OsStr::new("record"));
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!(
+        ".{}.{}-{n}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ))
+}
+
 /// Writes `data` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path.file_name().unwrap_or(OsStr::new("record"));
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let tmp = tmp_for(path);
     let result = (|| {
         let mut f = create_private(&tmp).map_err(io("creating", &tmp))?;
         f.write_all(data).map_err(io("writing", &tmp))?;
@@ -85,9 +98,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
 /// is atomic and the page cache survives the process); only a power cut could, and after a power
 /// cut the state directory is gone.
 pub fn write_atomic_volatile(path: &Path, data: &[u8]) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path.file_name().unwrap_or(OsStr::new("record"));
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let tmp = tmp_for(path);
     let result = create_private(&tmp)
         .and_then(|mut f| f.write_all(data))
         .map_err(io("writing", &tmp))
