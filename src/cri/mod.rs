@@ -20,6 +20,9 @@ use crate::runtime::Runtime;
 use crate::sandbox::NsMode;
 use trace::rpc;
 
+/// The largest CRI message berthd takes or sends: kubelet's limit, 16 MiB.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
 /// Both CRI services over one runtime core.
 #[derive(Clone)]
 pub struct Cri {
@@ -32,11 +35,16 @@ impl Cri {
         Cri { rt }
     }
 
-    /// The tonic services to mount on a server.
+    /// The tonic services to mount on a server, taking and giving messages up to the size
+    /// kubelet's CRI client allows (tonic's default is 4 MiB in).
     pub fn services(self) -> (RuntimeServiceServer<Cri>, ImageServiceServer<Cri>) {
         (
-            RuntimeServiceServer::new(self.clone()),
-            ImageServiceServer::new(self),
+            RuntimeServiceServer::new(self.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            ImageServiceServer::new(self)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         )
     }
 }
