@@ -61,6 +61,9 @@ pub struct Config {
     pub log_level: String,
     /// Seconds that in-flight calls get to finish after SIGTERM before berthd exits anyway.
     pub shutdown_timeout_seconds: u64,
+    /// A pod or container whose creating call's client gave up before the answer is kept this
+    /// long for a retry of the call to claim, then removed.
+    pub unclaimed_timeout_seconds: u64,
     /// The cgroup (cgroupfs path) under which pods without a cgroup parent from kubelet go.
     pub cgroup_parent: String,
     /// Remount the cgroup2 hierarchy with `favordynmods` at start (see the default file).
@@ -87,6 +90,7 @@ impl Default for Config {
             listen: PathBuf::from("/run/berth/berth.sock"),
             log_level: "info".into(),
             shutdown_timeout_seconds: 10,
+            unclaimed_timeout_seconds: 300,
             cgroup_parent: "/berth".into(),
             cgroup_favor_dynmods: false,
             registries: BTreeMap::new(),
@@ -298,6 +302,9 @@ listen = "/run/berth/berth.sock"
 log_level = "info"
 # After SIGTERM/SIGINT, in-flight calls get this long to finish.
 shutdown_timeout_seconds = 10
+# A pod or container whose RunPodSandbox/CreateContainer caller gave up (a client deadline)
+# is still made; it waits this long for a retry of the same call to claim it, then goes.
+unclaimed_timeout_seconds = 300
 # Pods whose RunPodSandbox names no cgroup parent get one under this cgroup (cgroupfs path).
 cgroup_parent = "/berth"
 # Moving a process into a cgroup waits for an RCU grace period (milliseconds) unless the

@@ -90,10 +90,16 @@ impl Runtime {
             &config.cgroup_parent,
             config.cgroup_favor_dynmods,
             handlers,
+            std::time::Duration::from_secs(config.unclaimed_timeout_seconds),
         )
         .await?;
-        let containers =
-            crate::container::Containers::open(&layout, images.clone(), pods.clone()).await?;
+        let containers = crate::container::Containers::open(
+            &layout,
+            images.clone(),
+            pods.clone(),
+            std::time::Duration::from_secs(config.unclaimed_timeout_seconds),
+        )
+        .await?;
         Ok(Runtime {
             config,
             pod_cidr: RwLock::new(None),
@@ -240,6 +246,8 @@ impl Runtime {
         spec: crate::container::ContainerSpec,
     ) -> Result<String> {
         let pod = self.pods.get(pod_id)?;
+        // Whoever makes a container in it knows the pod: an unclaimed pod is claimed.
+        self.pods.claim(&pod);
         let image = self.images.find(&spec.image).ok_or_else(|| {
             Error::NotFound(format!("image {:?} not found (pull it first)", spec.image))
         })?;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Berthd, Netns, Options};
+use common::{Berthd, Netns, Options, node};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
@@ -103,96 +103,6 @@ fn ip_of(s: &cri::PodSandboxStatus) -> String {
 
 fn netns_pin(b: &Berthd, id: &str) -> PathBuf {
     b.state.join("ns").join(id).join("net")
-}
-
-/// What a berthd and its pods have made, to compare before and after.
-#[derive(Debug, PartialEq)]
-struct World {
-    links: Vec<String>,
-    addrs: Vec<String>,
-    nft_elements: Vec<String>,
-    pins: Vec<String>,
-    mounts: Vec<PathBuf>,
-    cgroups: Vec<PathBuf>,
-    ipam: Vec<String>,
-}
-
-fn world(b: &Berthd) -> World {
-    let ns = b.netns.clone().unwrap();
-    let exec = |args: &[&str]| {
-        let mut cmd = std::process::Command::new(args[0]);
-        cmd.args(&args[1..]);
-        common::in_netns(&mut cmd, &ns);
-        String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned()
-    };
-    let mut links: Vec<String> = exec(&["ip", "-o", "link"])
-        .lines()
-        .filter_map(|l| {
-            l.split(": ")
-                .nth(1)
-                .map(|n| n.split('@').next().unwrap().to_string())
-        })
-        .collect();
-    links.sort();
-    let mut addrs: Vec<String> = exec(&["ip", "-o", "-4", "addr"])
-        .lines()
-        .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
-        .collect();
-    addrs.sort();
-    let nft_elements: Vec<String> = exec(&["nft", "list", "table", "ip", "berth"])
-        .lines()
-        .filter(|l| l.contains("elements"))
-        .map(|l| l.trim().to_string())
-        .collect();
-    let list = |d: &Path| -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(d)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.retain(|n| !n.starts_with('.'));
-        v.sort();
-        v
-    };
-    let mut cgroups = Vec::new();
-    for m in common::cgroup_mounts() {
-        let top = m.join(&b.cgroup_root);
-        let mut stack = vec![top];
-        while let Some(d) = stack.pop() {
-            if let Ok(rd) = std::fs::read_dir(&d) {
-                cgroups.push(d.clone());
-                for e in rd.flatten() {
-                    if e.file_type().unwrap().is_dir() {
-                        stack.push(e.path());
-                    }
-                }
-            }
-        }
-    }
-    cgroups.sort();
-    World {
-        links,
-        addrs,
-        nft_elements,
-        pins: list(&b.state.join("ns")),
-        mounts: common::mounts_under(b.dir.path()),
-        cgroups,
-        ipam: list(&b.state.join("ipam")),
-    }
-}
-
-/// Waits until the world is back to `before` (teardown of namespaces is asynchronous in the
-/// kernel, so links vanish shortly after the call returns), then compares.
-async fn assert_back_to(b: &Berthd, before: &World) {
-    for _ in 0..100 {
-        if world(b) == *before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(world(b), *before, "something was left behind");
 }
 
 /// A TCP echo server inside the namespace at `ns`, until dropped.
@@ -345,7 +255,7 @@ fn sysctl_in(pin: &Path, kind: nix::sched::CloneFlags, key: &str) -> String {
 async fn a_pod_runs_answers_status_and_stops_and_removes_without_leftovers() {
     let b = Berthd::start();
     let mut rt = b.runtime().await;
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let c = pod_config(&b, "web");
     let id = run(&mut rt, c.clone()).await.unwrap();
     assert_eq!(id.len(), 64);
@@ -396,7 +306,7 @@ async fn a_pod_runs_answers_status_and_stops_and_removes_without_leftovers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,7 +326,7 @@ async fn the_pod_ip_answers_from_the_node_side() {
 async fn host_ports_work_from_loopback_the_node_and_another_namespace() {
     let b = Berthd::start();
     let mut rt = b.runtime().await;
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let node = b.netns.clone().unwrap();
     let node_name = node.file_name().unwrap().to_str().unwrap().to_string();
     // Another host: a namespace joined to the node by a veth pair.
@@ -444,7 +354,7 @@ async fn host_ports_work_from_loopback_the_node_and_another_namespace() {
         );
         common::run(std::process::Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
     }
-    let before_pods = world(&b);
+    let before_pods = node::snapshot(&b);
 
     let mut c = pod_config(&b, "ports");
     c.port_mappings = vec![
@@ -531,7 +441,7 @@ async fn host_ports_work_from_loopback_the_node_and_another_namespace() {
         "the mapping goes with the pod"
     );
     remove(&mut rt, &id).await;
-    assert_back_to(&b, &before_pods).await;
+    node::assert_back_to(&b, &before_pods).await;
     common::run(std::process::Command::new("ip").args([
         "-n",
         &node_name,
@@ -539,7 +449,7 @@ async fn host_ports_work_from_loopback_the_node_and_another_namespace() {
         "del",
         "vb-uplink",
     ]));
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,7 +464,7 @@ async fn a_host_port_held_by_another_pod_fails_the_second_pod_cleanly() {
         host_ip: String::new(),
     }];
     let first = run(&mut rt, c).await.unwrap();
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let mut c = pod_config(&b, "second");
     c.port_mappings = vec![cri::PortMapping {
         protocol: 0,
@@ -569,7 +479,7 @@ async fn a_host_port_held_by_another_pod_fails_the_second_pod_cleanly() {
         "{}",
         err.message()
     );
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
     stop(&mut rt, &first).await;
     remove(&mut rt, &first).await;
 }
@@ -581,7 +491,7 @@ async fn fifty_pods_started_at_once_get_fifty_addresses_and_all_tear_down() {
         ..Default::default()
     });
     let rt = b.runtime().await;
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let mut tasks = Vec::new();
     for i in 0..50 {
         let mut rt = rt.clone();
@@ -610,7 +520,7 @@ async fn fifty_pods_started_at_once_get_fifty_addresses_and_all_tear_down() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +676,7 @@ async fn list_filters_by_id_prefix_state_and_labels() {
 async fn namespaced_sysctls_are_applied_and_the_others_refused_by_name() {
     let b = Berthd::start();
     let mut rt = b.runtime().await;
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let mut c = pod_config(&b, "sysctl");
     c.linux.as_mut().unwrap().sysctls = HashMap::from([
         ("net.ipv4.ip_unprivileged_port_start".into(), "443".into()),
@@ -791,7 +701,7 @@ async fn namespaced_sysctls_are_applied_and_the_others_refused_by_name() {
         "1"
     );
     remove(&mut rt, &id).await;
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 
     // Not namespaced: refused before anything is made.
     let mut c = pod_config(&b, "bad-sysctl");
@@ -823,7 +733,7 @@ async fn namespaced_sysctls_are_applied_and_the_others_refused_by_name() {
         "{}",
         err.message()
     );
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -836,11 +746,11 @@ async fn an_exhausted_address_pool_fails_cleanly() {
     let mut rt = b.runtime().await;
     let one = run(&mut rt, pod_config(&b, "one")).await.unwrap();
     assert_eq!(ip_of(&status(&mut rt, &one).await), "10.123.0.2");
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let err = run(&mut rt, pod_config(&b, "two")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.message().contains("10.123.0.0/30"), "{}", err.message());
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
     // Freed (once the kernel has destroyed the old namespace, in the background), the address
     // serves the next pod.
     remove(&mut rt, &one).await;
@@ -899,7 +809,7 @@ async fn a_bridge_name_taken_by_another_link_fails_pods_and_reports_network_not_
         net.message.contains("brtaken") && net.message.contains("not a bridge"),
         "{net:?}"
     );
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let err = run(&mut rt, pod_config(&b, "nobridge")).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(
@@ -907,7 +817,7 @@ async fn a_bridge_name_taken_by_another_link_fails_pods_and_reports_network_not_
         "{}",
         err.message()
     );
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
     // Host-network pods do not need the bridge.
     let c = with_ns(pod_config(&b, "hostnet"), |n| {
         n.network = cri::NamespaceMode::Node as i32
@@ -920,7 +830,7 @@ async fn a_bridge_name_taken_by_another_link_fails_pods_and_reports_network_not_
 async fn host_network_pods_have_no_namespace_or_address_of_their_own() {
     let b = Berthd::start();
     let mut rt = b.runtime().await;
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let c = with_ns(pod_config(&b, "hostnet"), |n| {
         n.network = cri::NamespaceMode::Node as i32;
         n.ipc = cri::NamespaceMode::Node as i32;
@@ -939,7 +849,7 @@ async fn host_network_pods_have_no_namespace_or_address_of_their_own() {
         format!("{host}\n")
     );
     remove(&mut rt, &id).await;
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1151,7 +1061,7 @@ async fn a_kill_during_pod_creation_leaks_nothing_after_a_restart() {
         log_level: Some("info".into()),
         ..Default::default()
     });
-    let before = world(&b);
+    let before = node::snapshot(&b);
     let rt = b.runtime().await;
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -1206,5 +1116,5 @@ async fn a_kill_during_pod_creation_leaks_nothing_after_a_restart() {
     for p in &items {
         remove(&mut rt, &p.id).await;
     }
-    assert_back_to(&b, &before).await;
+    node::assert_back_to(&b, &before).await;
 }

@@ -97,6 +97,7 @@ async fn pod_life(mut rt: Rt, config: cri::PodSandboxConfig) -> Vec<String> {
 async fn churn_at_parallelism_ten_under_one_cgroup_parent_fails_no_call() {
     let w = World::new().await;
     let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
     let shared = format!("/{}/shared", w.env.berthd.cgroup_root);
     let configs: Vec<cri::PodSandboxConfig> = (0..40)
         .map(|i| {
@@ -155,6 +156,7 @@ async fn churn_at_parallelism_ten_under_one_cgroup_parent_fails_no_call() {
         errors.len()
     );
     assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
 
 /// Found in shared-PID pods: about one CreateContainer in ten failed with a bare "failed to
@@ -163,6 +165,7 @@ async fn churn_at_parallelism_ten_under_one_cgroup_parent_fails_no_call() {
 async fn two_hundred_creates_in_a_shared_pid_pod_all_succeed() {
     let mut w = World::new().await;
     let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
     let c = w.pod_config("shared", cri::NamespaceMode::Pod);
     let pod = w.run_pod(c).await;
     let keeper = w.run(&pod, container("keeper", &["sleep", "3600"])).await;
@@ -187,6 +190,7 @@ async fn two_hundred_creates_in_a_shared_pid_pod_all_succeed() {
     assert_eq!(w.out(&keeper, &["echo", "alive"]).await, "alive");
     w.remove_pod(&pod.0).await;
     assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
 
 /// The cgroup view berth mounts in place of the runtime's (which failed in shared-PID pods):
@@ -248,4 +252,402 @@ async fn containers_see_their_own_cgroups_read_only_in_either_pid_mode() {
         }
         w.remove_pod(&pod.0).await;
     }
+}
+
+/// The steps of CreateContainer and RunPodSandbox where a failpoint can act.
+#[cfg(feature = "failpoints")]
+const CREATE_STEPS: &[&str] = &[
+    "create:recorded",
+    "create:rootfs",
+    "create:spec",
+    "create:made",
+];
+#[cfg(feature = "failpoints")]
+const RUN_STEPS: &[&str] = &[
+    "run:recorded",
+    "run:cgroup",
+    "run:namespaces",
+    "run:network",
+    "run:monitor",
+];
+
+/// Each step pauses this long, so a client deadline of (k + 0.5) pauses cancels the call
+/// while it is at step k.
+#[cfg(feature = "failpoints")]
+const PAUSE_MS: u64 = 300;
+
+#[cfg(feature = "failpoints")]
+fn pausing_at(steps: &[&str]) -> common::Options {
+    common::Options {
+        env: vec![(
+            "BERTH_FAILPOINTS".into(),
+            steps
+                .iter()
+                .map(|s| format!("{s}=sleep({PAUSE_MS})"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )],
+        extra_config: "unclaimed_timeout_seconds = 3\n".into(),
+        ..Default::default()
+    }
+}
+
+/// The deadline that cancels a call at its step `k`.
+#[cfg(feature = "failpoints")]
+fn deadline_at(k: usize) -> Duration {
+    Duration::from_millis(PAUSE_MS * k as u64 + PAUSE_MS / 2)
+}
+
+/// Sends `req` as a client with a deadline does: the grpc-timeout header, and the call
+/// dropped (its stream reset) when the deadline passes.
+#[cfg(feature = "failpoints")]
+async fn with_deadline<T, F>(d: Duration, call: F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match tokio::time::timeout(d, call).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(format!("{:?}", s.code())),
+        Err(_) => Err("client deadline".into()),
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn timed<T>(msg: T, d: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(d);
+    r
+}
+
+#[cfg(feature = "failpoints")]
+async fn containers_named(rt: &mut Rt, name: &str) -> Vec<cri::Container> {
+    rt.list_containers(cri::ListContainersRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .into_iter()
+        .filter(|c| c.metadata.as_ref().is_some_and(|m| m.name == name))
+        .collect()
+}
+
+/// Found: a CreateContainer whose caller gave up still made the container, which nothing
+/// listed and only the pod's removal cleaned. Now, cancelled at each of its steps, the
+/// making ends; a retry claims the container (one container, not two), and one nobody
+/// claims goes after the unclaimed timeout.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_cancelled_at_any_step_is_claimed_by_a_retry_or_removed() {
+    let mut w = World::with(pausing_at(CREATE_STEPS)).await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    for (k, step) in CREATE_STEPS.iter().enumerate() {
+        let pod = w.pod(&format!("cancel{k}")).await;
+        let req = |name: &str| cri::CreateContainerRequest {
+            pod_sandbox_id: pod.0.clone(),
+            config: Some(container(name, &["sleep", "3600"])),
+            sandbox_config: Some(pod.1.clone()),
+        };
+        let d = deadline_at(k);
+        // Retried: the retry gets the container the cancelled call made.
+        let mut rt = w.rt.clone();
+        let first = with_deadline(d, rt.create_container(timed(req("retried"), d))).await;
+        assert!(first.is_err(), "step {}: {first:?}", step);
+        let id = w
+            .create(&pod, req("retried").config.unwrap())
+            .await
+            .unwrap();
+        let listed = containers_named(&mut w.rt, "retried").await;
+        assert_eq!(listed.len(), 1, "step {}", step);
+        assert_eq!(listed[0].id, id);
+        w.start(&id).await.unwrap();
+        // Not retried: the container is made, listed, and goes by itself; the claimed one
+        // outlives the unclaimed timeout.
+        let mut rt = w.rt.clone();
+        let gone = with_deadline(d, rt.create_container(timed(req("abandoned"), d))).await;
+        assert!(gone.is_err(), "step {}: {gone:?}", step);
+        let mut rt = w.rt.clone();
+        eventually_async(&mut rt, "abandoned", 1).await;
+        eventually_async(&mut rt, "abandoned", 0).await;
+        assert_eq!(containers_named(&mut w.rt, "retried").await.len(), 1);
+        w.remove_pod(&pod.0).await;
+    }
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+#[cfg(feature = "failpoints")]
+async fn eventually_async(rt: &mut Rt, name: &str, count: usize) {
+    for _ in 0..200 {
+        if containers_named(rt, name).await.len() == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never {count} containers named {name}");
+}
+
+#[cfg(feature = "failpoints")]
+async fn pods_named(rt: &mut Rt, name: &str) -> Vec<cri::PodSandbox> {
+    rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
+        .collect()
+}
+
+/// RunPodSandbox cancelled at each step: the retry gets the pod the cancelled call made (no
+/// "name reserved", no second pod), and a pod nobody claims goes after the unclaimed timeout,
+/// with its network and cgroup.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cancelled_at_any_step_is_claimed_by_a_retry_or_removed() {
+    let mut w = World::with(pausing_at(RUN_STEPS)).await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    for (k, step) in RUN_STEPS.iter().enumerate() {
+        let d = deadline_at(k);
+        let retried = w.pod_config(&format!("retried{k}"), cri::NamespaceMode::Pod);
+        let req = |c: &cri::PodSandboxConfig| cri::RunPodSandboxRequest {
+            config: Some(c.clone()),
+            runtime_handler: String::new(),
+        };
+        let mut rt = w.rt.clone();
+        let first = with_deadline(d, rt.run_pod_sandbox(timed(req(&retried), d))).await;
+        assert!(first.is_err(), "step {}: {first:?}", step);
+        let (id, _) = w.run_pod(retried.clone()).await;
+        let listed = pods_named(&mut w.rt, &format!("retried{k}")).await;
+        assert_eq!(listed.len(), 1, "step {}", step);
+        assert_eq!(listed[0].id, id);
+        let abandoned = w.pod_config(&format!("abandoned{k}"), cri::NamespaceMode::Pod);
+        let mut rt = w.rt.clone();
+        let gone = with_deadline(d, rt.run_pod_sandbox(timed(req(&abandoned), d))).await;
+        assert!(gone.is_err(), "step {}: {gone:?}", step);
+        let name = format!("abandoned{k}");
+        let mut appeared = false;
+        for _ in 0..200 {
+            let n = pods_named(&mut w.rt, &name).await.len();
+            appeared |= n == 1;
+            if appeared && n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(appeared, "step {}: the abandoned pod never showed", step);
+        assert!(
+            pods_named(&mut w.rt, &name).await.is_empty(),
+            "step {}: still there",
+            step
+        );
+        // The claimed pod outlived the timeout and still takes containers.
+        let pod = (id, retried);
+        let c = w.run(&pod, container("app", &["sleep", "3600"])).await;
+        assert_eq!(w.out(&c, &["echo", "ok"]).await, "ok");
+        w.stop(&c, 0).await;
+        w.remove(&c).await;
+        w.remove_pod(&pod.0).await;
+    }
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+/// Restarts the world's berthd with `failpoints` in its environment (empty: none).
+#[cfg(feature = "failpoints")]
+async fn restart_with(w: &mut World, failpoints: &str) {
+    let b = &mut w.env.berthd;
+    if b.running() {
+        b.terminate();
+    }
+    b.env = if failpoints.is_empty() {
+        Vec::new()
+    } else {
+        vec![("BERTH_FAILPOINTS".into(), failpoints.into())]
+    };
+    b.restart();
+    w.rt = b.runtime().await;
+}
+
+/// berthd killed at each step of CreateContainer and started again: the half-made container
+/// is undone, the retried call succeeds with one container of that name, and once all is
+/// removed nothing of it is left on the node.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berthd_killed_at_any_step_of_a_create_comes_back_whole() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    let pod = w.pod("killed").await;
+    let keeper = w.run(&pod, container("keeper", &["sleep", "3600"])).await;
+    for step in CREATE_STEPS {
+        restart_with(&mut w, &format!("{step}=kill")).await;
+        let name = step.replace(':', "-");
+        let r = w.create(&pod, container(&name, &["sleep", "3600"])).await;
+        assert!(r.is_err(), "{step}: berthd answered {r:?}");
+        w.env.berthd.wait_exit(Duration::from_secs(10));
+        restart_with(&mut w, "").await;
+        let id = w
+            .create(&pod, container(&name, &["sleep", "3600"]))
+            .await
+            .unwrap_or_else(|e| panic!("{step}: the retry failed: {e:?}"));
+        w.start(&id).await.unwrap();
+        assert_eq!(w.out(&id, &["echo", "up"]).await, "up", "{step}");
+        let named =
+            w.rt.list_containers(cri::ListContainersRequest { filter: None })
+                .await
+                .unwrap()
+                .into_inner()
+                .containers
+                .into_iter()
+                .filter(|c| c.metadata.as_ref().unwrap().name == name)
+                .count();
+        assert_eq!(named, 1, "{step}");
+        // The container running before every kill still runs.
+        assert_eq!(w.out(&keeper, &["echo", "alive"]).await, "alive", "{step}");
+        w.stop(&id, 0).await;
+        w.remove(&id).await;
+    }
+    // Each step's failpoint did kill berthd.
+    let kills = w
+        .env
+        .berthd
+        .log_text()
+        .matches("failpoint: killing berthd")
+        .count();
+    assert_eq!(kills, CREATE_STEPS.len());
+    w.remove_pod(&pod.0).await;
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+/// berthd killed at each step of RunPodSandbox: the retry makes the pod, and after removal
+/// no link, address, pin, mount or cgroup of the half-made one is left.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berthd_killed_at_any_step_of_a_run_comes_back_whole() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    for step in RUN_STEPS {
+        restart_with(&mut w, &format!("{step}=kill")).await;
+        let config = w.pod_config(&step.replace(':', "-"), cri::NamespaceMode::Pod);
+        let r =
+            w.rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await;
+        assert!(r.is_err(), "{step}: berthd answered {r:?}");
+        w.env.berthd.wait_exit(Duration::from_secs(10));
+        restart_with(&mut w, "").await;
+        let pod = w.run_pod(config).await;
+        let c = w.run(&pod, container("app", &["sleep", "3600"])).await;
+        assert_eq!(w.out(&c, &["echo", "up"]).await, "up", "{step}");
+        w.stop(&c, 0).await;
+        w.remove(&c).await;
+        w.remove_pod(&pod.0).await;
+    }
+    let kills = w
+        .env
+        .berthd
+        .log_text()
+        .matches("failpoint: killing berthd")
+        .count();
+    assert_eq!(kills, RUN_STEPS.len());
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+/// Found: an image whose /etc/resolv.conf links to /run/systemd/resolve/stub-resolv.conf (as
+/// images made for systemd-resolved ship it) failed every CreateContainer with "failed to
+/// prepare rootfs". The pod's files, the WORKDIR and a volume's target are made where the
+/// image's links point, inside the image, with the directories leading there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_workdir_and_volumes_behind_dangling_links_are_made_inside_the_image() {
+    const IMAGE: &str = "docker.io/berth-test/resolved-links:latest";
+    let mut w = World::new().await;
+    let mut images = w.env.berthd.images().await;
+    images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: IMAGE.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = w.leftovers();
+    let mut c = w.pod_config("links", cri::NamespaceMode::Container);
+    c.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.0.0.10".into()],
+        ..Default::default()
+    });
+    let pod = w.run_pod(c).await;
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("marker"), "from the node\n").unwrap();
+    let mut c = container("links", &["sleep", "3600"]);
+    c.image = Some(cri::ImageSpec {
+        image: IMAGE.into(),
+        ..Default::default()
+    });
+    c.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: volume.path().to_string_lossy().into_owned(),
+        ..Default::default()
+    }];
+    let id = w.run(&pod, c).await;
+    let resolv = w
+        .out(&id, &["cat", "/run/systemd/resolve/stub-resolv.conf"])
+        .await;
+    assert!(resolv.contains("nameserver 10.0.0.10"), "{resolv}");
+    assert_eq!(w.out(&id, &["cat", "/etc/resolv.conf"]).await, resolv);
+    let hosts = w.out(&id, &["cat", "/run/netconf/hosts"]).await;
+    assert!(hosts.contains("managed by berth"), "{hosts}");
+    assert_eq!(w.out(&id, &["cat", "/etc/hostname"]).await, "links");
+    assert_eq!(w.out(&id, &["pwd", "-P"]).await, "/srv/app");
+    assert_eq!(
+        w.out(&id, &["cat", "/var/lib/appdata/marker"]).await,
+        "from the node"
+    );
+    w.remove_pod(&pod.0).await;
+    assert_eq!(w.leftovers(), before);
+}
+
+/// Found: requests over 4 MiB were refused (OutOfRange) where kubelet sends up to 16 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_up_to_kubelets_16_mib_are_taken() {
+    let w = World::new().await;
+    let mut rt = k8s_cri::v1::runtime_service_client::RuntimeServiceClient::new(
+        w.env.berthd.channel().await,
+    )
+    .max_decoding_message_size(16 << 20)
+    // Larger than berthd takes, so that berthd is the one to refuse below.
+    .max_encoding_message_size(64 << 20);
+    let big = "x".repeat(10 << 20);
+    let r = rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                label_selector: std::collections::HashMap::from([("k".to_string(), big)]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    assert!(r.into_inner().containers.is_empty());
+    // Past the limit: refused by size, and berthd keeps serving.
+    let huge = "x".repeat(17 << 20);
+    let e = rt
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                label_selector: std::collections::HashMap::from([("k".to_string(), huge)]),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    rt.version(cri::VersionRequest::default()).await.unwrap();
 }

@@ -11,18 +11,79 @@ use tokio::sync::watch;
 
 use super::{
     ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, Propagation, image_file,
-    internal, log_path, mon_err, now_ns, rootfs, spec, user,
+    internal, log_path, mon_err, name_key, now_ns, rootfs, spec, user,
 };
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::monitor::client::MonitorError;
 use crate::monitor::proto::{self, request};
+use crate::reservations::Reserved;
 use crate::sandbox::{NsMode, Pod, PodRecord, PodState};
 use crate::store;
 
 impl Containers {
-    /// CreateContainer.
+    /// CreateContainer. The making runs to its end even when the caller goes away (a client
+    /// deadline): the container then waits for a retry of the same call to claim it, and is
+    /// removed if none comes within the unclaimed timeout.
     pub async fn create(
+        self: &Arc<Self>,
+        pod: Arc<Pod>,
+        spec: ContainerSpec,
+        image: Arc<Image>,
+    ) -> Result<String> {
+        let key = name_key(&pod.id, &spec.name, spec.attempt);
+        let ticket = match self.names.reserve(&key).await {
+            Reserved::Mine(t) => t,
+            Reserved::Claimed(id) => {
+                tracing::info!(container = %id, "a retried CreateContainer claims the container its caller left");
+                return Ok(id);
+            }
+            Reserved::Taken(other) => {
+                return Err(Error::AlreadyExists(format!(
+                    "container name {:?} (attempt {}) in pod {} is reserved by container {other}",
+                    spec.name, spec.attempt, pod.id
+                )));
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let r = this.create_reserved(pod, spec, image).await;
+            let made = r.as_ref().ok().cloned();
+            let mut gone = false;
+            this.names.finish(ticket, made.as_deref(), || {
+                gone = tx.send(r).is_err();
+                gone
+            });
+            if gone && let Some(id) = made {
+                tracing::info!(container = %id, "CreateContainer's caller left before the answer: kept for a retry to claim");
+                this.expire_unclaimed(key, id);
+            }
+        });
+        rx.await
+            .map_err(|_| Error::Internal("the container creation task failed".into()))?
+    }
+
+    /// Removes an unclaimed container once the unclaimed timeout has passed, unless a call
+    /// claimed it in the meantime.
+    fn expire_unclaimed(self: &Arc<Self>, key: String, id: String) {
+        let this = Arc::downgrade(self);
+        let timeout = self.unclaimed_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(this) = this.upgrade() else { return };
+            if this.names.expired(&key, &id, timeout) {
+                tracing::info!(container = %id, "no retry claimed the container: removing it");
+                let _ = this.stop(&id, Duration::ZERO).await;
+                if let Err(e) = this.remove(&id).await {
+                    tracing::warn!(container = %id, error = %e, "removing an unclaimed container");
+                }
+            }
+        });
+    }
+
+    /// CreateContainer with its name reserved.
+    async fn create_reserved(
         &self,
         pod: Arc<Pod>,
         spec: ContainerSpec,
@@ -38,13 +99,6 @@ impl Containers {
             )));
         }
         check_privilege(&spec, &p)?;
-        let key = format!("{}/{}/{}", p.id, spec.name, spec.attempt);
-        if let Some(other) = self.names.lock().expect("names poisoned").get(&key) {
-            return Err(Error::AlreadyExists(format!(
-                "container name {:?} (attempt {}) in pod {} is reserved by container {other}",
-                spec.name, spec.attempt, p.id
-            )));
-        }
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
         crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
@@ -53,6 +107,7 @@ impl Containers {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        crate::failpoint::hit("create:recorded").await;
         let ctr = Arc::new(Ctr {
             id: id.clone(),
             record: RwLock::new(rec.clone()),
@@ -73,10 +128,6 @@ impl Containers {
                     self.undo(&rec).await;
                     return Err(e);
                 }
-                self.names
-                    .lock()
-                    .expect("names poisoned")
-                    .insert(key, id.clone());
                 tracing::info!(container = %id, pod = %p.id, name = %rec.spec.name, image = %rec.image_name, "container created");
                 Ok(id)
             }
@@ -93,18 +144,22 @@ impl Containers {
     async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
         let t0 = std::time::Instant::now();
         let rootfs_dir = self.make_rootfs(&rec.id, image)?;
+        crate::failpoint::hit("create:rootfs").await;
         let t_mount = t0.elapsed();
         rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
         rec.mounts = host_mounts(&rec.spec.mounts)?;
+        self.ensure_targets(rec, image, &rootfs_dir)?;
         rec.spec.resources.hugepage_limits = enforceable_hugepages(
             &rec.spec.resources.hugepage_limits,
             self.pods.cgroups.has_controller("hugetlb"),
         )?;
         self.write_spec(rec, p, image, &rootfs_dir)?;
+        crate::failpoint::hit("create:spec").await;
         // The record written at the start already lets an undo reach the monitor: nothing
         // new is needed on disk before the container is made.
         let t_spec = t0.elapsed();
         let runtime_us = self.monitor_create(rec, p).await?;
+        crate::failpoint::hit("create:made").await;
         tracing::debug!(
             container = %rec.id,
             runtime_us,
@@ -151,6 +206,28 @@ impl Containers {
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(rootfs_dir)
+    }
+
+    /// The working directory and the request's mount targets, made inside the root where the
+    /// image lacks them or has dangling links there (their targets are made, inside the root).
+    fn ensure_targets(&self, rec: &ContainerRecord, image: &Image, root: &Path) -> Result<()> {
+        let cwd = spec::working_dir(&rec.spec, &image.config);
+        let mut targets = vec![(cwd, rootfs::Target::Dir)];
+        for (m, src) in &rec.mounts {
+            let kind = if src.is_dir() {
+                rootfs::Target::Dir
+            } else {
+                rootfs::Target::File
+            };
+            targets.push((m.container_path.clone(), kind));
+        }
+        for (t, kind) in targets {
+            if t.starts_with('/') {
+                rootfs::ensure_target(root, &t, kind)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Who the process runs as, names resolved through the image's own files.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Containers, CtrState, mon_err, now_ns, signal_number};
+use super::{Containers, CtrState, mon_err, name_key, now_ns, signal_number};
 use crate::error::{Error, Result};
 use crate::monitor::client::MonitorError;
 use crate::monitor::proto::{self, request};
@@ -14,6 +14,11 @@ impl Containers {
         let ctr = self.get(id)?;
         let _op = ctr.op.lock().await;
         let rec = ctr.record();
+        // Whoever starts it knows its id: an unclaimed container is claimed.
+        self.names.claim(
+            &name_key(&rec.pod_id, &rec.spec.name, rec.spec.attempt),
+            &rec.id,
+        );
         match rec.state {
             CtrState::Created => {}
             CtrState::Running => {
@@ -46,9 +51,10 @@ impl Containers {
                     r.state = CtrState::Running;
                     r.started_at = now_ns();
                 }
-                let snapshot = r.clone();
+                // Written under the record's lock: an exit recorded meanwhile is never
+                // overwritten by this older state.
+                self.persist(&r)?;
                 drop(r);
-                self.persist(&snapshot)?;
                 tracing::info!(container = %rec.id, "container started");
                 Ok(())
             }
@@ -155,11 +161,10 @@ impl Containers {
             .write()
             .expect("containers poisoned")
             .remove(&rec.id);
-        let key = format!("{}/{}/{}", rec.pod_id, rec.spec.name, rec.spec.attempt);
-        let mut names = self.names.lock().expect("names poisoned");
-        if names.get(&key) == Some(&rec.id) {
-            names.remove(&key);
-        }
+        self.names.release(
+            &name_key(&rec.pod_id, &rec.spec.name, rec.spec.attempt),
+            &rec.id,
+        );
         tracing::info!(container = %rec.id, "container removed");
         Ok(())
     }

@@ -299,13 +299,20 @@ fn mon_err(e: MonitorError) -> Error {
 pub struct Containers {
     layout: Layout,
     ctrs: RwLock<HashMap<String, Arc<Ctr>>>,
-    names: Mutex<HashMap<String, String>>,
+    names: crate::reservations::Names,
+    /// How long a container whose creator left waits for a retry to claim it.
+    unclaimed_timeout: Duration,
     monitors: Mutex<HashMap<String, Arc<MonitorClient>>>,
     events: mpsc::UnboundedSender<ExitEvent>,
     images: Arc<ImageStore>,
     pods: Arc<Sandboxes>,
     allowed_caps: Vec<&'static str>,
     own_oom: i64,
+}
+
+/// The key a container's name is reserved under: pod, name and attempt.
+fn name_key(pod: &str, name: &str, attempt: u32) -> String {
+    format!("{pod}/{name}/{attempt}")
 }
 
 fn internal(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -318,6 +325,7 @@ impl Containers {
         layout: &Layout,
         images: Arc<ImageStore>,
         pods: Arc<Sandboxes>,
+        unclaimed_timeout: Duration,
     ) -> Result<Arc<Containers>> {
         for d in [
             layout.containers(),
@@ -331,7 +339,8 @@ impl Containers {
         let c = Arc::new(Containers {
             layout: layout.clone(),
             ctrs: RwLock::new(HashMap::new()),
-            names: Mutex::new(HashMap::new()),
+            names: Default::default(),
+            unclaimed_timeout,
             monitors: Mutex::new(HashMap::new()),
             events: tx,
             images,
@@ -502,11 +511,12 @@ impl Containers {
             if oom {
                 r.reason = "OOMKilled".into();
             }
+            // Under the record's lock, so writes of one record land in the order made.
+            if let Err(e) = self.persist(&r) {
+                tracing::warn!(container = %r.id, error = %e, "recording the exit");
+            }
             r.clone()
         };
-        if let Err(e) = self.persist(&snapshot) {
-            tracing::warn!(container = %snapshot.id, error = %e, "recording the exit");
-        }
         tracing::info!(container = %snapshot.id, exit_code = snapshot.exit_code, reason = %snapshot.reason, "container exited");
         let _ = ctr.exited.send(true);
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{
-    ContainerRecord, Containers, Ctr, CtrState, apply_exit, now_ns, read_exit_file, rootfs,
+    ContainerRecord, Containers, Ctr, CtrState, apply_exit, name_key, now_ns, read_exit_file,
+    rootfs,
 };
 use crate::monitor::proto::{self, request};
 use crate::sandbox::PodState;
@@ -117,10 +118,8 @@ impl Containers {
             }
             let _ = self.persist(&r);
         }
-        self.names.lock().expect("names poisoned").insert(
-            format!("{}/{}/{}", r.pod_id, r.spec.name, r.spec.attempt),
-            r.id.clone(),
-        );
+        self.names
+            .insert(&name_key(&r.pod_id, &r.spec.name, r.spec.attempt), &r.id);
         let exited = r.state == CtrState::Exited;
         self.insert(r, exited);
     }

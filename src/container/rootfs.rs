@@ -99,15 +99,36 @@ pub fn unmount(target: &Path) {
 
 /// Makes sure each of berth's file mount targets (`/etc/hosts`, ...) resolves to something in
 /// the image: where the image has a dangling symlink there (`/etc/resolv.conf` pointing to a
-/// resolver's runtime file is common), the file it names is created, inside the root (the
-/// kernel resolves the link as if the root were `/`, so it can never name a node path), as
-/// other runtimes do. Existing targets are left as they are (not even opened: one could be a
-/// device or a FIFO). Runs before the container exists, so nothing races it in the root.
+/// resolver's runtime file is common), the file it names is created, with the directories
+/// leading to it, inside the root (every step resolves as if the root were `/`, so a link can
+/// never name a node path), as runc does. Existing targets are left as they are (not even
+/// opened: one could be a device or a FIFO). Runs before the container exists, so nothing
+/// races it in the root.
 pub fn ensure_file_targets(root: &Path, targets: &[&str]) -> Result<(), RootfsError> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    for t in targets {
+        ensure_target(root, t, Target::File)?;
+    }
+    Ok(())
+}
+
+/// What a mount target or working directory must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A file (to bind a file over).
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// Makes `path` (absolute, inside the container) exist in `root` as `kind` if nothing is
+/// there, following the image's symlinks inside the root: a dangling link gets its target
+/// made, and missing directories on the way are made (0755). Something already there, of any
+/// type, is left for the runtime to judge.
+pub fn ensure_target(root: &Path, path: &str, kind: Target) -> Result<(), RootfsError> {
+    use rustix::fs::{Mode, OFlags};
     let err = |t: &str, e: rustix::io::Errno| RootfsError {
         target: root.join(t.trim_start_matches('/')),
-        message: format!("preparing the mount target {t}: {e}"),
+        message: format!("preparing the mount target {path} (at {t}): {e}"),
     };
     let dir = rustix::fs::open(
         root,
@@ -115,26 +136,116 @@ pub fn ensure_file_targets(root: &Path, targets: &[&str]) -> Result<(), RootfsEr
         Mode::empty(),
     )
     .map_err(|e| err("/", e))?;
+    // Follow a chain of dangling links to the path that is missing (bounded, as the kernel
+    // bounds link chains).
+    let mut want = normalize(path);
+    for _ in 0..40 {
+        match open_in_root(&dir, &want, OFlags::PATH) {
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::NOENT) => {}
+            // A parent that is not a directory, a loop: the runtime reports it when it mounts.
+            Err(_) => return Ok(()),
+        }
+        let (parent, name) = match want.rsplit_once('/') {
+            Some((p, n)) if !n.is_empty() => (if p.is_empty() { "/" } else { p }, n),
+            _ => return Ok(()),
+        };
+        make_dirs(&dir, parent).map_err(|e| err(parent, e))?;
+        let Ok(pfd) = open_in_root(&dir, parent, OFlags::PATH | OFlags::DIRECTORY) else {
+            return Ok(());
+        };
+        match rustix::fs::readlinkat(&pfd, name, Vec::new()) {
+            Ok(target) => {
+                let target = target.to_string_lossy().into_owned();
+                want = if target.starts_with('/') {
+                    normalize(&target)
+                } else {
+                    normalize(&format!("{parent}/{target}"))
+                };
+                continue;
+            }
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(_) => return Ok(()),
+        }
+        let made = match kind {
+            Target::File => rustix::fs::openat(
+                &pfd_dir(&dir, parent).map_err(|e| err(parent, e))?,
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+                Mode::from_raw_mode(0o644),
+            )
+            .map(drop),
+            Target::Dir => rustix::fs::mkdirat(
+                &pfd_dir(&dir, parent).map_err(|e| err(parent, e))?,
+                name,
+                Mode::from_raw_mode(0o755),
+            ),
+        };
+        return match made {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(err(&want, e)),
+        };
+    }
+    Ok(())
+}
+
+/// Opens `path` as if `dir` were the root: every symlink and `..` stays inside it.
+fn open_in_root(
+    dir: &std::os::fd::OwnedFd,
+    path: &str,
+    flags: rustix::fs::OFlags,
+) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
-    for t in targets {
-        match rustix::fs::openat2(&dir, *t, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how) {
+    rustix::fs::openat2(dir, path, flags | OFlags::CLOEXEC, Mode::empty(), how)
+}
+
+/// The directory `path` in the root, opened for making entries in.
+fn pfd_dir(dir: &std::os::fd::OwnedFd, path: &str) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::OFlags;
+    open_in_root(dir, path, OFlags::RDONLY | OFlags::DIRECTORY)
+}
+
+/// Makes each missing directory of `path` in the root, resolving inside it; a component that
+/// is a dangling link is left alone (the caller then finds `path` missing and stops).
+fn make_dirs(dir: &std::os::fd::OwnedFd, path: &str) -> rustix::io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let mut cur = String::new();
+    for comp in path.split('/').filter(|c| !c.is_empty()) {
+        let parent = if cur.is_empty() {
+            "/".to_string()
+        } else {
+            cur.clone()
+        };
+        cur = format!("{cur}/{comp}");
+        match open_in_root(dir, &cur, OFlags::PATH | OFlags::DIRECTORY) {
             Ok(_) => continue,
             Err(rustix::io::Errno::NOENT) => {}
-            // A parent that is not a directory: libcontainer reports it when it mounts.
-            Err(_) => continue,
+            Err(_) => return Ok(()),
         }
-        match rustix::fs::openat2(
-            &dir,
-            *t,
-            OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-            Mode::from_raw_mode(0o644),
-            how,
-        ) {
-            Ok(_) => {}
-            // The link names a directory that does not exist either: nothing to make it in.
-            Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => return Err(err(t, e)),
+        // A parent that cannot be opened is a dangling link: left for the runtime to report.
+        let Ok(pfd) = pfd_dir(dir, &parent) else {
+            return Ok(());
+        };
+        match rustix::fs::mkdirat(&pfd, comp, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// `path` made absolute with `.` and `..` resolved lexically, `..` stopping at the root.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }

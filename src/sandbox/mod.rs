@@ -21,7 +21,7 @@ pub mod sysctl;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -169,11 +169,6 @@ pub struct PodRecord {
     pub shm: bool,
 }
 
-enum Name {
-    Creating(tokio::sync::watch::Receiver<bool>),
-    Taken(String),
-}
-
 /// One pod: its record and a lock serializing operations on it.
 pub struct Pod {
     /// The id.
@@ -214,7 +209,9 @@ pub struct PodFilter {
 pub struct Sandboxes {
     layout: Layout,
     pods: RwLock<HashMap<String, Arc<Pod>>>,
-    names: Mutex<HashMap<String, Name>>,
+    names: crate::reservations::Names,
+    /// How long a pod whose creator left waits for a retry to claim it.
+    unclaimed_timeout: std::time::Duration,
     /// The pod network.
     pub network: Arc<Network>,
     /// The host's cgroup hierarchies.

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use super::stop_remove::remove_pod_dirs;
-use super::{Name, Pod, PodRecord, PodState, Sandboxes, init, internal, namespaces};
+use super::{Pod, PodRecord, PodState, Sandboxes, init, internal, namespaces};
 use crate::cgroup::Cgroups;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -52,6 +52,7 @@ impl Sandboxes {
         default_cgroup_parent: &str,
         favor_dynmods: bool,
         handlers: Vec<String>,
+        unclaimed_timeout: std::time::Duration,
     ) -> Result<Arc<Sandboxes>> {
         crate::layout::private_dir(&layout.pods())
             .map_err(internal("creating the pods directory"))?;
@@ -80,7 +81,8 @@ impl Sandboxes {
         let s = Arc::new(Sandboxes {
             layout: layout.clone(),
             pods: RwLock::new(HashMap::new()),
-            names: Mutex::new(HashMap::new()),
+            names: Default::default(),
+            unclaimed_timeout,
             network,
             cgroups,
             default_cgroup_parent: default_cgroup_parent.to_string(),
@@ -126,10 +128,7 @@ impl Sandboxes {
             }
             PodState::NotReady => self.teardown(&mut r).await,
         }
-        self.names
-            .lock()
-            .expect("names poisoned")
-            .insert(r.spec.name_key(), Name::Taken(r.id.clone()));
+        self.names.insert(&r.spec.name_key(), &r.id);
         self.pod_cgroups.adopt(&r.id, &r.cgroup);
         let pod = Arc::new(Pod {
             id: r.id.clone(),

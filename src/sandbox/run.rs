@@ -6,12 +6,13 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, RwLock};
 
 use super::{
-    Name, NsMode, Pod, PodRecord, PodSpec, PodState, Sandboxes, files, init, internal, namespaces,
+    NsMode, Pod, PodRecord, PodSpec, PodState, Sandboxes, files, init, internal, namespaces,
     new_id, now_ns, sysctl,
 };
 use crate::cgroup;
 use crate::error::{Error, Result};
 use crate::network::PodNet;
+use crate::reservations::Reserved;
 
 impl Sandboxes {
     /// Checks what can be checked before anything is made.
@@ -54,51 +55,64 @@ impl Sandboxes {
     }
 
     /// RunPodSandbox: returns the new pod's id. A call whose client goes away still finishes
-    /// (in the background), so a retry meets a finished pod or a released name, never a name
-    /// reserved forever.
+    /// (in the background): a retry of it claims the finished pod, and a pod nobody claims
+    /// within the unclaimed timeout is removed. A name is never reserved forever.
     pub async fn run(self: &Arc<Self>, spec: PodSpec) -> Result<String> {
         self.validate(&spec)?;
         let key = spec.name_key();
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        loop {
-            let wait = {
-                let mut names = self.names.lock().expect("names poisoned");
-                match names.get(&key) {
-                    Some(Name::Taken(id)) => {
-                        return Err(Error::AlreadyExists(format!(
-                            "pod sandbox name {key} is reserved by sandbox {id}"
-                        )));
-                    }
-                    Some(Name::Creating(w)) => Some(w.clone()),
-                    None => {
-                        names.insert(key.clone(), Name::Creating(rx.clone()));
-                        None
-                    }
-                }
-            };
-            match wait {
-                Some(mut w) => {
-                    let _ = w.changed().await;
-                }
-                None => break,
+        let ticket = match self.names.reserve(&key).await {
+            Reserved::Mine(t) => t,
+            Reserved::Claimed(id) => {
+                tracing::info!(pod = %id, "a retried RunPodSandbox claims the pod its caller left");
+                return Ok(id);
             }
-        }
+            Reserved::Taken(id) => {
+                return Err(Error::AlreadyExists(format!(
+                    "pod sandbox name {key} is reserved by sandbox {id}"
+                )));
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        tokio::spawn(async move {
             let id = new_id();
-            let r = this.create(&id, spec).await;
-            {
-                let mut names = this.names.lock().expect("names poisoned");
-                match &r {
-                    Ok(()) => names.insert(key, Name::Taken(id.clone())),
-                    Err(_) => names.remove(&key),
-                };
+            let r = this.create(&id, spec).await.map(|()| id.clone());
+            let made = r.is_ok();
+            let mut gone = false;
+            this.names.finish(ticket, made.then_some(id.as_str()), || {
+                gone = tx.send(r).is_err();
+                gone
+            });
+            if gone && made {
+                tracing::info!(pod = %id, "RunPodSandbox's caller left before the answer: kept for a retry to claim");
+                this.expire_unclaimed(key, id);
             }
-            let _ = tx.send(true);
-            r.map(|()| id)
         });
-        task.await
-            .map_err(|e| Error::Internal(format!("pod creation task failed: {e}")))?
+        rx.await
+            .map_err(|_| Error::Internal("the pod creation task failed".into()))?
+    }
+
+    /// Removes an unclaimed pod once the unclaimed timeout has passed, unless a call claimed
+    /// it in the meantime (a retry, or a container created in it).
+    fn expire_unclaimed(self: &Arc<Self>, key: String, id: String) {
+        let this = Arc::downgrade(self);
+        let timeout = self.unclaimed_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Some(this) = this.upgrade() else { return };
+            if this.names.expired(&key, &id, timeout) {
+                tracing::info!(pod = %id, "no retry claimed the pod: removing it");
+                let _ = this.stop(&id).await;
+                if let Err(e) = this.remove(&id).await {
+                    tracing::warn!(pod = %id, error = %e, "removing an unclaimed pod");
+                }
+            }
+        });
+    }
+
+    /// A call that knows the pod's id used it (a container is made in it): it is claimed.
+    pub fn claim(&self, pod: &Pod) {
+        self.names.claim(&pod.record().spec.name_key(), &pod.id);
     }
 
     async fn create(&self, id: &str, spec: PodSpec) -> Result<()> {
@@ -127,6 +141,7 @@ impl Sandboxes {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        crate::failpoint::hit("run:recorded").await;
         let r = self.make(&mut rec).await;
         match r {
             Ok(launched) => {
@@ -163,7 +178,9 @@ impl Sandboxes {
     /// what exists. On error the caller undoes from `rec`.
     async fn make(&self, rec: &mut PodRecord) -> Result<Option<init::Launched>> {
         self.make_cgroup(rec)?;
+        crate::failpoint::hit("run:cgroup").await;
         let (made, want) = self.make_namespaces(rec).await?;
+        crate::failpoint::hit("run:namespaces").await;
         // /dev/shm of its own unless it shares the node's IPC namespace.
         if want.ipc {
             files::mount_shm(&self.pod_dir(&rec.id).join("shm"))
@@ -172,10 +189,12 @@ impl Sandboxes {
         }
         if let (Some(netns), Some(handle)) = (&made.netns, &made.net_handle) {
             rec.net = Some(self.attach_network(rec, netns.as_fd(), handle).await?);
+            crate::failpoint::hit("run:network").await;
         }
         drop(made);
         self.write_files(rec)?;
         self.start_monitor(rec).await?;
+        crate::failpoint::hit("run:monitor").await;
         if rec.spec.namespaces.pid == NsMode::Pod {
             return self.start_init(rec, want).await.map(Some);
         }

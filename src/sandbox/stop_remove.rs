@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{Name, PodRecord, PodState, Sandboxes, files, init, namespaces};
+use super::{PodRecord, PodState, Sandboxes, files, init, namespaces};
 use crate::error::Result;
 
 impl Sandboxes {
@@ -73,10 +73,7 @@ impl Sandboxes {
         // the background, not on the caller's path.
         self.remove_resources(&rec);
         self.pods.write().expect("pods poisoned").remove(&pod.id);
-        let mut names = self.names.lock().expect("names poisoned");
-        if matches!(names.get(&rec.spec.name_key()), Some(Name::Taken(t)) if *t == pod.id) {
-            names.remove(&rec.spec.name_key());
-        }
+        self.names.release(&rec.spec.name_key(), &pod.id);
         tracing::info!(pod = %pod.id, "pod sandbox removed");
         Ok(())
     }

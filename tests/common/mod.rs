@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_http;
+pub mod node;
 pub mod proxy;
 pub mod token;
 pub mod world;
@@ -41,6 +42,8 @@ pub struct Berthd {
     /// The cgroup (relative to each hierarchy's root) its pods go under by default; removed
     /// with everything in it on drop.
     pub cgroup_root: String,
+    /// Extra environment of the next start (e.g. BERTH_FAILPOINTS).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     /// A namespace made for this berthd when the test gave none (dropped after berthd).
     own_netns: Option<Netns>,
@@ -57,6 +60,8 @@ pub struct Options {
     pub netns: Option<PathBuf>,
     /// A root directory to use instead of a fresh one under the temp dir.
     pub root: Option<PathBuf>,
+    /// Extra environment for berthd.
+    pub env: Vec<(String, String)>,
 }
 
 impl Berthd {
@@ -107,6 +112,7 @@ impl Berthd {
             log,
             netns: netns_path,
             cgroup_root,
+            env: opts.env.clone(),
             child: None,
             own_netns,
         };
@@ -120,6 +126,7 @@ impl Berthd {
         if let Some(ns) = &self.netns {
             in_netns(&mut cmd, ns);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--config")
             .arg(&self.config)
             .arg("--root")
@@ -172,6 +179,14 @@ impl Berthd {
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether berthd is running (started and not yet seen to exit).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
         }
     }
 
