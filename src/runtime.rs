@@ -70,6 +70,10 @@ impl Runtime {
     /// Opens the core over an already-locked root and state directory: loads images and pods
     /// and reconciles what a previous run left.
     pub async fn open(config: Config) -> Result<Self> {
+        for dir in [&config.root, &config.state] {
+            crate::store::check_schema(dir)
+                .map_err(|e| Error::Internal(crate::store::refusal(&e)))?;
+        }
         let images = Arc::new(
             tokio::task::block_in_place(|| ImageStore::open(&config))
                 .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?,

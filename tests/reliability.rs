@@ -651,3 +651,61 @@ async fn requests_up_to_kubelets_16_mib_are_taken() {
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
     rt.version(cri::VersionRequest::default()).await.unwrap();
 }
+
+/// Runs berthd on the world's directories expecting it to refuse to start; returns what it
+/// said.
+fn refused_start(w: &World) -> String {
+    let out = w
+        .env
+        .berthd
+        .command("info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "berthd started on a broken store");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A record berthd cannot read stops its start with a message naming the file, and nothing
+/// is changed: once the file is repaired, everything is there as before. The same for a
+/// store written in a newer format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_store_stops_the_start_and_is_left_untouched() {
+    let mut w = World::new().await;
+    let pod = w.pod("kept").await;
+    let id = w.run(&pod, container("kept", &["sleep", "3600"])).await;
+    w.env.berthd.terminate();
+    let record = w
+        .env
+        .berthd
+        .state
+        .join("containers")
+        .join(&id)
+        .join("container.json");
+    let good = std::fs::read(&record).unwrap();
+    std::fs::write(&record, b"{\"id\": \"torn").unwrap();
+    let said = refused_start(&w);
+    assert!(
+        said.contains(&record.display().to_string()) && said.contains("does not start"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), b"{\"id\": \"torn");
+    assert!(w.env.berthd.state.join("pods").join(&pod.0).exists());
+    std::fs::write(&record, &good).unwrap();
+
+    let schema = w.env.berthd.root.join("schema.json");
+    let current = std::fs::read(&schema).unwrap();
+    std::fs::write(&schema, b"{\"schema\": 99}").unwrap();
+    let said = refused_start(&w);
+    assert!(said.contains("format 99"), "{said}");
+    std::fs::write(&schema, &current).unwrap();
+
+    w.env.berthd.restart();
+    w.rt = w.env.berthd.runtime().await;
+    assert_eq!(
+        w.status(&id).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    assert_eq!(w.out(&id, &["echo", "still"]).await, "still");
+    w.remove_pod(&pod.0).await;
+}

@@ -348,7 +348,7 @@ impl Containers {
             allowed_caps: capabilities::own_capabilities(),
             own_oom: capabilities::own_oom_score_adj(),
         });
-        c.reconcile().await;
+        c.reconcile().await?;
         let weak = Arc::downgrade(&c);
         tokio::spawn(events_loop(weak, rx));
         Ok(c)

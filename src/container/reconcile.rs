@@ -12,6 +12,7 @@ use super::{
     ContainerRecord, Containers, Ctr, CtrState, apply_exit, name_key, now_ns, read_exit_file,
     rootfs,
 };
+use crate::error::{Error, Result};
 use crate::monitor::proto::{self, request};
 use crate::sandbox::PodState;
 use crate::store;
@@ -19,8 +20,8 @@ use crate::store;
 impl Containers {
     /// At start: adopts containers from the monitors, reads the exits that happened while
     /// berthd was away, undoes half-made containers and removes what nothing refers to.
-    pub(super) async fn reconcile(&self) {
-        let records = self.read_records();
+    pub(super) async fn reconcile(&self) -> Result<()> {
+        let records = self.read_records()?;
         let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
         let held = self.held_by_monitors(&pods).await;
         for r in records {
@@ -34,26 +35,39 @@ impl Containers {
             self.adopt(r, h);
         }
         self.remove_unreferenced(&held).await;
+        Ok(())
     }
 
-    /// The container records; directories without a readable one are removed.
-    fn read_records(&self) -> Vec<ContainerRecord> {
+    /// The container records; a directory without one is removed (it was made just before
+    /// its record), an unreadable one is an error.
+    fn read_records(&self) -> Result<Vec<ContainerRecord>> {
         let mut records = Vec::new();
         let Ok(rd) = std::fs::read_dir(self.layout.containers()) else {
-            return records;
+            return Ok(records);
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            match store::read_json::<ContainerRecord>(&e.path().join("container.json")) {
+            let path = e.path().join("container.json");
+            match store::read_json::<ContainerRecord>(&path) {
                 Ok(Some(r)) if r.id == name => records.push(r),
-                _ => {
+                Ok(Some(r)) => {
+                    return Err(Error::Internal(store::refusal(
+                        &store::StoreError::Inconsistent {
+                            path,
+                            message: format!("it records container {} but lies in {name}", r.id),
+                        },
+                    )));
+                }
+                // The directory is made just before its record: nothing else of it exists.
+                Ok(None) => {
                     tracing::warn!(container = %name, "removing a container directory without a record");
                     rootfs::unmount(&e.path().join("rootfs"));
                     let _ = std::fs::remove_dir_all(e.path());
                 }
+                Err(e) => return Err(Error::Internal(store::refusal(&e))),
             }
         }
-        records
+        Ok(records)
     }
 
     /// What each ready pod's monitor holds, by container id.

@@ -42,6 +42,9 @@ pub enum ImageError {
     /// No such image here.
     #[error("image {0:?} not found")]
     NotFound(String),
+    /// A record of the store that cannot be read: berthd does not start on it.
+    #[error("{0}")]
+    Unreadable(String),
     /// Every endpoint failed; each one's error is listed.
     #[error("pulling {reference}: {}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
     Registry {
@@ -153,7 +156,9 @@ impl From<ImageError> for Error {
             }
             ImageError::BadImage { .. } => Error::FailedPrecondition(msg),
             ImageError::Layer { .. } => Error::Unavailable(msg),
-            ImageError::Content { .. } | ImageError::Store(_) => Error::Internal(msg),
+            ImageError::Content { .. } | ImageError::Store(_) | ImageError::Unreadable(_) => {
+                Error::Internal(msg)
+            }
         }
     }
 }
@@ -350,13 +355,7 @@ impl ImageStore {
             })?;
         let mut index = Index::default();
         for rec in store::read_all::<ImageRecord>(&images_dir)? {
-            let rec = match rec {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping unreadable image record");
-                    continue;
-                }
-            };
+            let rec = rec.map_err(|e| ImageError::Unreadable(store::refusal(&e)))?;
             match load_image(&content, &snapshots, rec) {
                 Ok(img) => index.insert(Arc::new(img)),
                 Err(e) => {
@@ -365,10 +364,10 @@ impl ImageStore {
             }
         }
         let mut leases = HashMap::new();
-        for l in store::read_all::<LeaseRecord>(&leases_dir)?
-            .into_iter()
-            .flatten()
-        {
+        // A lease lost would let the collector delete what a container uses: unreadable
+        // ones stop the start, as image records do.
+        for l in store::read_all::<LeaseRecord>(&leases_dir)? {
+            let l = l.map_err(|e| ImageError::Unreadable(store::refusal(&e)))?;
             leases.insert(l.owner, l.items);
         }
         let s = ImageStore {

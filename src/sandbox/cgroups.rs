@@ -37,16 +37,17 @@ impl Book {
 }
 
 impl PodCgroups {
-    /// The book as the record at `record` left it, with no pod in it yet.
-    pub fn load(record: PathBuf) -> PodCgroups {
-        let owned = store::read_json(&record).ok().flatten().unwrap_or_default();
-        PodCgroups {
+    /// The book as the record at `record` left it, with no pod in it yet; an unreadable
+    /// record is an error (the directories it lists would otherwise never be removed).
+    pub fn load(record: PathBuf) -> Result<PodCgroups, store::StoreError> {
+        let owned = store::read_json(&record)?.unwrap_or_default();
+        Ok(PodCgroups {
             record,
             book: Mutex::new(Book {
                 owned,
                 users: HashMap::new(),
             }),
-        }
+        })
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {

@@ -16,17 +16,28 @@ use crate::store;
 
 /// The pod records under `layout`; pod directories without a readable record and pin
 /// directories of no pod are removed.
-fn read_records(layout: &Layout) -> Vec<PodRecord> {
+fn read_records(layout: &Layout) -> Result<Vec<PodRecord>> {
     let mut records = Vec::new();
     if let Ok(rd) = std::fs::read_dir(layout.pods()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            match store::read_json::<PodRecord>(&e.path().join("pod.json")) {
+            let path = e.path().join("pod.json");
+            match store::read_json::<PodRecord>(&path) {
                 Ok(Some(r)) if r.id == name => records.push(r),
-                _ => {
+                Ok(Some(r)) => {
+                    return Err(Error::Internal(store::refusal(
+                        &store::StoreError::Inconsistent {
+                            path,
+                            message: format!("it records pod {} but lies in {name}", r.id),
+                        },
+                    )));
+                }
+                // The directory is made just before its record: nothing else of it exists.
+                Ok(None) => {
                     tracing::warn!(pod = %name, "removing a pod directory without a record");
                     remove_pod_dirs(&e.path(), &layout.ns().join(&name));
                 }
+                Err(e) => return Err(Error::Internal(store::refusal(&e))),
             }
         }
     }
@@ -39,7 +50,7 @@ fn read_records(layout: &Layout) -> Vec<PodRecord> {
             }
         }
     }
-    records
+    Ok(records)
 }
 
 impl Sandboxes {
@@ -58,7 +69,7 @@ impl Sandboxes {
             .map_err(internal("creating the pods directory"))?;
         namespaces::prepare_pin_root(&layout.ns())
             .map_err(internal("preparing the namespace pin directory"))?;
-        let records = read_records(layout);
+        let records = read_records(layout)?;
         let live_nets: Vec<PodNet> = records
             .iter()
             .filter(|r| r.state == PodState::Ready)
@@ -88,7 +99,8 @@ impl Sandboxes {
             default_cgroup_parent: default_cgroup_parent.to_string(),
             handlers,
             zygote: crate::zygote::Zygote::default(),
-            pod_cgroups: super::cgroups::PodCgroups::load(layout.cgroups_record()),
+            pod_cgroups: super::cgroups::PodCgroups::load(layout.cgroups_record())
+                .map_err(|e| Error::Internal(store::refusal(&e)))?,
         });
         for r in records {
             s.adopt(r).await;

@@ -32,6 +32,57 @@ pub enum StoreError {
         /// The parse error.
         source: serde_json::Error,
     },
+    /// A record that parses but contradicts where it lies (its id is not its directory's).
+    #[error("record {path} is inconsistent: {message}")]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A directory written in a newer format than this berth reads.
+    #[error("{path} says format {found}, but this berthd reads format {SCHEMA} at most")]
+    Newer {
+        /// The schema file.
+        path: PathBuf,
+        /// The format found.
+        found: u32,
+    },
+}
+
+/// The on-disk format version berth writes and reads. A directory written by a newer berth
+/// (a higher number) is refused rather than misread.
+pub const SCHEMA: u32 = 1;
+
+/// The file in `--root` and `--state` that says which format the records in them follow.
+pub const SCHEMA_FILE: &str = "schema.json";
+
+#[derive(Serialize, serde::Deserialize)]
+struct Schema {
+    schema: u32,
+}
+
+/// Checks the format of the records under `dir`, recording it for a directory that has none
+/// yet (new, or written before the format was versioned: that was version 1).
+pub fn check_schema(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(SCHEMA_FILE);
+    match read_json::<Schema>(&path)? {
+        Some(s) if s.schema <= SCHEMA => Ok(()),
+        Some(s) => Err(StoreError::Newer {
+            path,
+            found: s.schema,
+        }),
+        None => write_json(&path, &Schema { schema: SCHEMA }),
+    }
+}
+
+/// The message berthd refuses to start with when a record cannot be read: it never rewrites
+/// or drops data to get going.
+pub fn refusal(e: &StoreError) -> String {
+    format!(
+        "{e}; berthd does not start on a store it cannot read (nothing was changed): repair \
+         the file or move it out of the directory, which drops what it records"
+    )
 }
 
 impl StoreError {
