@@ -204,6 +204,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let listen = config.listen.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "berthd starting: opening the stores"
+    );
     let rt = Arc::new(Runtime::open(config).await?);
     let (runtime_svc, image_svc) = Cri::new(rt).services();
 

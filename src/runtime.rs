@@ -104,6 +104,17 @@ impl Runtime {
             std::time::Duration::from_secs(config.unclaimed_timeout_seconds),
         )
         .await?;
+        let [pa, pf, pu, pr] = pods.reconciled.counts();
+        let [ca, cf, cu, cr] = containers.reconciled.counts();
+        tracing::info!(
+            pods_adopted = pa,
+            pods_stopped = pf,
+            pods_undone = pu,
+            containers_adopted = ca,
+            containers_undone = cu,
+            leftovers_removed = pr + cf + cr,
+            "reconciled what the previous berthd left"
+        );
         Ok(Runtime {
             config,
             pod_cidr: RwLock::new(None),

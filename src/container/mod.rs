@@ -302,6 +302,8 @@ pub struct Containers {
     names: crate::reservations::Names,
     /// How long a container whose creator left waits for a retry to claim it.
     unclaimed_timeout: Duration,
+    /// What the reconcile at start did.
+    pub reconciled: crate::store::Tally,
     monitors: Mutex<HashMap<String, Arc<MonitorClient>>>,
     events: mpsc::UnboundedSender<ExitEvent>,
     images: Arc<ImageStore>,
@@ -341,6 +343,7 @@ impl Containers {
             ctrs: RwLock::new(HashMap::new()),
             names: Default::default(),
             unclaimed_timeout,
+            reconciled: Default::default(),
             monitors: Mutex::new(HashMap::new()),
             events: tx,
             images,

@@ -17,22 +17,35 @@ use crate::monitor::proto::{self, request};
 use crate::sandbox::PodState;
 use crate::store;
 
+/// How long berthd's start waits for a monitor's list of its containers.
+const MONITOR_PROBE: Duration = Duration::from_millis(500);
+
 impl Containers {
     /// At start: adopts containers from the monitors, reads the exits that happened while
     /// berthd was away, undoes half-made containers and removes what nothing refers to.
     pub(super) async fn reconcile(&self) -> Result<()> {
         let records = self.read_records()?;
         let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
-        let held = self.held_by_monitors(&pods).await;
+        let (held, unanswered) = self.held_by_monitors(&pods).await;
         for r in records {
             if r.state == CtrState::Creating || !pods.contains_key(&r.pod_id) {
                 tracing::info!(container = %r.id, "undoing a container whose creation was interrupted or whose pod is gone");
+                store::Tally::add(&self.reconciled.undone);
                 self.insert(r.clone(), true);
                 self.undo(&r).await;
                 continue;
             }
+            if unanswered.contains(&r.pod_id) {
+                // The monitor lives (else the pod would not be ready) but is slow: its
+                // containers stay as recorded; their exits reach berthd when it answers.
+                tracing::warn!(container = %r.id, "the pod's monitor did not answer at start: keeping the container as recorded");
+                self.adopt_recorded(r);
+                store::Tally::add(&self.reconciled.adopted);
+                continue;
+            }
             let h = held.get(&r.id);
             self.adopt(r, h);
+            store::Tally::add(&self.reconciled.adopted);
         }
         self.remove_unreferenced(&held).await;
         Ok(())
@@ -61,6 +74,7 @@ impl Containers {
                 // The directory is made just before its record: nothing else of it exists.
                 Ok(None) => {
                     tracing::warn!(container = %name, "removing a container directory without a record");
+                    store::Tally::add(&self.reconciled.removed);
                     rootfs::unmount(&e.path().join("rootfs"));
                     let _ = std::fs::remove_dir_all(e.path());
                 }
@@ -70,23 +84,31 @@ impl Containers {
         Ok(records)
     }
 
-    /// What each ready pod's monitor holds, by container id.
+    /// What each ready pod's monitor holds, by container id, and the pods whose monitor did
+    /// not answer. All monitors are asked at once, each with a short deadline: one wedged or
+    /// dead monitor never holds up berthd's start (a healthy one answers in a millisecond).
     async fn held_by_monitors(
         &self,
         pods: &HashMap<String, PodState>,
-    ) -> HashMap<String, proto::ContainerState> {
+    ) -> (
+        HashMap<String, proto::ContainerState>,
+        std::collections::HashSet<String>,
+    ) {
+        let asks = pods
+            .iter()
+            .filter(|(_, st)| **st == PodState::Ready)
+            .map(|(pod, _)| {
+                let client = self.monitor(pod);
+                async move {
+                    let listed = client
+                        .call(request::Op::List(proto::List {}), Some(MONITOR_PROBE))
+                        .await;
+                    (pod.clone(), listed)
+                }
+            });
         let mut held = HashMap::new();
-        for (pod, st) in pods {
-            if *st != PodState::Ready {
-                continue;
-            }
-            let listed = self
-                .monitor(pod)
-                .call(
-                    request::Op::List(proto::List {}),
-                    Some(Duration::from_secs(10)),
-                )
-                .await;
+        let mut unanswered = std::collections::HashSet::new();
+        for (pod, listed) in futures::future::join_all(asks).await {
             match listed {
                 Ok(r) => {
                     if let Some(proto::response::Result::States(s)) = r.result {
@@ -95,10 +117,21 @@ impl Containers {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(pod = %pod, error = %e, "cannot reach the pod's monitor"),
+                Err(e) => {
+                    tracing::warn!(pod = %pod, error = %e, "the pod's monitor did not answer");
+                    unanswered.insert(pod);
+                }
             }
         }
-        held
+        (held, unanswered)
+    }
+
+    /// Takes a recorded container as it was recorded.
+    fn adopt_recorded(&self, r: ContainerRecord) {
+        self.names
+            .insert(&name_key(&r.pod_id, &r.spec.name, r.spec.attempt), &r.id);
+        let exited = r.state == CtrState::Exited;
+        self.insert(r, exited);
     }
 
     /// Takes a recorded container as its monitor (or its exit file) says it is now.
@@ -165,6 +198,7 @@ impl Containers {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !live.contains(&name) {
                     let _ = std::fs::remove_dir_all(e.path());
+                    store::Tally::add(&self.reconciled.removed);
                 }
             }
         }
@@ -183,6 +217,7 @@ impl Containers {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if !known.contains(&name.as_str()) {
                     tracing::info!(dir = %e.path().display(), "removing libcontainer state nothing refers to");
+                    store::Tally::add(&self.reconciled.removed);
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

@@ -2,7 +2,7 @@
 //! cgroup parent (kubelet gives each its own, simpler drivers do not); a directory goes only
 //! when berth made it and no pod, finished or still being created, is in it or under it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -24,11 +24,14 @@ struct Book {
 }
 
 impl Book {
-    /// Whether a pod other than `pod` uses `dir` or a cgroup under it.
-    fn used_by_others(&self, cgroups: &Cgroups, dir: &Path, pod: &str) -> bool {
-        self.users.iter().any(|(rel, pods)| {
-            pods.iter().any(|p| p != pod) && cgroups.lineage(rel).iter().any(|d| d == dir)
-        })
+    /// Every directory (in every hierarchy) that a pod other than `pod` is in or under:
+    /// computed once per call, so a node with many pods pays for each pod once.
+    fn used_by_others(&self, cgroups: &Cgroups, pod: &str) -> HashSet<PathBuf> {
+        self.users
+            .iter()
+            .filter(|(_, pods)| pods.iter().any(|p| p != pod))
+            .flat_map(|(rel, _)| cgroups.lineage(rel))
+            .collect()
     }
 
     fn persist(&self, record: &Path) -> Result<(), store::StoreError> {
@@ -95,8 +98,9 @@ impl PodCgroups {
             }
         }
         let before = book.owned.len();
+        let in_use = book.used_by_others(cgroups, pod);
         for d in cgroups.lineage(rel) {
-            if !book.owned.contains(&d) || book.used_by_others(cgroups, &d, pod) {
+            if !book.owned.contains(&d) || in_use.contains(&d) {
                 continue;
             }
             let removed = if d.ends_with(rel) {
@@ -125,10 +129,11 @@ impl PodCgroups {
     /// remain).
     pub fn remove_unused(&self, cgroups: &Cgroups) {
         let mut book = self.book();
+        let in_use = book.used_by_others(cgroups, "");
         let mut dead: Vec<PathBuf> = book
             .owned
             .iter()
-            .filter(|d| !book.used_by_others(cgroups, d, ""))
+            .filter(|d| !in_use.contains(*d))
             .cloned()
             .collect();
         dead.sort_by_key(|d| std::cmp::Reverse(d.components().count()));

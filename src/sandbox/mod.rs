@@ -222,6 +222,8 @@ pub struct Sandboxes {
     zygote: crate::zygote::Zygote,
     /// Cgroup directories berth made (and only these it removes) and the pods using them.
     pod_cgroups: cgroups::PodCgroups,
+    /// What the reconcile at start did.
+    pub reconciled: crate::store::Tally,
 }
 
 fn now_ns() -> i64 {

@@ -101,6 +101,7 @@ impl Sandboxes {
             zygote: crate::zygote::Zygote::default(),
             pod_cgroups: super::cgroups::PodCgroups::load(layout.cgroups_record())
                 .map_err(|e| Error::Internal(store::refusal(&e)))?,
+            reconciled: Default::default(),
         });
         for r in records {
             s.adopt(r).await;
@@ -119,11 +120,15 @@ impl Sandboxes {
     }
 
     /// Takes a pod a previous berthd recorded: undone if it was being created, stopped if its
-    /// init or monitor is gone, kept as it is otherwise.
-    async fn adopt(&self, mut r: PodRecord) {
+    /// init or monitor is gone, kept as it is otherwise. A pod to stop is recorded NotReady at
+    /// once and stopped in the background (killing an init can wait seconds for its PID
+    /// namespace to empty): berthd serves without waiting for it.
+    async fn adopt(self: &Arc<Self>, mut r: PodRecord) {
+        let mut stop = false;
         match r.state {
             PodState::Creating => {
                 tracing::info!(pod = %r.id, "undoing a pod whose creation was interrupted");
+                store::Tally::add(&self.reconciled.undone);
                 self.undo(&mut r).await;
                 return;
             }
@@ -133,12 +138,20 @@ impl Sandboxes {
                 };
                 if dead(r.init) || dead(r.monitor) {
                     tracing::info!(pod = %r.id, "the pod's init or monitor is gone: stopping the pod");
-                    self.teardown(&mut r).await;
                     r.state = PodState::NotReady;
                     let _ = self.persist(&r);
+                    stop = true;
+                    store::Tally::add(&self.reconciled.finished);
                 }
             }
-            PodState::NotReady => self.teardown(&mut r).await,
+            // Stopped, or being stopped when berthd died: finish whatever is left.
+            PodState::NotReady => stop = r.init.is_some() || r.net.is_some(),
+        }
+        if !stop {
+            store::Tally::add(&self.reconciled.adopted);
+        }
+        if !stop && r.state == PodState::NotReady {
+            namespaces::unpin(&namespaces::pin_path(&self.ns_dir(&r.id), "net"));
         }
         self.names.insert(&r.spec.name_key(), &r.id);
         self.pod_cgroups.adopt(&r.id, &r.cgroup);
@@ -150,7 +163,17 @@ impl Sandboxes {
         self.pods
             .write()
             .expect("pods poisoned")
-            .insert(pod.id.clone(), pod);
+            .insert(pod.id.clone(), pod.clone());
+        if stop {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _op = pod.lock().await;
+                let mut rec = pod.record();
+                this.teardown(&mut rec).await;
+                let _ = this.persist(&rec);
+                *pod.record.write().expect("pod record poisoned") = rec;
+            });
+        }
     }
 
     /// Removes the cgroup directories berth made for pods that are gone.

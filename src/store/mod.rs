@@ -50,6 +50,37 @@ pub enum StoreError {
     },
 }
 
+/// What a reconcile at start did with the records it found, counted for its summary line.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Taken over as recorded (or as their monitor said).
+    pub adopted: std::sync::atomic::AtomicUsize,
+    /// Half-done operations finished (a pod stopped whose init or monitor had died).
+    pub finished: std::sync::atomic::AtomicUsize,
+    /// Half-made objects undone.
+    pub undone: std::sync::atomic::AtomicUsize,
+    /// Leftovers nothing referred to, removed.
+    pub removed: std::sync::atomic::AtomicUsize,
+}
+
+impl Tally {
+    /// Counts one of `what`.
+    pub fn add(what: &std::sync::atomic::AtomicUsize) {
+        what.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts, for a log line.
+    pub fn counts(&self) -> [usize; 4] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.adopted.load(Relaxed),
+            self.finished.load(Relaxed),
+            self.undone.load(Relaxed),
+            self.removed.load(Relaxed),
+        ]
+    }
+}
+
 /// The on-disk format version berth writes and reads. A directory written by a newer berth
 /// (a higher number) is refused rather than misread.
 pub const SCHEMA: u32 = 1;
