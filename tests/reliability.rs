@@ -10,86 +10,6 @@ use std::time::Duration;
 use common::world::*;
 use k8s_cri::v1 as cri;
 
-/// One kubelet-like pod life: a pod of two containers, created, started, stopped, removed.
-/// Returns the failed calls, by name and status.
-async fn pod_life(mut rt: Rt, config: cri::PodSandboxConfig) -> Vec<String> {
-    let mut errors = Vec::new();
-    let mut note = |what: &str, e: tonic::Status| errors.push(format!("{what}: {e:?}"));
-    let pod = match rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().pod_sandbox_id,
-        Err(e) => {
-            note("RunPodSandbox", e);
-            return errors;
-        }
-    };
-    let mut ids = Vec::new();
-    for name in ["app", "sidecar"] {
-        let r = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container(name, &["sleep", "3600"])),
-                sandbox_config: Some(config.clone()),
-            })
-            .await;
-        match r {
-            Ok(r) => ids.push(r.into_inner().container_id),
-            Err(e) => note("CreateContainer", e),
-        }
-    }
-    for id in &ids {
-        if let Err(e) = rt
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-        {
-            note("StartContainer", e);
-        }
-    }
-    for id in &ids {
-        if let Err(e) = rt
-            .stop_container(cri::StopContainerRequest {
-                container_id: id.clone(),
-                timeout: 0,
-            })
-            .await
-        {
-            note("StopContainer", e);
-        }
-        if let Err(e) = rt
-            .remove_container(cri::RemoveContainerRequest {
-                container_id: id.clone(),
-            })
-            .await
-        {
-            note("RemoveContainer", e);
-        }
-    }
-    if let Err(e) = rt
-        .stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-    {
-        note("StopPodSandbox", e);
-    }
-    if let Err(e) = rt
-        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-    {
-        note("RemovePodSandbox", e);
-    }
-    errors
-}
-
 /// Found under a kubelet-like load: pods sharing one cgroup parent failed RemoveContainer and
 /// CreateContainer with cgroup errors, one pod's teardown removing directories another's
 /// containers were using.
@@ -99,62 +19,21 @@ async fn churn_at_parallelism_ten_under_one_cgroup_parent_fails_no_call() {
     let before = w.leftovers();
     let node_before = common::node::snapshot(&w.env.berthd);
     let shared = format!("/{}/shared", w.env.berthd.cgroup_root);
-    let configs: Vec<cri::PodSandboxConfig> = (0..40)
+    let mut configs: Vec<cri::PodSandboxConfig> = (0..40)
         .map(|i| {
             let mut c = w.pod_config(&format!("churn{i}"), cri::NamespaceMode::Container);
             c.linux.as_mut().unwrap().cgroup_parent = shared.clone();
             c
         })
         .collect();
-    let queue = std::sync::Arc::new(std::sync::Mutex::new(configs));
-    let mut workers = Vec::new();
-    for _ in 0..10 {
-        let rt = w.rt.clone();
-        let queue = queue.clone();
-        workers.push(tokio::spawn(async move {
-            let mut errors = Vec::new();
-            loop {
-                let next = queue.lock().unwrap().pop();
-                let Some(c) = next else { break };
-                errors.extend(pod_life(rt.clone(), c).await);
-            }
-            errors
-        }));
-    }
-    // A poller lists, as kubelet's relist does, all the while.
-    let mut poll_rt = w.rt.clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stopped = stop.clone();
-    let poller = tokio::spawn(async move {
-        let mut errors = Vec::new();
-        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Err(e) = poll_rt
-                .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-                .await
-            {
-                errors.push(format!("ListPodSandbox: {e:?}"));
-            }
-            if let Err(e) = poll_rt
-                .list_containers(cri::ListContainersRequest { filter: None })
-                .await
-            {
-                errors.push(format!("ListContainers: {e:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        errors
-    });
-    let mut errors = Vec::new();
-    for wk in workers {
-        errors.extend(wk.await.unwrap());
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    errors.extend(poller.await.unwrap());
+    let t = common::churn::run(&w.rt, 10, Duration::from_millis(200), move || configs.pop()).await;
     assert!(
-        errors.is_empty(),
-        "{} failed calls: {errors:#?}",
-        errors.len()
+        t.errors.is_empty(),
+        "{} failed calls: {:#?}",
+        t.errors.len(),
+        t.errors
     );
+    assert_eq!(t.pods, 40);
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
@@ -454,6 +333,18 @@ async fn a_pod_cancelled_at_any_step_is_claimed_by_a_retry_or_removed() {
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
 
+/// Checks that berthd's failpoints killed it `n` times in all (the test's kills happened).
+#[cfg(feature = "failpoints")]
+fn assert_killed(w: &World, n: usize) {
+    let kills = w
+        .env
+        .berthd
+        .log_text()
+        .matches("failpoint: killing berthd")
+        .count();
+    assert_eq!(kills, n, "failpoint kills");
+}
+
 /// Restarts the world's berthd with `failpoints` in its environment (empty: none).
 #[cfg(feature = "failpoints")]
 async fn restart_with(w: &mut World, failpoints: &str) {
@@ -510,13 +401,7 @@ async fn berthd_killed_at_any_step_of_a_create_comes_back_whole() {
         w.remove(&id).await;
     }
     // Each step's failpoint did kill berthd.
-    let kills = w
-        .env
-        .berthd
-        .log_text()
-        .matches("failpoint: killing berthd")
-        .count();
-    assert_eq!(kills, CREATE_STEPS.len());
+    assert_killed(&w, CREATE_STEPS.len());
     w.remove_pod(&pod.0).await;
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
@@ -549,13 +434,7 @@ async fn berthd_killed_at_any_step_of_a_run_comes_back_whole() {
         w.remove(&c).await;
         w.remove_pod(&pod.0).await;
     }
-    let kills = w
-        .env
-        .berthd
-        .log_text()
-        .matches("failpoint: killing berthd")
-        .count();
-    assert_eq!(kills, RUN_STEPS.len());
+    assert_killed(&w, RUN_STEPS.len());
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
@@ -708,4 +587,158 @@ async fn an_unreadable_store_stops_the_start_and_is_left_untouched() {
     );
     assert_eq!(w.out(&id, &["echo", "still"]).await, "still");
     w.remove_pod(&pod.0).await;
+}
+
+/// berthd killed at a step of StartContainer, StopContainer, RemoveContainer, StopPodSandbox,
+/// RemovePodSandbox or PullImage: after a restart the call, retried, succeeds (or the
+/// operation already stands done), and once everything is removed nothing is left.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    let running = cri::ContainerState::ContainerRunning as i32;
+    let exited = cri::ContainerState::ContainerExited as i32;
+    let steps = [
+        "start:started",
+        "stop:killed",
+        "remove:deleted",
+        "stoppod:torn-down",
+        "removepod:removed",
+        "pull:unpacked",
+    ];
+    for step in steps {
+        // Made before the failpoint is armed.
+        let pod = w.pod(&step.replace(':', "-")).await;
+        let id = w
+            .create(&pod, container("c", &["sleep", "3600"]))
+            .await
+            .unwrap();
+        if step != "start:started" {
+            w.start(&id).await.unwrap();
+        }
+        if matches!(step, "remove:deleted" | "removepod:removed") {
+            w.stop(&id, 0).await;
+        }
+        if step == "removepod:removed" {
+            w.remove(&id).await;
+            w.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.0.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        restart_with(&mut w, &format!("{step}=kill")).await;
+        let mut images = w.env.berthd.images().await;
+        let pull = |images: &mut k8s_cri::v1::image_service_client::ImageServiceClient<_>| {
+            let mut images = images.clone();
+            async move {
+                images
+                    .pull_image(cri::PullImageRequest {
+                        image: Some(cri::ImageSpec {
+                            image: "docker.io/berth-test/zstd:latest".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
+        let stop_pod = cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.0.clone(),
+        };
+        let remove_pod = cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.0.clone(),
+        };
+        let interrupted = match step {
+            "start:started" => w.start(&id).await.is_err(),
+            "stop:killed" => {
+                w.rt.stop_container(cri::StopContainerRequest {
+                    container_id: id.clone(),
+                    timeout: 0,
+                })
+                .await
+                .is_err()
+            }
+            "remove:deleted" => {
+                w.rt.remove_container(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .is_err()
+            }
+            "stoppod:torn-down" => w.rt.stop_pod_sandbox(stop_pod.clone()).await.is_err(),
+            "removepod:removed" => w.rt.remove_pod_sandbox(remove_pod.clone()).await.is_err(),
+            _ => pull(&mut images).await.is_err(),
+        };
+        assert!(interrupted, "{step}: the call was answered");
+        w.env.berthd.wait_exit(Duration::from_secs(10));
+        restart_with(&mut w, "").await;
+        let mut images = w.env.berthd.images().await;
+        match step {
+            // Start went through before the kill: the container runs; a retry says so.
+            "start:started" => {
+                assert_eq!(w.status(&id).await.state, running, "{step}");
+                assert_eq!(w.out(&id, &["echo", "up"]).await, "up", "{step}");
+            }
+            "stop:killed" => {
+                w.stop(&id, 0).await;
+                assert_eq!(w.status(&id).await.state, exited, "{step}");
+            }
+            "remove:deleted" => {
+                w.remove(&id).await;
+                let left = containers_named(&mut w.rt, "c").await;
+                assert!(left.iter().all(|c| c.id != id), "{step}: still listed");
+            }
+            "stoppod:torn-down" => {
+                w.rt.stop_pod_sandbox(stop_pod).await.unwrap();
+                let st =
+                    w.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: pod.0.clone(),
+                        verbose: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+                    .unwrap();
+                assert_eq!(
+                    st.state,
+                    cri::PodSandboxState::SandboxNotready as i32,
+                    "{step}"
+                );
+                assert_eq!(w.status(&id).await.state, exited, "{step}");
+            }
+            "removepod:removed" => {
+                w.rt.remove_pod_sandbox(remove_pod).await.unwrap();
+                assert!(
+                    pods_named(&mut w.rt, &step.replace(':', "-"))
+                        .await
+                        .is_empty()
+                );
+            }
+            _ => {
+                pull(&mut images)
+                    .await
+                    .unwrap_or_else(|e| panic!("{step}: {e:?}"));
+                let st = images
+                    .image_status(cri::ImageStatusRequest {
+                        image: Some(cri::ImageSpec {
+                            image: "docker.io/berth-test/zstd:latest".into(),
+                            ..Default::default()
+                        }),
+                        verbose: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(st.image.is_some(), "{step}: the image is not there");
+            }
+        }
+        w.remove_pod(&pod.0).await;
+    }
+    assert_killed(&w, steps.len());
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }

@@ -46,6 +46,7 @@ impl Containers {
             .await;
         match r {
             Ok(_) => {
+                crate::failpoint::hit("start:started").await;
                 let mut r = ctr.record.write().expect("container record poisoned");
                 if r.state == CtrState::Created {
                     r.state = CtrState::Running;
@@ -117,6 +118,7 @@ impl Containers {
             }
         }
         kill(libc::SIGKILL).await.map_err(mon_err)?;
+        crate::failpoint::hit("stop:killed").await;
         match tokio::time::timeout(Duration::from_secs(30), exited.wait_for(|e| *e)).await {
             Ok(_) => Ok(()),
             Err(_) => Err(Error::DeadlineExceeded(format!(
@@ -153,9 +155,12 @@ impl Containers {
             )
             .await
         {
+            // The monitor answers Ok for a container it no longer holds (a RemoveContainer
+            // interrupted after its delete, then retried).
             Ok(_) | Err(MonitorError::Unreachable { .. }) => {}
             Err(e) => return Err(mon_err(e)),
         }
+        crate::failpoint::hit("remove:deleted").await;
         self.remove_files(&rec.id).await;
         self.ctrs
             .write()

@@ -220,6 +220,7 @@ impl Attempting<'_> {
         futures::stream::iter(layers.iter().map(Ok))
             .try_for_each_concurrent(self.store.max_downloads(), |l| self.ensure_layer(l))
             .await?;
+        crate::failpoint::hit("pull:unpacked").await;
         let size =
             layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>() + config_raw.len() as u64;
         let rec = ImageRecord {

@@ -52,6 +52,7 @@ impl Sandboxes {
             return Ok(());
         }
         self.teardown(&mut rec).await;
+        crate::failpoint::hit("stoppod:torn-down").await;
         rec.state = PodState::NotReady;
         self.persist(&rec)?;
         *pod.record.write().expect("pod record poisoned") = rec;
@@ -72,6 +73,7 @@ impl Sandboxes {
         // The address comes free once the kernel has destroyed the namespace and its veth: in
         // the background, not on the caller's path.
         self.remove_resources(&rec);
+        crate::failpoint::hit("removepod:removed").await;
         self.pods.write().expect("pods poisoned").remove(&pod.id);
         self.names.release(&rec.spec.name_key(), &pod.id);
         tracing::info!(pod = %pod.id, "pod sandbox removed");

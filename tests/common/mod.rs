@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod churn;
 pub mod fake_http;
 pub mod node;
 pub mod proxy;

@@ -50,32 +50,7 @@ impl World {
     }
 
     pub fn pod_config(&self, name: &str, pid: cri::NamespaceMode) -> cri::PodSandboxConfig {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let uid = format!(
-            "uid-{name}-{}",
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata {
-                name: name.into(),
-                uid: uid.clone(),
-                namespace: "test".into(),
-                attempt: 0,
-            }),
-            log_directory: self.logs().join(&uid).to_string_lossy().into_owned(),
-            linux: Some(cri::LinuxPodSandboxConfig {
-                cgroup_parent: format!("/{}/pod{uid}", self.env.berthd.cgroup_root),
-                security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        pid: pid as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        pod_config_for(&self.logs(), &self.env.berthd.cgroup_root, name, pid)
     }
 
     pub async fn pod(&mut self, name: &str) -> (String, cri::PodSandboxConfig) {
@@ -268,6 +243,41 @@ impl World {
         }
         v.sort();
         v
+    }
+}
+
+/// A pod config with a fresh uid, its logs under `logs`, its cgroup under `cgroup_root`.
+pub fn pod_config_for(
+    logs: &Path,
+    cgroup_root: &str,
+    name: &str,
+    pid: cri::NamespaceMode,
+) -> cri::PodSandboxConfig {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let uid = format!(
+        "uid-{name}-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.clone(),
+            namespace: "test".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.join(&uid).to_string_lossy().into_owned(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: format!("/{cgroup_root}/pod{uid}"),
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    pid: pid as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
