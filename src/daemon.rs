@@ -209,7 +209,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         "berthd starting: opening the stores"
     );
     let rt = Arc::new(Runtime::open(config).await?);
-    let (runtime_svc, image_svc) = Cri::new(rt).services();
+    let (runtime_svc, image_svc) = Cri::new(rt.clone()).services();
 
     // Before the socket exists: a client that sees it may stop us at once, and that SIGTERM
     // must find the handler, not the default action.
@@ -249,6 +249,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         joined = &mut server => joined.expect("server task panicked").map_err(DaemonError::from),
     };
     remove_socket(&listen, ino);
+    // A clean stop (as before a reboot) leaves every snapshot durable, so none is dropped.
+    tokio::task::block_in_place(|| rt.images.sync_snapshots());
     tracing::info!("berthd stopped");
     outcome
 }

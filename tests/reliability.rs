@@ -742,3 +742,92 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
+
+/// Snapshots are unpacked without an fsync per file; one syncfs after the pull marks them
+/// durable. After a reboot (the kernel's boot id changed), a snapshot never marked so may be
+/// torn: it is dropped with its image, and a pull rebuilds it. Without a reboot it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_never_synced_are_dropped_after_a_reboot_and_rebuilt() {
+    let mut w = World::new().await;
+    let busybox_status = |images: &mut k8s_cri::v1::image_service_client::ImageServiceClient<
+        tonic::transport::Channel,
+    >| {
+        let mut images = images.clone();
+        async move {
+            images
+                .image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: BUSYBOX.into(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .image
+        }
+    };
+    let snapshots = w.env.berthd.root.join("snapshots");
+    let metas = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&snapshots)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path().join("meta.json"))
+            .filter(|p| p.exists())
+            .collect()
+    };
+    // The pull's sync has marked every snapshot durable.
+    eventually("the snapshots are durable", || {
+        metas().iter().all(|m| {
+            std::fs::read_to_string(m)
+                .unwrap()
+                .contains("\"durable\":true")
+        })
+    })
+    .await;
+    // As if berthd had been killed before the sync: unmarked. Same boot: kept (and synced).
+    let unmark = |metas: &[std::path::PathBuf]| {
+        for m in metas {
+            let t = std::fs::read_to_string(m).unwrap();
+            std::fs::write(m, t.replace("\"durable\":true", "\"durable\":false")).unwrap();
+        }
+    };
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    unmark(&metas());
+    w.env.berthd.restart();
+    let mut images = w.env.berthd.images().await;
+    assert!(
+        busybox_status(&mut images).await.is_some(),
+        "dropped without a reboot"
+    );
+    // Unmarked again, and the node "rebooted": dropped, and the image with them.
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    unmark(&metas());
+    std::fs::write(w.env.berthd.root.join("boot_id"), "an-earlier-boot\n").unwrap();
+    w.env.berthd.restart();
+    let mut images = w.env.berthd.images().await;
+    assert!(
+        busybox_status(&mut images).await.is_none(),
+        "a torn snapshot kept"
+    );
+    assert!(metas().is_empty());
+    // A pull rebuilds it and containers run from it.
+    images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: BUSYBOX.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    w.rt = w.env.berthd.runtime().await;
+    let pod = w.pod("rebuilt").await;
+    let id = w.run(&pod, container("c", &["sleep", "3600"])).await;
+    assert_eq!(w.out(&id, &["echo", "ok"]).await, "ok");
+    w.remove_pod(&pod.0).await;
+}

@@ -341,17 +341,24 @@ impl ImageStore {
             })?;
             store::clean_temp(d);
         }
+        // A reboot since the last start: snapshots never synced may be torn.
+        let rebooted = store::rebooted_since_last_start(root)?;
+        if rebooted {
+            tracing::info!("the node rebooted since the last berthd: checking the snapshots");
+        }
         let content =
             ContentStore::open(&root.join("content")).map_err(|source| ImageError::Content {
                 context: "opening the content store".into(),
                 source,
             })?;
         let snapshots =
-            SnapshotStore::open(&root.join("snapshots")).map_err(|source| ImageError::Layer {
-                reference: String::new(),
-                digest: String::new(),
-                endpoint: String::new(),
-                source: Box::new(source),
+            SnapshotStore::open(&root.join("snapshots"), rebooted).map_err(|source| {
+                ImageError::Layer {
+                    reference: String::new(),
+                    digest: String::new(),
+                    endpoint: String::new(),
+                    source: Box::new(source),
+                }
             })?;
         let mut index = Index::default();
         for rec in store::read_all::<ImageRecord>(&images_dir)? {
@@ -500,6 +507,11 @@ impl ImageStore {
 
     pub(crate) fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    /// Stores the files of snapshots unpacked since the last sync and marks them durable.
+    pub fn sync_snapshots(&self) {
+        self.snapshots.sync();
     }
 
     pub(crate) fn snapshots(&self) -> &SnapshotStore {

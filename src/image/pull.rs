@@ -73,12 +73,16 @@ struct Resolved {
 impl ImageStore {
     /// Pulls an image; returns its ID.
     pub async fn pull(
-        &self,
+        self: &std::sync::Arc<Self>,
         reference: &str,
         creds: Option<CriAuth>,
     ) -> Result<String, ImageError> {
         let r = pull(self, reference, creds).await;
         return_free_heap();
+        // The new layers' files are stored (and their snapshots marked durable) after the
+        // answer: the pull does not wait for the disk.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.sync_snapshots());
         r
     }
 }
@@ -470,6 +474,7 @@ impl Attempting<'_> {
             diff_id: l.diff_id.clone(),
             digest: l.digest.clone(),
             stats,
+            durable: false,
         };
         snaps.commit(temp, meta).map_err(|e| self.layer_err(l, e))
     }

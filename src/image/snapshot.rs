@@ -1,7 +1,9 @@
 //! Layer snapshots: each layer unpacked once into `root/snapshots/<chain-id hex>/fs`, ready to be
 //! an overlayfs lower dir. A snapshot is built in `.tmp-*` and renamed into place only when whole
 //! and verified, so a snapshot directory under its chain ID is always complete; `.tmp-*` and
-//! `.del-*` directories a crash left are removed when the store opens.
+//! `.del-*` directories a crash left are removed when the store opens. Files are unpacked
+//! without an fsync each; after each pull one `syncfs` stores them and marks the snapshots
+//! durable, and after a reboot a snapshot never marked so is dropped (the next pull rebuilds it).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -31,6 +33,15 @@ pub struct SnapshotMeta {
     pub digest: String,
     /// Bytes and inodes it holds.
     pub stats: UnpackStats,
+    /// Whether its files are known to be on disk (synced after the unpack). A snapshot that is
+    /// not is dropped when the node rebooted since (a power cut may have torn it). Records
+    /// from before this field are old enough for the kernel's writeback to have stored them.
+    #[serde(default = "written_back")]
+    pub durable: bool,
+}
+
+fn written_back() -> bool {
+    true
 }
 
 /// Why a layer could not become a snapshot.
@@ -89,6 +100,8 @@ impl LayerError {
 pub struct SnapshotStore {
     dir: PathBuf,
     known: RwLock<HashMap<String, SnapshotMeta>>,
+    /// Committed snapshots not yet synced.
+    unsynced: Mutex<Vec<String>>,
     building: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     seq: AtomicU64,
 }
@@ -120,12 +133,15 @@ fn chain_hex(chain_id: &str) -> &str {
 
 impl SnapshotStore {
     /// Opens the store under `dir`, loading every complete snapshot and removing leftovers.
-    pub fn open(dir: &Path) -> Result<SnapshotStore, LayerError> {
+    /// `rebooted`: the node restarted since the last berthd, so snapshots never synced may be
+    /// torn and are dropped.
+    pub fn open(dir: &Path, rebooted: bool) -> Result<SnapshotStore, LayerError> {
         std::fs::create_dir_all(dir).map_err(|source| LayerError::Io {
             path: dir.to_owned(),
             source,
         })?;
         let mut known = HashMap::new();
+        let mut unsynced = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|source| LayerError::Io {
             path: dir.to_owned(),
             source,
@@ -137,7 +153,14 @@ impl SnapshotStore {
                 continue;
             }
             match store::read_json::<SnapshotMeta>(&e.path().join(META)) {
+                Ok(Some(m)) if chain_hex(&m.chain_id) == name && !m.durable && rebooted => {
+                    tracing::warn!(path = %e.path().display(), "dropping a snapshot the node rebooted before it was synced");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
                 Ok(Some(m)) if chain_hex(&m.chain_id) == name => {
+                    if !m.durable {
+                        unsynced.push(m.chain_id.clone());
+                    }
                     known.insert(m.chain_id.clone(), m);
                 }
                 // A directory without a valid record is not a snapshot (it cannot be proven
@@ -148,12 +171,51 @@ impl SnapshotStore {
                 }
             }
         }
-        Ok(SnapshotStore {
+        let s = SnapshotStore {
             dir: dir.to_owned(),
             known: RwLock::new(known),
+            unsynced: Mutex::new(unsynced),
             building: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
-        })
+        };
+        // Same boot: the page cache still holds them; store them now.
+        s.sync();
+        Ok(s)
+    }
+
+    /// Stores every committed snapshot's files (one syncfs of the filesystem) and marks them
+    /// durable. Blocking: called after a pull and at a clean stop.
+    pub fn sync(&self) {
+        let pending = std::mem::take(&mut *self.unsynced.lock().expect("unsynced poisoned"));
+        if pending.is_empty() {
+            return;
+        }
+        let synced = std::fs::File::open(&self.dir)
+            .and_then(|d| rustix::fs::syncfs(&d).map_err(std::io::Error::from));
+        if let Err(e) = synced {
+            tracing::warn!(error = %e, "syncing the snapshots");
+            self.unsynced
+                .lock()
+                .expect("unsynced poisoned")
+                .extend(pending);
+            return;
+        }
+        for chain in pending {
+            let Some(mut m) = self.get(&chain) else {
+                continue;
+            };
+            m.durable = true;
+            let path = self.dir.join(chain_hex(&chain)).join(META);
+            match store::write_json(&path, &m) {
+                Ok(()) => {
+                    self.known
+                        .write()
+                        .expect("snapshots lock poisoned")
+                        .insert(chain, m);
+                }
+                Err(e) => tracing::warn!(error = %e, "recording a snapshot as durable"),
+            }
+        }
     }
 
     /// The lower dir of a snapshot.
@@ -215,7 +277,8 @@ impl SnapshotStore {
     }
 
     /// Makes a built snapshot visible under its chain ID.
-    pub fn commit(&self, mut temp: TempSnapshot, meta: SnapshotMeta) -> Result<(), LayerError> {
+    pub fn commit(&self, mut temp: TempSnapshot, mut meta: SnapshotMeta) -> Result<(), LayerError> {
+        meta.durable = false;
         store::write_json(&temp.dir.join(META), &meta)?;
         let dest = self.dir.join(chain_hex(&meta.chain_id));
         std::fs::rename(&temp.dir, &dest).map_err(|source| LayerError::Io {
@@ -224,6 +287,10 @@ impl SnapshotStore {
         })?;
         temp.committed = true;
         store::sync_dir(&self.dir)?;
+        self.unsynced
+            .lock()
+            .expect("unsynced poisoned")
+            .push(meta.chain_id.clone());
         self.known
             .write()
             .expect("snapshots lock poisoned")
@@ -410,7 +477,7 @@ mod tests {
     #[test]
     fn temp_snapshots_vanish_unless_committed() {
         let d = tempfile::tempdir().unwrap();
-        let s = SnapshotStore::open(d.path()).unwrap();
+        let s = SnapshotStore::open(d.path(), false).unwrap();
         let chain = sha(b"c");
         let t = s.begin(&chain).unwrap();
         std::fs::write(t.fs().join("f"), b"x").unwrap();
@@ -425,12 +492,60 @@ mod tests {
                 bytes: 1,
                 inodes: 1,
             },
+            durable: true,
         };
         s.commit(t, meta.clone()).unwrap();
         assert!(s.fs_path(&chain).exists());
-        let reopened = SnapshotStore::open(d.path()).unwrap();
+        assert!(!s.get(&chain).unwrap().durable);
+        s.sync();
+        assert_eq!(s.get(&chain), Some(meta.clone()));
+        let reopened = SnapshotStore::open(d.path(), true).unwrap();
         assert_eq!(reopened.get(&chain), Some(meta));
         reopened.remove(&chain);
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn snapshots_never_synced_are_dropped_after_a_reboot_and_kept_otherwise() {
+        let d = tempfile::tempdir().unwrap();
+        let chain = sha(b"u");
+        let unsynced = |s: &SnapshotStore| {
+            let t = s.begin(&chain).unwrap();
+            let meta = SnapshotMeta {
+                chain_id: chain.clone(),
+                diff_id: chain.clone(),
+                digest: chain.clone(),
+                stats: UnpackStats {
+                    bytes: 1,
+                    inodes: 1,
+                },
+                durable: false,
+            };
+            s.commit(t, meta).unwrap();
+        };
+        // Killed before the sync, same boot: kept, and synced at open.
+        unsynced(&SnapshotStore::open(d.path(), false).unwrap());
+        let same_boot = SnapshotStore::open(d.path(), false).unwrap();
+        assert!(same_boot.get(&chain).is_some_and(|m| m.durable));
+        same_boot.remove(&chain);
+        // Killed before the sync, then the node rebooted: dropped.
+        let s = SnapshotStore::open(d.path(), false).unwrap();
+        let t = s.begin(&chain).unwrap();
+        let meta = SnapshotMeta {
+            chain_id: chain.clone(),
+            diff_id: chain.clone(),
+            digest: chain.clone(),
+            stats: UnpackStats {
+                bytes: 1,
+                inodes: 1,
+            },
+            durable: false,
+        };
+        // Committed, then (as a crash before the sync would) left unsynced on disk.
+        s.commit(t, meta).unwrap();
+        drop(s);
+        let after_reboot = SnapshotStore::open(d.path(), true).unwrap();
+        assert!(after_reboot.get(&chain).is_none());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
     }
 }

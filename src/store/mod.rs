@@ -107,6 +107,27 @@ pub fn check_schema(dir: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// Whether the node booted since the last berthd on `root` started (its kernel boot id
+/// changed); records the current one. A root without a record (new, or from before this was
+/// recorded) counts as the same boot.
+pub fn rebooted_since_last_start(root: &Path) -> Result<bool, StoreError> {
+    const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+    let now = std::fs::read_to_string(BOOT_ID)
+        .map_err(io("reading", Path::new(BOOT_ID)))?
+        .trim()
+        .to_string();
+    let path = root.join("boot_id");
+    let before = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io("reading", &path)(e)),
+    };
+    if before.as_deref() != Some(now.as_str()) {
+        write_atomic(&path, format!("{now}\n").as_bytes())?;
+    }
+    Ok(before.is_some_and(|b| b != now))
+}
+
 /// The message berthd refuses to start with when a record cannot be read: it never rewrites
 /// or drops data to get going.
 pub fn refusal(e: &StoreError) -> String {
