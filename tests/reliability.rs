@@ -831,3 +831,107 @@ async fn snapshots_never_synced_are_dropped_after_a_reboot_and_rebuilt() {
     assert_eq!(w.out(&id, &["echo", "ok"]).await, "ok");
     w.remove_pod(&pod.0).await;
 }
+
+/// berthd killed at random moments under a kubelet-like load, three times, restarted at once:
+/// ten pods running through it all keep running, listed and logging; whatever the interrupted calls left
+/// is listed, and once everything listed is removed nothing is left on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kills_at_random_moments_under_load_lose_and_leak_nothing() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    // Pods that run through every kill, their containers printing all the while.
+    let mut keepers = Vec::new();
+    for i in 0..10 {
+        let pod = w.pod(&format!("keeper{i}")).await;
+        let mut c = container(
+            &format!("ticker{i}"),
+            &["sh", "-c", "while true; do echo tick; sleep 0.2; done"],
+        );
+        c.log_path = format!("ticker{i}.log");
+        let id = w.run(&pod, c).await;
+        let log = std::path::Path::new(&pod.1.log_directory).join(format!("ticker{i}.log"));
+        keepers.push((pod, id, log));
+    }
+    let (logs, cgroup_root) = (w.logs(), w.env.berthd.cgroup_root.clone());
+    let mut n = 0;
+    let rt = w.rt.clone();
+    // The load goes on until a while after the last kill.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let until = done.clone();
+    let load = tokio::spawn(async move {
+        common::churn::run(&rt, 5, Duration::from_millis(500), move || {
+            n += 1;
+            (!until.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
+                pod_config_for(
+                    &logs,
+                    &cgroup_root,
+                    &format!("load{n}"),
+                    cri::NamespaceMode::Container,
+                )
+            })
+        })
+        .await
+    });
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    eprintln!("kill schedule seed {seed}");
+    for _ in 0..3 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        tokio::time::sleep(Duration::from_millis(300 + (seed >> 33) % 1200)).await;
+        w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+        w.env.berthd.wait_exit(Duration::from_secs(10));
+        w.env.berthd.restart();
+        w.rt = w.env.berthd.runtime().await;
+        for (_, id, log) in &keepers {
+            assert_eq!(
+                w.status(id).await.state,
+                cri::ContainerState::ContainerRunning as i32
+            );
+            let lines = std::fs::read_to_string(log).unwrap().lines().count();
+            eventually("the keeper keeps logging", || {
+                std::fs::read_to_string(log).unwrap().lines().count() > lines
+            })
+            .await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t = load.await.unwrap();
+    eprintln!(
+        "{} pod lives through 3 kills; {} calls failed while berthd was down or restarting",
+        t.pods,
+        t.errors.len()
+    );
+    // Calls fail only as a client sees a runtime that is down: never a wrong answer.
+    let wrong: Vec<&String> = t
+        .errors
+        .iter()
+        .filter(|e| {
+            ![
+                ": Unavailable:",
+                ": Cancelled:",
+                ": Unknown: transport error",
+            ]
+            .iter()
+            .any(|transport| e.contains(transport))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // What the interrupted lives left is listed: remove it all, as kubelet would.
+    let pods =
+        w.rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+    for p in pods {
+        w.remove_pod(&p.id).await;
+    }
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
