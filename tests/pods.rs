@@ -70,15 +70,7 @@ async fn run(rt: &mut Rt, c: cri::PodSandboxConfig) -> Result<String, tonic::Sta
 }
 
 async fn status(rt: &mut Rt, id: &str) -> cri::PodSandboxStatus {
-    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-        pod_sandbox_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
-    .unwrap()
+    common::world::pod_status(rt, id).await
 }
 
 async fn stop(rt: &mut Rt, id: &str) {

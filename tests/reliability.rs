@@ -133,6 +133,11 @@ async fn containers_see_their_own_cgroups_read_only_in_either_pid_mode() {
     }
 }
 
+/// A pod's state as PodSandboxStatus reports it.
+async fn pod_state(rt: &mut Rt, pod: &str) -> i32 {
+    pod_status(rt, pod).await.state
+}
+
 /// The steps of CreateContainer and RunPodSandbox where a failpoint can act.
 #[cfg(feature = "failpoints")]
 const CREATE_STEPS: &[&str] = &[
@@ -693,18 +698,8 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
             }
             "stoppod:torn-down" => {
                 w.rt.stop_pod_sandbox(stop_pod).await.unwrap();
-                let st =
-                    w.rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
-                        pod_sandbox_id: pod.0.clone(),
-                        verbose: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .status
-                    .unwrap();
                 assert_eq!(
-                    st.state,
+                    pod_state(&mut w.rt, &pod.0).await,
                     cri::PodSandboxState::SandboxNotready as i32,
                     "{step}"
                 );
@@ -932,6 +927,50 @@ async fn kills_at_random_moments_under_load_lose_and_leak_nothing() {
     for p in pods {
         w.remove_pod(&p.id).await;
     }
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+/// Found: a monitor that died while berthd ran went unnoticed: its pod stayed Ready and its
+/// containers Running for kubelet, with nothing watching them. Now the pod turns NotReady, the
+/// containers Exited (reason Unknown) with their processes killed, and removal leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_killed_under_a_running_berthd_makes_its_pod_not_ready() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    let pod = w.pod("orphaned").await;
+    let id = w.run(&pod, container("c", &["sleep", "3600"])).await;
+    let other = w.pod("bystander").await;
+    let kept = w.run(&other, container("kept", &["sleep", "3600"])).await;
+    let monitor = w.monitor_pid(&pod.0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let mut ready = true;
+    for _ in 0..200 {
+        if pod_state(&mut w.rt, &pod.0).await == cri::PodSandboxState::SandboxNotready as i32 {
+            ready = false;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!ready, "the pod stayed Ready after its monitor died");
+    let s = w.status(&id).await;
+    assert_eq!(
+        (s.state, s.reason.as_str()),
+        (cri::ContainerState::ContainerExited as i32, "Unknown")
+    );
+    eventually("the orphaned container's processes are killed", || {
+        processes_in_cgroup_of(&id).is_empty()
+    })
+    .await;
+    // The other pod is untouched.
+    assert_eq!(w.out(&kept, &["echo", "fine"]).await, "fine");
+    w.remove_pod(&pod.0).await;
+    w.remove_pod(&other.0).await;
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }

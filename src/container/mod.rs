@@ -12,6 +12,7 @@ pub mod capabilities;
 mod cgroup_view;
 mod create;
 mod exec;
+mod exits;
 pub mod image_file;
 mod lifecycle;
 mod reconcile;
@@ -352,8 +353,7 @@ impl Containers {
             own_oom: capabilities::own_oom_score_adj(),
         });
         c.reconcile().await?;
-        let weak = Arc::downgrade(&c);
-        tokio::spawn(events_loop(weak, rx));
+        c.follow_monitors(rx);
         Ok(c)
     }
 
@@ -486,43 +486,6 @@ impl Containers {
             })
             .collect()
     }
-
-    /// Records an exit the monitor reported.
-    fn exited(&self, ev: proto::Event) {
-        let Ok(ctr) = self.get(&ev.container_id) else {
-            return;
-        };
-        let Some(exit) = ev.exit else { return };
-        // The cgroup still exists (it goes at RemoveContainer): did the OOM killer strike?
-        let oom = exit.signal == libc::SIGKILL && {
-            let rec = ctr.record();
-            self.pods
-                .get(&rec.pod_id)
-                .map(|p| {
-                    self.pods
-                        .cgroups
-                        .oom_killed(&p.record().cgroup.join(&rec.id))
-                })
-                .unwrap_or(false)
-        };
-        let snapshot = {
-            let mut r = ctr.record.write().expect("container record poisoned");
-            if r.state == CtrState::Exited {
-                return;
-            }
-            apply_exit(&mut r, &exit);
-            if oom {
-                r.reason = "OOMKilled".into();
-            }
-            // Under the record's lock, so writes of one record land in the order made.
-            if let Err(e) = self.persist(&r) {
-                tracing::warn!(container = %r.id, error = %e, "recording the exit");
-            }
-            r.clone()
-        };
-        tracing::info!(container = %snapshot.id, exit_code = snapshot.exit_code, reason = %snapshot.reason, "container exited");
-        let _ = ctr.exited.send(true);
-    }
 }
 
 /// Whether the container's processes live in a PID namespace other containers see: the pod's
@@ -534,39 +497,6 @@ pub fn shares_pid_namespace(spec: &ContainerSpec, pod: &crate::sandbox::PodRecor
         spec.security.pid_mode.unwrap_or(pod.spec.namespaces.pid),
         NsMode::Pod | NsMode::Target
     )
-}
-
-/// Applies a reported exit to a record.
-fn apply_exit(r: &mut ContainerRecord, e: &proto::Exit) {
-    r.state = CtrState::Exited;
-    r.exit_code = e.code;
-    r.finished_at = e.exited_at_ns;
-    if e.start_failed {
-        r.reason = "StartError".into();
-        r.message = e.message.clone();
-    } else if e.code == 0 {
-        r.reason = "Completed".into();
-    } else {
-        r.reason = "Error".into();
-    }
-}
-
-fn read_exit_file(p: &Path) -> Option<proto::Exit> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-    Some(proto::Exit {
-        code: v["code"].as_i64()? as i32,
-        signal: v["signal"].as_i64().unwrap_or(0) as i32,
-        exited_at_ns: v["exited_at_ns"].as_i64().unwrap_or(0),
-        message: v["message"].as_str().unwrap_or("").to_string(),
-        start_failed: v["start_failed"].as_bool().unwrap_or(false),
-    })
-}
-
-async fn events_loop(c: std::sync::Weak<Containers>, mut rx: mpsc::UnboundedReceiver<ExitEvent>) {
-    while let Some((_pod, ev)) = rx.recv().await {
-        let Some(c) = c.upgrade() else { return };
-        c.exited(ev);
-    }
 }
 
 /// `log_directory/log_path`, with the relative part checked.

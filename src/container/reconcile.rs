@@ -8,10 +8,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{
-    ContainerRecord, Containers, Ctr, CtrState, apply_exit, name_key, now_ns, read_exit_file,
-    rootfs,
-};
+use super::exits::apply_exit;
+use super::{ContainerRecord, Containers, Ctr, CtrState, name_key, now_ns, rootfs};
 use crate::error::{Error, Result};
 use crate::monitor::proto::{self, request};
 use crate::sandbox::PodState;
@@ -150,18 +148,7 @@ impl Containers {
                     }
                 }
                 Some(_) => {}
-                None => match read_exit_file(&self.ctr_dir(&r.id).join("exit.json")) {
-                    Some(e) => apply_exit(&mut r, &e),
-                    None => {
-                        self.kill_orphans(&r);
-                        r.state = CtrState::Exited;
-                        r.exit_code = 255;
-                        r.finished_at = now_ns();
-                        r.reason = "Unknown".into();
-                        r.message =
-                            "the pod's monitor is gone; the container's fate is unknown".into();
-                    }
-                },
+                None => self.monitor_gone(&mut r),
             }
             let _ = self.persist(&r);
         }

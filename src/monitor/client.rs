@@ -15,8 +15,17 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::proto::{self, message, request};
 
-/// An exit a monitor reported: (pod id, event).
-pub type ExitEvent = (String, proto::Event);
+/// What a monitor's connection tells berthd unasked: (pod id, what).
+pub type ExitEvent = (String, MonitorEvent);
+
+/// An event of a monitor's connection.
+#[derive(Debug)]
+pub enum MonitorEvent {
+    /// A container exited.
+    Exit(proto::Event),
+    /// The connection ended: the monitor may have died (berthd checks).
+    Lost,
+}
 
 /// A failed monitor call.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +112,7 @@ impl MonitorClient {
                                 }
                             }
                             Some(message::Kind::Event(e)) => {
-                                let _ = events.send((pod.clone(), e));
+                                let _ = events.send((pod.clone(), MonitorEvent::Exit(e)));
                             }
                             None => {}
                         },
@@ -121,6 +130,7 @@ impl MonitorClient {
             }
             // Whoever still waits learns the connection is gone (their senders drop).
             pending.lock().expect("pending poisoned").clear();
+            let _ = events.send((pod, MonitorEvent::Lost));
         });
         Ok(Conn { writer, reader })
     }

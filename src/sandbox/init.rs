@@ -59,28 +59,44 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Kills the init (and with it every process of its PID namespace) if `pid` is still it, and
 /// waits (up to 2 s) until it has exited, so its cgroup can be removed right after.
 pub async fn kill(pid: i32, start: u64) {
-    if start_time(pid) != Some(start) {
-        return;
-    }
-    let Some(rpid) = rustix::process::Pid::from_raw(pid) else {
+    let Some(fd) = pidfd(pid, start) else {
         return;
     };
-    // A pidfd names this process for good: signals and the wait cannot hit a reused pid.
-    let Ok(fd) = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()) else {
-        return;
-    };
-    if start_time(pid) != Some(start) {
-        return;
-    }
     let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
-    // A pidfd turns readable when its process exits.
+    wait_exit(fd, std::time::Duration::from_secs(2)).await;
+}
+
+/// Whether process `pid` (started at `start`) is gone or exits within `timeout`. A process
+/// whose descriptors just closed may still be exiting: its pidfd turns readable once it has.
+pub async fn exits_within(pid: i32, start: u64, timeout: std::time::Duration) -> bool {
+    match pidfd(pid, start) {
+        Some(fd) => wait_exit(fd, timeout).await,
+        None => true,
+    }
+}
+
+/// A pidfd of `pid` if it is still the process started at `start`. A pidfd names the process
+/// for good: signals and waits through it cannot hit a reused pid.
+fn pidfd(pid: i32, start: u64) -> Option<std::os::fd::OwnedFd> {
+    if start_time(pid) != Some(start) {
+        return None;
+    }
+    let rpid = rustix::process::Pid::from_raw(pid)?;
+    let fd = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()).ok()?;
+    // Checked again: the pid could have been reused between the first check and the open.
+    (start_time(pid) == Some(start)).then_some(fd)
+}
+
+/// Waits until the pidfd's process has exited (it turns readable); false after `timeout`.
+async fn wait_exit(fd: std::os::fd::OwnedFd, timeout: std::time::Duration) -> bool {
     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and the same for
     // the AsyncFd's whole life.
     let registered = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
     };
-    if let Ok(afd) = registered {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), afd.readable()).await;
+    match registered {
+        Ok(afd) => tokio::time::timeout(timeout, afd.readable()).await.is_ok(),
+        Err(_) => false,
     }
 }
 

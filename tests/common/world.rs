@@ -246,6 +246,19 @@ impl World {
     }
 }
 
+/// PodSandboxStatus of `id`; panics if the call fails.
+pub async fn pod_status(rt: &mut Rt, id: &str) -> cri::PodSandboxStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
 /// A pod config with a fresh uid, its logs under `logs`, its cgroup under `cgroup_root`.
 pub fn pod_config_for(
     logs: &Path,
