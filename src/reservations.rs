@@ -4,7 +4,7 @@
 //! meeting a name "reserved" by an object nobody knows, and a cancelled call leaves nothing.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -131,6 +131,51 @@ impl Names {
         matches!(self.map().get(key), Some(Entry::Taken { id: t, unclaimed: Some(since) })
             if t == id && since.elapsed() >= timeout)
     }
+}
+
+/// Makes the object of `ticket`'s name on a task of its own, so the making ends whether or not
+/// the caller waits, and answers what it made (None: the task died). When the caller left and
+/// an object was made, the object waits `timeout` for a claim; unclaimed then, `expire`
+/// removes it. `names` finds the owner's names.
+pub async fn make_detached<T, E, Made, Gone>(
+    owner: Arc<T>,
+    names: fn(&T) -> &Names,
+    ticket: Ticket,
+    timeout: Duration,
+    make: impl FnOnce(Arc<T>) -> Made + Send + 'static,
+    expire: impl FnOnce(Arc<T>, String) -> Gone + Send + 'static,
+) -> Option<Result<String, E>>
+where
+    T: Send + Sync + 'static,
+    E: Send + 'static,
+    Made: std::future::Future<Output = Result<String, E>> + Send + 'static,
+    Gone: std::future::Future<Output = ()> + Send + 'static,
+{
+    let key = ticket.key.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let r = make(owner.clone()).await;
+        let made = r.as_ref().ok().cloned();
+        let mut gone = false;
+        names(&owner).finish(ticket, made.as_deref(), || {
+            gone = tx.send(r).is_err();
+            gone
+        });
+        let Some(id) = made.filter(|_| gone) else {
+            return;
+        };
+        tracing::info!(%id, name = %key, "the caller left before the answer: kept for a retry to claim");
+        let weak = Arc::downgrade(&owner);
+        drop(owner);
+        tokio::time::sleep(timeout).await;
+        if let Some(owner) = weak.upgrade()
+            && names(&owner).expired(&key, &id, timeout)
+        {
+            tracing::info!(%id, name = %key, "no retry claimed it: removing it");
+            expire(owner, id).await;
+        }
+    });
+    rx.await.ok()
 }
 
 impl Drop for Ticket {

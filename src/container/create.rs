@@ -45,41 +45,21 @@ impl Containers {
                 )));
             }
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
-        tokio::spawn(async move {
-            let r = this.create_reserved(pod, spec, image).await;
-            let made = r.as_ref().ok().cloned();
-            let mut gone = false;
-            this.names.finish(ticket, made.as_deref(), || {
-                gone = tx.send(r).is_err();
-                gone
-            });
-            if gone && let Some(id) = made {
-                tracing::info!(container = %id, "CreateContainer's caller left before the answer: kept for a retry to claim");
-                this.expire_unclaimed(key, id);
-            }
-        });
-        rx.await
-            .map_err(|_| Error::Internal("the container creation task failed".into()))?
-    }
-
-    /// Removes an unclaimed container once the unclaimed timeout has passed, unless a call
-    /// claimed it in the meantime.
-    fn expire_unclaimed(self: &Arc<Self>, key: String, id: String) {
-        let this = Arc::downgrade(self);
-        let timeout = self.unclaimed_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(this) = this.upgrade() else { return };
-            if this.names.expired(&key, &id, timeout) {
-                tracing::info!(container = %id, "no retry claimed the container: removing it");
+        crate::reservations::make_detached(
+            self.clone(),
+            |c| &c.names,
+            ticket,
+            self.unclaimed_timeout,
+            move |this| async move { this.create_reserved(pod, spec, image).await },
+            |this, id| async move {
                 let _ = this.stop(&id, Duration::ZERO).await;
                 if let Err(e) = this.remove(&id).await {
                     tracing::warn!(container = %id, error = %e, "removing an unclaimed container");
                 }
-            }
-        });
+            },
+        )
+        .await
+        .unwrap_or_else(|| Err(Error::Internal("the container creation task failed".into())))
     }
 
     /// CreateContainer with its name reserved.

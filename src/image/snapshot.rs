@@ -474,6 +474,20 @@ mod tests {
         assert_eq!(c[1], sha(format!("{a} {b}").as_bytes()));
     }
 
+    /// The record of a one-file snapshot named `chain`.
+    fn meta(chain: &str, durable: bool) -> SnapshotMeta {
+        SnapshotMeta {
+            chain_id: chain.into(),
+            diff_id: chain.into(),
+            digest: chain.into(),
+            stats: UnpackStats {
+                bytes: 1,
+                inodes: 1,
+            },
+            durable,
+        }
+    }
+
     #[test]
     fn temp_snapshots_vanish_unless_committed() {
         let d = tempfile::tempdir().unwrap();
@@ -484,16 +498,7 @@ mod tests {
         drop(t);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
         let t = s.begin(&chain).unwrap();
-        let meta = SnapshotMeta {
-            chain_id: chain.clone(),
-            diff_id: chain.clone(),
-            digest: chain.clone(),
-            stats: UnpackStats {
-                bytes: 1,
-                inodes: 1,
-            },
-            durable: true,
-        };
+        let meta = meta(&chain, true);
         s.commit(t, meta.clone()).unwrap();
         assert!(s.fs_path(&chain).exists());
         assert!(!s.get(&chain).unwrap().durable);
@@ -511,17 +516,7 @@ mod tests {
         let chain = sha(b"u");
         let unsynced = |s: &SnapshotStore| {
             let t = s.begin(&chain).unwrap();
-            let meta = SnapshotMeta {
-                chain_id: chain.clone(),
-                diff_id: chain.clone(),
-                digest: chain.clone(),
-                stats: UnpackStats {
-                    bytes: 1,
-                    inodes: 1,
-                },
-                durable: false,
-            };
-            s.commit(t, meta).unwrap();
+            s.commit(t, meta(&chain, false)).unwrap();
         };
         // Killed before the sync, same boot: kept, and synced at open.
         unsynced(&SnapshotStore::open(d.path(), false).unwrap());
@@ -529,21 +524,7 @@ mod tests {
         assert!(same_boot.get(&chain).is_some_and(|m| m.durable));
         same_boot.remove(&chain);
         // Killed before the sync, then the node rebooted: dropped.
-        let s = SnapshotStore::open(d.path(), false).unwrap();
-        let t = s.begin(&chain).unwrap();
-        let meta = SnapshotMeta {
-            chain_id: chain.clone(),
-            diff_id: chain.clone(),
-            digest: chain.clone(),
-            stats: UnpackStats {
-                bytes: 1,
-                inodes: 1,
-            },
-            durable: false,
-        };
-        // Committed, then (as a crash before the sync would) left unsynced on disk.
-        s.commit(t, meta).unwrap();
-        drop(s);
+        unsynced(&SnapshotStore::open(d.path(), false).unwrap());
         let after_reboot = SnapshotStore::open(d.path(), true).unwrap();
         assert!(after_reboot.get(&chain).is_none());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);

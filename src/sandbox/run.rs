@@ -72,42 +72,24 @@ impl Sandboxes {
                 )));
             }
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let this = self.clone();
-        tokio::spawn(async move {
-            let id = new_id();
-            let r = this.create(&id, spec).await.map(|()| id.clone());
-            let made = r.is_ok();
-            let mut gone = false;
-            this.names.finish(ticket, made.then_some(id.as_str()), || {
-                gone = tx.send(r).is_err();
-                gone
-            });
-            if gone && made {
-                tracing::info!(pod = %id, "RunPodSandbox's caller left before the answer: kept for a retry to claim");
-                this.expire_unclaimed(key, id);
-            }
-        });
-        rx.await
-            .map_err(|_| Error::Internal("the pod creation task failed".into()))?
-    }
-
-    /// Removes an unclaimed pod once the unclaimed timeout has passed, unless a call claimed
-    /// it in the meantime (a retry, or a container created in it).
-    fn expire_unclaimed(self: &Arc<Self>, key: String, id: String) {
-        let this = Arc::downgrade(self);
-        let timeout = self.unclaimed_timeout;
-        tokio::spawn(async move {
-            tokio::time::sleep(timeout).await;
-            let Some(this) = this.upgrade() else { return };
-            if this.names.expired(&key, &id, timeout) {
-                tracing::info!(pod = %id, "no retry claimed the pod: removing it");
+        crate::reservations::make_detached(
+            self.clone(),
+            |s| &s.names,
+            ticket,
+            self.unclaimed_timeout,
+            |this| async move {
+                let id = new_id();
+                this.create(&id, spec).await.map(|()| id)
+            },
+            |this, id| async move {
                 let _ = this.stop(&id).await;
                 if let Err(e) = this.remove(&id).await {
                     tracing::warn!(pod = %id, error = %e, "removing an unclaimed pod");
                 }
-            }
-        });
+            },
+        )
+        .await
+        .unwrap_or_else(|| Err(Error::Internal("the pod creation task failed".into())))
     }
 
     /// A call that knows the pod's id used it (a container is made in it): it is claimed.
