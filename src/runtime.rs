@@ -217,17 +217,28 @@ impl Runtime {
 
 /// Pod and container lifecycle: the order of work across pods, their containers and images.
 impl Runtime {
-    /// RunPodSandbox: the pod, then a first word with its monitor.
+    /// RunPodSandbox: the pod, then a first word with its monitor. A pod whose caller left
+    /// before the answer was never greeted, and its monitor gives up waiting after a minute: a
+    /// retry that claims such a pod finds the monitor gone, removes the pod and makes it anew.
     pub async fn run_pod(&self, spec: crate::sandbox::PodSpec) -> Result<String> {
-        let id = self.pods.run(spec).await?;
-        if let Err(e) = self.containers.greet(&id).await {
-            let _ = self.pods.remove(&id).await;
-            self.containers.drop_monitor(&id);
-            return Err(Error::Internal(format!(
-                "the pod's monitor does not answer: {e}"
-            )));
+        let mut attempt = 0;
+        loop {
+            let id = self.pods.run(spec.clone()).await?;
+            match self.containers.greet(&id).await {
+                Ok(()) => return Ok(id),
+                Err(e) => {
+                    let _ = self.pods.remove(&id).await;
+                    self.containers.drop_monitor(&id);
+                    attempt += 1;
+                    if attempt == 2 {
+                        return Err(Error::Internal(format!(
+                            "the pod's monitor does not answer: {e}"
+                        )));
+                    }
+                    tracing::info!(pod = %id, error = %e, "the claimed pod's monitor is gone: making the pod anew");
+                }
+            }
         }
-        Ok(id)
     }
 
     /// StopPodSandbox: its containers are killed, then the pod is stopped. Idempotent.

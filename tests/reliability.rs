@@ -974,3 +974,48 @@ async fn a_monitor_killed_under_a_running_berthd_makes_its_pod_not_ready() {
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
+
+/// A pod whose RunPodSandbox caller left was never greeted, and its monitor gives up after a
+/// minute: a retry that claims it then finds the monitor gone. It gets a new pod that works,
+/// and the old one leaves nothing. (The monitor is killed here instead of waiting a minute.)
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_claiming_a_pod_whose_monitor_gave_up_gets_a_working_pod() {
+    let mut w = World::with(pausing_at(&["run:monitor"])).await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    let config = w.pod_config("abandoned-monitor", cri::NamespaceMode::Container);
+    let req = cri::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    };
+    let d = Duration::from_millis(PAUSE_MS / 2);
+    let mut rt = w.rt.clone();
+    let first = with_deadline(d, rt.run_pod_sandbox(timed(req, d))).await;
+    assert!(first.is_err(), "{first:?}");
+    // The making ends; its pod is listed, its monitor never greeted. Kill that monitor.
+    let mut old = Vec::new();
+    for _ in 0..100 {
+        old = pods_named(&mut w.rt, "abandoned-monitor").await;
+        if !old.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(old.len(), 1);
+    let monitor = w.monitor_pid(&old[0].id);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually("the monitor is gone", || !alive(monitor)).await;
+    let pod = w.run_pod(config).await;
+    assert_ne!(pod.0, old[0].id, "the broken pod was handed out");
+    let c = w.run(&pod, container("app", &["sleep", "3600"])).await;
+    assert_eq!(w.out(&c, &["echo", "ok"]).await, "ok");
+    assert_eq!(pods_named(&mut w.rt, "abandoned-monitor").await.len(), 1);
+    w.remove_pod(&pod.0).await;
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
