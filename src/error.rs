@@ -37,6 +37,26 @@ pub enum Error {
 /// The result type of the runtime core.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A record that could not be written: ResourceExhausted when the disk is full (the caller
+/// can free space and retry), Internal otherwise.
+pub fn from_store(e: crate::store::StoreError) -> Error {
+    if e.is_no_space() {
+        Error::ResourceExhausted(e.to_string())
+    } else {
+        Error::Internal(e.to_string())
+    }
+}
+
+/// A filesystem step that failed, named by `what`: ResourceExhausted when the disk is full,
+/// Internal otherwise.
+pub fn from_io(what: &str, e: std::io::Error) -> Error {
+    if crate::store::is_no_space(&e) {
+        Error::ResourceExhausted(format!("{what}: {e}"))
+    } else {
+        Error::Internal(format!("{what}: {e}"))
+    }
+}
+
 /// For idempotent calls: a lookup that found nothing is `None`, not an error.
 pub fn optional<T>(r: Result<T>) -> Result<Option<T>> {
     match r {

@@ -1019,3 +1019,73 @@ async fn a_retry_claiming_a_pod_whose_monitor_gave_up_gets_a_working_pod() {
     assert_eq!(w.leftovers(), before);
     common::node::assert_back_to(&w.env.berthd, &node_before).await;
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted (lazily) on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-small-")
+            .tempdir()
+            .unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0711").as_str()),
+        )
+        .unwrap();
+        SmallDisk { dir }
+    }
+
+    /// Fills it: one file takes every free byte.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let p = self.dir.path().join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+        p
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A full disk under the state directory during CreateContainer: the call fails with
+/// ResourceExhausted naming what could not be written, nothing of the container is left, and
+/// once there is room again the same call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_creation_fails_cleanly_and_leaves_nothing() {
+    let disk = SmallDisk::new("32m");
+    let state = disk.dir.path().join("state");
+    let mut w = World::with(common::Options {
+        state: Some(state.clone()),
+        ..Default::default()
+    })
+    .await;
+    let pod = w.pod("full").await;
+    let before = w.leftovers();
+    let filler = disk.fill();
+    let err = w
+        .create(&pod, container("c", &["sleep", "3600"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("No space left"), "{}", err.message());
+    assert_eq!(w.leftovers(), before, "the failed create left something");
+    std::fs::remove_file(filler).unwrap();
+    let id = w.run(&pod, container("c", &["sleep", "3600"])).await;
+    assert_eq!(w.out(&id, &["echo", "ok"]).await, "ok");
+    w.remove_pod(&pod.0).await;
+    drop(w);
+    drop(disk);
+}

@@ -319,7 +319,7 @@ fn name_key(pod: &str, name: &str, attempt: u32) -> String {
 }
 
 fn internal(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |e| Error::Internal(format!("{what}: {e}"))
+    move |e| crate::error::from_io(what, e)
 }
 
 impl Containers {
@@ -363,7 +363,7 @@ impl Containers {
 
     fn persist(&self, r: &ContainerRecord) -> Result<()> {
         store::write_json_volatile(&self.ctr_dir(&r.id).join("container.json"), r)
-            .map_err(|e| Error::Internal(e.to_string()))
+            .map_err(crate::error::from_store)
     }
 
     /// The client of a pod's monitor.

@@ -242,7 +242,7 @@ pub fn new_id() -> String {
 }
 
 fn internal(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |e| Error::Internal(format!("{what}: {e}"))
+    move |e| crate::error::from_io(what, e)
 }
 
 impl Sandboxes {
@@ -257,7 +257,7 @@ impl Sandboxes {
 
     fn persist(&self, r: &PodRecord) -> Result<()> {
         store::write_json_volatile(&self.pod_dir(&r.id).join("pod.json"), r)
-            .map_err(|e| Error::Internal(e.to_string()))
+            .map_err(crate::error::from_store)
     }
 
     /// A pod by id or unique id prefix.

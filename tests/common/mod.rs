@@ -63,6 +63,8 @@ pub struct Options {
     pub root: Option<PathBuf>,
     /// Extra environment for berthd.
     pub env: Vec<(String, String)>,
+    /// A state directory to use instead of a fresh one under the temp dir.
+    pub state: Option<PathBuf>,
 }
 
 impl Berthd {
@@ -89,7 +91,10 @@ impl Berthd {
             .netns
             .clone()
             .or_else(|| own_netns.as_ref().map(|n| n.path.clone()));
-        let state = dir.path().join("state");
+        let state = opts
+            .state
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let socket = dir.path().join("berth.sock");
         let config = dir.path().join("config.toml");
         let log = dir.path().join("berthd.log");

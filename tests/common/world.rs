@@ -213,7 +213,11 @@ impl World {
     /// What containers leave on the machine: mounts, state and layer directories, cgroups.
     pub fn leftovers(&self) -> Vec<String> {
         let b = &self.env.berthd;
-        let mut v: Vec<String> = super::mounts_under(b.dir.path())
+        let mut mounts = super::mounts_under(b.dir.path());
+        if !b.state.starts_with(b.dir.path()) {
+            mounts.extend(super::mounts_under(&b.state));
+        }
+        let mut v: Vec<String> = mounts
             .into_iter()
             .filter(|m| {
                 !m.ends_with("state/ns")
@@ -233,8 +237,12 @@ impl World {
                 }
             }
         }
-        for d in ["state/containers", "state/lc", "root/containers"] {
-            if let Ok(rd) = std::fs::read_dir(b.dir.path().join(d)) {
+        for (d, path) in [
+            ("state/containers", b.state.join("containers")),
+            ("state/lc", b.state.join("lc")),
+            ("root/containers", b.root.join("containers")),
+        ] {
+            if let Ok(rd) = std::fs::read_dir(path) {
                 v.extend(
                     rd.flatten()
                         .map(|e| format!("{d}/{}", e.file_name().to_string_lossy())),
