@@ -12,35 +12,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::world::{BUSYBOX, container};
+use common::world::{BUSYBOX, container, pod_config_for, pull};
 use common::{Env, Options};
 use k8s_cri::v1 as cri;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-fn pod_config(env: &Env, i: usize) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: format!("restart-{i}"),
-            uid: format!("uid-{i}"),
-            namespace: "bench".into(),
-            attempt: 0,
-        }),
-        log_directory: env
-            .berthd
-            .dir
-            .path()
-            .join("logs")
-            .join(i.to_string())
-            .to_string_lossy()
-            .into_owned(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: format!("/{}/pod{i}", env.berthd.cgroup_root),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn monitor_pid(env: &Env, pod: &str) -> i32 {
     let path = env.berthd.state.join("pods").join(pod).join("pod.json");
@@ -83,21 +59,17 @@ async fn main() {
         log_level: Some(level.clone().unwrap_or_else(|| "warn".into())),
         ..Default::default()
     });
-    let mut images = env.berthd.images().await;
-    images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: BUSYBOX.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    pull(&env.berthd, BUSYBOX).await;
     let mut rt = env.berthd.runtime().await;
     let mut pods = Vec::new();
     for i in 0..n {
-        let config = pod_config(&env, i);
+        let config = pod_config_for(
+            &env.berthd.dir.path().join("logs"),
+            &env.berthd.cgroup_root,
+            &format!("restart-{i}"),
+            // Sharing a PID namespace: the pods whose init a restart must stop.
+            cri::NamespaceMode::Pod,
+        );
         let pod = rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(config.clone()),

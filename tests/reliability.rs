@@ -452,17 +452,7 @@ async fn berthd_killed_at_any_step_of_a_run_comes_back_whole() {
 async fn files_workdir_and_volumes_behind_dangling_links_are_made_inside_the_image() {
     const IMAGE: &str = "docker.io/berth-test/resolved-links:latest";
     let mut w = World::new().await;
-    let mut images = w.env.berthd.images().await;
-    images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: IMAGE.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    pull(&w.env.berthd, IMAGE).await;
     let before = w.leftovers();
     let mut c = w.pod_config("links", cri::NamespaceMode::Container);
     c.dns_config = Some(cri::DnsConfig {
@@ -810,16 +800,7 @@ async fn snapshots_never_synced_are_dropped_after_a_reboot_and_rebuilt() {
     );
     assert!(metas().is_empty());
     // A pull rebuilds it and containers run from it.
-    images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: BUSYBOX.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    pull(&w.env.berthd, BUSYBOX).await;
     w.rt = w.env.berthd.runtime().await;
     let pod = w.pod("rebuilt").await;
     let id = w.run(&pod, container("c", &["sleep", "3600"])).await;

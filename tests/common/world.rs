@@ -30,17 +30,7 @@ impl World {
 
     pub async fn with(opts: Options) -> World {
         let env = Env::with(opts);
-        let mut images = env.berthd.images().await;
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: BUSYBOX.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        pull(&env.berthd, BUSYBOX).await;
         let rt = env.berthd.runtime().await;
         World { env, rt }
     }
@@ -252,6 +242,21 @@ impl World {
         v.sort();
         v
     }
+}
+
+/// Pulls `image` into `b`; panics if that fails.
+pub async fn pull(b: &super::Berthd, image: &str) {
+    b.images()
+        .await
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
 
 /// PodSandboxStatus of `id`; panics if the call fails.
