@@ -433,15 +433,7 @@ async fn a_privileged_container_needs_a_privileged_pod() {
         "the refused container left something"
     );
 
-    let mut c = w.pod_config("privileged", cri::NamespaceMode::Container);
-    c.linux
-        .as_mut()
-        .unwrap()
-        .security_context
-        .as_mut()
-        .unwrap()
-        .privileged = true;
-    let ppod = w.run_pod(c).await;
+    let ppod = w.privileged_pod("privileged").await;
     let id = w.run(&ppod, privileged("p")).await;
     let status = w.out(&id, &["cat", "/proc/self/status"]).await;
     assert!(
@@ -817,13 +809,6 @@ async fn settings_berth_cannot_honour_fail_the_call_by_name() {
         ..Default::default()
     }];
     for (what, config) in [
-        (
-            "seccomp",
-            with_sc(cri::LinuxContainerSecurityContext {
-                seccomp: profile(cri::security_profile::ProfileType::RuntimeDefault),
-                ..Default::default()
-            }),
-        ),
         (
             "apparmor",
             with_sc(cri::LinuxContainerSecurityContext {

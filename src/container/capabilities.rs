@@ -98,11 +98,28 @@ pub struct Wanted<'a> {
     pub add: &'a [String],
     /// drop_capabilities (likewise).
     pub drop: &'a [String],
+    /// add_ambient_capabilities: added to every set, the ambient and inheritable ones too.
+    pub ambient: &'a [String],
+}
+
+fn upper(c: &str) -> String {
+    c.trim().trim_start_matches("CAP_").to_uppercase()
+}
+
+/// The ambient (and inheritable) set of the container's process (`CAP_` names), within
+/// `allowed`; `ALL` names no capability here.
+pub fn ambient(w: Wanted<'_>, allowed: &[&str]) -> Vec<String> {
+    let mut caps: Vec<String> = Vec::new();
+    for a in w.ambient.iter().map(|a| upper(a)) {
+        if allowed.contains(&a.as_str()) && !caps.contains(&a) {
+            caps.push(a);
+        }
+    }
+    caps.into_iter().map(|c| format!("CAP_{c}")).collect()
 }
 
 /// The capabilities of the container's process (`CAP_` names), within `allowed`.
 pub fn capabilities(w: Wanted<'_>, allowed: &[&str]) -> Vec<String> {
-    let upper = |c: &str| c.trim().trim_start_matches("CAP_").to_uppercase();
     let mut caps: Vec<String> = if w.privileged {
         allowed.iter().map(|c| c.to_string()).collect()
     } else {
@@ -132,6 +149,11 @@ pub fn capabilities(w: Wanted<'_>, allowed: &[&str]) -> Vec<String> {
             }
         }
     }
+    for a in w.ambient {
+        if !caps.contains(&upper(a)) {
+            caps.push(upper(a));
+        }
+    }
     caps.retain(|c| allowed.contains(&c.as_str()));
     caps.into_iter().map(|c| format!("CAP_{c}")).collect()
 }
@@ -154,6 +176,7 @@ mod tests {
                 privileged: false,
                 add: &add,
                 drop: &drop,
+                ambient: &[],
             };
             capabilities(w, &allowed)
         };
@@ -167,5 +190,14 @@ mod tests {
         assert!(!c.contains(&"CAP_CHOWN".to_string()));
         assert_eq!(caps(&["NET_ADMIN"], &["ALL"]), ["CAP_NET_ADMIN"]);
         assert_eq!(caps(&["ALL"], &[]).len(), allowed.len());
+        let amb = names(&["NET_ADMIN", "cap_sys_resource", "ALL"]);
+        let w = Wanted {
+            privileged: false,
+            add: &[],
+            drop: &names(&["ALL"]),
+            ambient: &amb,
+        };
+        assert_eq!(capabilities(w, &allowed), ["CAP_NET_ADMIN"]);
+        assert_eq!(ambient(w, &allowed), ["CAP_NET_ADMIN"]);
     }
 }

@@ -17,6 +17,7 @@ pub mod image_file;
 mod lifecycle;
 mod reconcile;
 pub mod rootfs;
+pub mod seccomp;
 pub mod spec;
 pub mod user;
 
@@ -126,6 +127,9 @@ pub struct ContainerSecurity {
     pub add_caps: Vec<String>,
     /// Capabilities to drop.
     pub drop_caps: Vec<String>,
+    /// Ambient capabilities to add.
+    #[serde(default)]
+    pub ambient_caps: Vec<String>,
     /// masked_paths, when given.
     pub masked_paths: Option<Vec<String>>,
     /// readonly_paths, when given.
@@ -136,8 +140,11 @@ pub struct ContainerSecurity {
     pub target_id: String,
     /// AppArmor profile (none on this kernel).
     pub apparmor_profile: String,
-    /// A seccomp section for the OCI spec, when one applies.
+    /// A Localhost seccomp section for the OCI spec, when one applies.
     pub seccomp: Option<serde_json::Value>,
+    /// The RuntimeDefault seccomp profile (`seccomp::runtime_default`) applies.
+    #[serde(default)]
+    pub seccomp_runtime_default: bool,
 }
 
 /// What CreateContainer asks for, in berth's terms.
@@ -430,6 +437,7 @@ impl Containers {
                 privileged: sec.privileged,
                 add: &sec.add_caps,
                 drop: &sec.drop_caps,
+                ambient: &sec.ambient_caps,
             },
             &self.allowed_caps,
         );

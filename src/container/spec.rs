@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::capabilities::{Wanted, capabilities};
+use super::capabilities::{Wanted, ambient, capabilities};
 use super::user::User;
 use super::{ContainerSpec, MountSpec, Propagation};
 use crate::cgroup::Mode as CgroupMode;
@@ -167,12 +167,26 @@ pub fn build(
         "readonlyPaths": readonly,
         "devices": devices,
     });
-    if let Some(seccomp) = &sec.seccomp {
-        linux["seccomp"] = seccomp.clone();
+    let wanted = Wanted {
+        privileged: sec.privileged,
+        add: &sec.add_caps,
+        drop: &sec.drop_caps,
+        ambient: &sec.ambient_caps,
+    };
+    let caps = capabilities(wanted, i.allowed_caps);
+    let ambient = ambient(wanted, i.allowed_caps);
+    // A privileged container runs without a filter, whatever profile it names, as on other
+    // runtimes (kubelet and the validation suite rely on it).
+    if !sec.privileged {
+        if let Some(seccomp) = &sec.seccomp {
+            linux["seccomp"] = seccomp.clone();
+        } else if sec.seccomp_runtime_default {
+            linux["seccomp"] = super::seccomp::runtime_default(&caps);
+        }
     }
     let spec = json!({
         "ociVersion": "1.0.2",
-        "process": process(i)?,
+        "process": process(i, &caps, &ambient)?,
         "root": {"path": i.rootfs, "readonly": sec.readonly_rootfs},
         "mounts": all_mounts(i, mounts),
         "annotations": annotations(i),
@@ -183,26 +197,24 @@ pub fn build(
 }
 
 /// The process: argv, environment, identity, working directory, capabilities.
-fn process(i: &Inputs<'_>) -> Result<Value, SpecError> {
+fn process(i: &Inputs<'_>, caps: &[String], ambient: &[String]) -> Result<Value, SpecError> {
     let s = i.spec;
     let sec = &s.security;
-    let caps = capabilities(
-        Wanted {
-            privileged: sec.privileged,
-            add: &sec.add_caps,
-            drop: &sec.drop_caps,
-        },
-        i.allowed_caps,
-    );
     let mut process = json!({
         "terminal": s.tty,
         "user": {"uid": i.user.uid, "gid": i.user.gid, "additionalGids": i.user.additional_gids},
         "args": argv(s, i.image)?,
         "env": environment(s, i.image, i.user),
         "cwd": working_dir(s, i.image),
-        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": sec.no_new_privs,
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
+                         "inheritable": ambient, "ambient": ambient},
     });
+    // Only when true: libcontainer takes a present `false` for "set" and then loads the
+    // seccomp filter after dropping CAP_SYS_ADMIN, which the kernel refuses without
+    // no_new_privs (EACCES, reported by libseccomp as ECANCELED).
+    if sec.no_new_privs {
+        process["noNewPrivileges"] = json!(true);
+    }
     if !sec.apparmor_profile.is_empty() && sec.apparmor_profile != "unconfined" {
         process["apparmorProfile"] = json!(sec.apparmor_profile);
     }

@@ -75,7 +75,7 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let linux = c.linux.unwrap_or_default();
     let r = linux.resources.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
-    let seccomp = seccomp(&sc)?;
+    let (seccomp, seccomp_runtime_default) = seccomp(&sc)?;
     apparmor(&sc)?;
     let caps = sc.capabilities.unwrap_or_default();
     let ns = sc.namespace_options;
@@ -131,34 +131,32 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             no_new_privs: sc.no_new_privs,
             add_caps: caps.add_capabilities,
             drop_caps: caps.drop_capabilities,
+            ambient_caps: caps.add_ambient_capabilities,
             masked_paths: Some(sc.masked_paths).filter(|p| !p.is_empty()),
             readonly_paths: Some(sc.readonly_paths).filter(|p| !p.is_empty()),
             pid_mode: ns.as_ref().map(|n| ns_mode(n.pid)).transpose()?,
             target_id: ns.map(|n| n.target_id).unwrap_or_default(),
             apparmor_profile: String::new(),
             seccomp,
+            seccomp_runtime_default,
         },
     })
 }
 
-/// The seccomp section the container gets, from `seccomp` or the older
-/// `seccomp_profile_path`. A profile berth cannot apply fails the call: a container asking to
-/// be confined never runs unconfined.
+/// The seccomp profile the container gets, from `seccomp` or the older `seccomp_profile_path`:
+/// a Localhost profile's section, or whether berth's RuntimeDefault applies. A profile berth
+/// cannot read fails the call: a container asking to be confined never runs unconfined.
 // The deprecated field is read on purpose: older clients still send only it.
 #[allow(deprecated)]
-fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<serde_json::Value>, Status> {
+fn seccomp(
+    sc: &cri::LinuxContainerSecurityContext,
+) -> Result<(Option<serde_json::Value>, bool), Status> {
     use cri::security_profile::ProfileType;
-    let not_yet = |field: &str| {
-        Status::invalid_argument(format!(
-            "{field}: the RuntimeDefault seccomp profile is not implemented by berth yet; \
-             ask for Unconfined or a Localhost profile"
-        ))
-    };
     if let Some(p) = &sc.seccomp {
         return match ProfileType::try_from(p.profile_type) {
-            Ok(ProfileType::Unconfined) => Ok(None),
-            Ok(ProfileType::RuntimeDefault) => Err(not_yet("security_context.seccomp")),
-            Ok(ProfileType::Localhost) => load_seccomp(&p.localhost_ref).map(Some),
+            Ok(ProfileType::Unconfined) => Ok((None, false)),
+            Ok(ProfileType::RuntimeDefault) => Ok((None, true)),
+            Ok(ProfileType::Localhost) => Ok((Some(load_seccomp(&p.localhost_ref)?), false)),
             Err(_) => Err(Status::invalid_argument(format!(
                 "security_context.seccomp: unknown profile type {}",
                 p.profile_type
@@ -166,12 +164,10 @@ fn seccomp(sc: &cri::LinuxContainerSecurityContext) -> Result<Option<serde_json:
         };
     }
     match sc.seccomp_profile_path.as_str() {
-        "" | "unconfined" => Ok(None),
-        "runtime/default" | "docker/default" => {
-            Err(not_yet("security_context.seccomp_profile_path"))
-        }
+        "" | "unconfined" => Ok((None, false)),
+        "runtime/default" | "docker/default" => Ok((None, true)),
         p => match p.strip_prefix("localhost/") {
-            Some(path) => load_seccomp(path).map(Some),
+            Some(path) => Ok((Some(load_seccomp(path)?), false)),
             None => Err(Status::invalid_argument(format!(
                 "security_context.seccomp_profile_path {p:?} is not unconfined, runtime/default \
                  or localhost/<path>"
@@ -216,8 +212,11 @@ fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
         return Err(bad(format!("larger than {MAX_SECCOMP_PROFILE} bytes")));
     }
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-    serde_json::from_str(&text)
-        .map_err(|e| Status::invalid_argument(format!("seccomp profile {path:?}: {e}")))
+    // Read as the OCI section it must be, so a wrong action or field name is this call's
+    // InvalidArgument rather than the runtime's error at create.
+    let section: oci_spec::runtime::LinuxSeccomp =
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    serde_json::to_value(section).map_err(|e| bad(e.to_string()))
 }
 
 /// A mount as ContainerStatus reports it (its host path resolved).

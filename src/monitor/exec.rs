@@ -1,21 +1,18 @@
-//! ExecSync in the monitor: the command started in the container (through libcontainer's
-//! tenant builder, in a helper), its output collected up to a cap, the answer sent once it
+//! ExecSync in the monitor: the command started in the container (by `enter`, in a helper), its output collected up to a cap, the answer sent once it
 //! exited and its pipes closed (or a second later, if something it started holds them), and on
 //! timeout its process tree killed, never the container.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::containers::lc_id;
 use super::cri_log::Stream;
+use super::enter;
 use super::helper::in_helper;
 use super::io::{pipe, read_some, set_nonblocking};
 use super::proto;
@@ -49,7 +46,7 @@ impl Monitor {
         }
         let (out_r, out_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
         let (err_r, err_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
-        let built = self.start_tenant(&e, out_w, err_w);
+        let built = self.start_exec(&e, out_w, err_w);
         let pid = match built {
             Ok(pid) => pid,
             Err(msg) => {
@@ -101,51 +98,25 @@ impl Monitor {
         Ok(())
     }
 
-    /// The exec'd process, started by libcontainer's tenant builder in a helper (stdin
-    /// /dev/null, output to the pipes given); its pid.
-    fn start_tenant(&self, e: &proto::Exec, out_w: OwnedFd, err_w: OwnedFd) -> Result<i32, String> {
+    /// The exec'd process, started by `enter` in a helper (stdin /dev/null, output to the
+    /// pipes given); its pid.
+    fn start_exec(&self, e: &proto::Exec, out_w: OwnedFd, err_w: OwnedFd) -> Result<i32, String> {
         let null = File::open("/dev/null").map_err(|err| format!("/dev/null: {err}"))?;
-        let env: HashMap<String, String> = e
-            .env
-            .iter()
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        let keep = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        let (lc_root, lcid) = (self.lc_root.clone(), lc_id(&e.container_id).to_string());
-        let (args, cwd, uid, gid, gids) = (
-            e.args.clone(),
-            e.cwd.clone(),
-            e.uid,
-            e.gid,
-            e.additional_gids.clone(),
-        );
+        let stdio = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+        let lc_dir = self.lc_root.join(lc_id(&e.container_id));
         let title = format!("berth-exec {}", e.container_id);
-        in_helper(&title, &keep, (self.procfs, e.shielded), move || {
-            ContainerBuilder::new(lcid, SyscallType::Linux)
-                .with_root_path(&lc_root)
-                .map(|b| {
-                    b.with_stdin(OwnedFd::from(null))
-                        .with_stdout(out_w)
-                        .with_stderr(err_w)
-                        .as_tenant()
-                        .with_detach(true)
-                        .with_container_args(args)
-                        .with_env(env)
-                        .with_cwd(if cwd.is_empty() {
-                            None
-                        } else {
-                            Some(PathBuf::from(&cwd))
-                        })
-                        .with_user(Some(uid))
-                        .with_group(Some(gid))
-                        .with_additional_gids(gids)
-                })
-                .and_then(|b| b.build())
-                .map(|pid| pid.as_raw())
-                .map_err(|e| e.to_string())
+        let cmd = enter::Command {
+            args: e.args.clone(),
+            env: e.env.clone(),
+            cwd: e.cwd.clone(),
+            uid: e.uid,
+            gid: e.gid,
+            additional_gids: e.additional_gids.clone(),
+        };
+        in_helper(&title, &stdio, (self.procfs, e.shielded), move || {
+            let r = enter::exec_in(&lc_dir, &cmd, stdio);
+            drop((null, out_w, err_w));
+            r
         })
     }
 

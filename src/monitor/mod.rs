@@ -7,12 +7,14 @@
 //! CRI log files, and runs ExecSync processes. It outlives berthd: berthd reconnects after a
 //! restart and asks for the state of every container. Its parts: `process` (its life),
 //! `event_loop` (sources and timers), `state` (what it holds), `conn` (berthd's connections),
-//! `containers`, `exec`, `helper` (where libcontainer runs), `io`.
+//! `containers`, `exec`, `enter` (a process into a running container), `helper` (where
+//! libcontainer runs), `io`.
 
 pub mod client;
 mod conn;
 mod containers;
 pub mod cri_log;
+mod enter;
 mod event_loop;
 mod exec;
 mod helper;

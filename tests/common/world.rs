@@ -49,6 +49,14 @@ impl World {
     }
 
     /// Runs a pod sandbox from `c`; panics if that fails.
+    /// A running pod whose security context is privileged.
+    pub async fn privileged_pod(&mut self, name: &str) -> (String, cri::PodSandboxConfig) {
+        let mut c = self.pod_config(name, cri::NamespaceMode::Container);
+        let linux = c.linux.get_or_insert_default();
+        linux.security_context.get_or_insert_default().privileged = true;
+        self.run_pod(c).await
+    }
+
     pub async fn run_pod(&mut self, c: cri::PodSandboxConfig) -> (String, cri::PodSandboxConfig) {
         let id = self
             .rt

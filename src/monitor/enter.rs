@@ -1,0 +1,327 @@
+//! Starting a process in a running container (ExecSync), done by berth rather than by
+//! libcontainer's tenant builder, which drops the container's seccomp filter for exec'd
+//! processes. Run in a helper: it joins the container init's cgroups and namespaces, forks the
+//! process into its PID namespace, and that process takes the container's limits, identity,
+//! capabilities, no_new_privs and seccomp filter from the container's OCI spec before it
+//! execs. Its pid is the helper's answer; it becomes the monitor's child when the helper exits.
+
+use std::ffi::CString;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sched::CloneFlags;
+use nix::unistd::ForkResult;
+use oci_spec::runtime::Spec;
+
+/// What to run, as the exec request has it.
+pub(super) struct Command {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// The namespaces an exec'd process shares with the container's init, with their
+/// /proc/PID/ns names.
+const NAMESPACES: [(&str, CloneFlags); 8] = [
+    ("user", CloneFlags::CLONE_NEWUSER),
+    ("mnt", CloneFlags::CLONE_NEWNS),
+    ("net", CloneFlags::CLONE_NEWNET),
+    ("ipc", CloneFlags::CLONE_NEWIPC),
+    ("uts", CloneFlags::CLONE_NEWUTS),
+    ("pid", CloneFlags::CLONE_NEWPID),
+    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
+    ("time", CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)),
+];
+
+/// Starts `cmd` in container `lc_dir` (its libcontainer state directory) with `stdio` as its
+/// 0, 1 and 2; its pid. Called in a helper: it changes this process's namespaces.
+pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: [RawFd; 3]) -> Result<i32, String> {
+    let container = Container::load(lc_dir.to_path_buf()).map_err(|e| e.to_string())?;
+    let init = container
+        .pid()
+        .ok_or("the container has no init process")?
+        .as_raw();
+    let spec_path = container.bundle().join("config.json");
+    let spec = Spec::load(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    // Nothing of the pod may trace this process while it is still the monitor's binary.
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
+    join_cgroups(init)?;
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(init).ok_or("bad init pid")?,
+        rustix::process::PidfdFlags::empty(),
+    )
+    .map_err(|e| format!("pidfd_open {init}: {e}"))?;
+    let flags = namespaces_to_join(init)?;
+    nix::sched::setns(&pidfd, flags)
+        .map_err(|e| format!("joining the container's namespaces: {e}"))?;
+    drop(pidfd);
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: the helper is single-threaded, so the child's copy of its memory is consistent;
+    // the child only makes system calls and exits or execs.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(err_r);
+            // Until the descriptors are in place the pipe is at its own number; then at 3.
+            let (e, at) = match only_stdio(stdio, err_w.as_raw_fd()) {
+                Err(e) => (e, err_w.as_raw_fd()),
+                Ok(()) => match setup(&spec, cmd) {
+                    Ok(never) => match never {},
+                    Err(e) => (e, 3),
+                },
+            };
+            // SAFETY: `at` is the error pipe's write end, open in this process.
+            let at = unsafe { std::os::fd::BorrowedFd::borrow_raw(at) };
+            let _ = rustix::io::write(at, e.as_bytes());
+            // SAFETY: _exit ends the child without running the helper's destructors.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(err_w);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
+            if msg.is_empty() {
+                Ok(child.as_raw())
+            } else {
+                let _ = nix::sys::wait::waitpid(child, None);
+                Err(msg)
+            }
+        }
+    }
+}
+
+/// Joins every cgroup the container's init is in (the paths /proc/PID/cgroup gives, under
+/// each hierarchy's mount), so the process is limited and accounted as the container.
+fn join_cgroups(init: i32) -> Result<(), String> {
+    let cgroups = crate::cgroup::Cgroups::detect();
+    let text = std::fs::read_to_string(format!("/proc/{init}/cgroup"))
+        .map_err(|e| format!("/proc/{init}/cgroup: {e}"))?;
+    let me = std::process::id().to_string();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next());
+        let Some(path) = path else { continue };
+        let wanted: Vec<&str> = ctrls.split(',').filter(|c| !c.is_empty()).collect();
+        let Some(h) = cgroups.hierarchies.iter().find(|h| {
+            if wanted.is_empty() {
+                h.v2
+            } else {
+                let mut have: Vec<&str> = h.controllers.iter().map(String::as_str).collect();
+                let mut want = wanted.clone();
+                have.sort_unstable();
+                want.sort_unstable();
+                have == want
+            }
+        }) else {
+            continue;
+        };
+        let procs = h
+            .mount
+            .join(path.trim_start_matches('/'))
+            .join("cgroup.procs");
+        std::fs::write(&procs, &me).map_err(|e| format!("{}: {e}", procs.display()))?;
+    }
+    Ok(())
+}
+
+/// The namespaces of `init` this process is not already in.
+fn namespaces_to_join(init: i32) -> Result<CloneFlags, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut flags = CloneFlags::empty();
+    for (name, flag) in NAMESPACES {
+        let theirs = PathBuf::from(format!("/proc/{init}/ns/{name}"));
+        let Ok(theirs) = std::fs::metadata(&theirs) else {
+            continue; // a kernel without this namespace type
+        };
+        let ours = std::fs::metadata(format!("/proc/self/ns/{name}"))
+            .map_err(|e| format!("/proc/self/ns/{name}: {e}"))?;
+        if (theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()) {
+            flags |= flag;
+        }
+    }
+    Ok(flags)
+}
+
+/// Puts `stdio` at 0-2 and closes every other descriptor but `err` (close-on-exec).
+fn only_stdio(stdio: [RawFd; 3], err: RawFd) -> Result<(), String> {
+    // Above every descriptor in use first, so no move overwrites one still to be moved.
+    let high = |fd: RawFd| {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) only makes a new descriptor.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000) };
+        if n < 0 {
+            Err(format!("dup: {}", std::io::Error::last_os_error()))
+        } else {
+            Ok(n)
+        }
+    };
+    let moved = [
+        high(stdio[0])?,
+        high(stdio[1])?,
+        high(stdio[2])?,
+        high(err)?,
+    ];
+    for (to, from) in moved.iter().enumerate() {
+        let flags = if to == 3 { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: dup3 onto 0-3, which nothing in this process holds on to as owned.
+        if unsafe { libc::dup3(*from, to as RawFd, flags) } < 0 {
+            return Err(format!("dup3: {}", std::io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: close_range only closes descriptors; none above 3 is used after this.
+    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
+    Ok(())
+}
+
+/// In the forked child, inside the container's namespaces: limits, working directory,
+/// identity, capabilities and seccomp, then exec; in the order runc and libcontainer use (a
+/// filter loaded without no_new_privs needs CAP_SYS_ADMIN, so before the capabilities are
+/// dropped). Returns only on failure, saying why.
+fn setup(spec: &Spec, cmd: &Command) -> Result<std::convert::Infallible, String> {
+    let syscall = SyscallType::Linux.create_syscall();
+    let process = spec.process().as_ref().ok_or("the spec has no process")?;
+    for r in process.rlimits().iter().flatten() {
+        let lim = libc::rlimit {
+            rlim_cur: r.soft(),
+            rlim_max: r.hard(),
+        };
+        let res = rlimit_resource(r.typ());
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(res, &lim) } != 0 {
+            return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+        }
+    }
+    if let Some(adj) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| format!("oom_score_adj: {e}"))?;
+    }
+    let cwd = if cmd.cwd.is_empty() { "/" } else { &cmd.cwd };
+    nix::unistd::chdir(cwd).map_err(|e| format!("chdir {cwd}: {e}"))?;
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+    let nnp = process.no_new_privileges() == Some(true);
+    if let Some(s) = seccomp.as_ref().filter(|_| !nnp) {
+        load_seccomp(s)?;
+    }
+    set_identity(cmd)?;
+    libcontainer::capabilities::reset_effective(syscall.as_ref())
+        .map_err(|e| format!("capabilities: {e}"))?;
+    if let Some(caps) = process.capabilities() {
+        libcontainer::capabilities::drop_privileges(caps, syscall.as_ref())
+            .map_err(|e| format!("capabilities: {e}"))?;
+    }
+    if nnp {
+        rustix::thread::set_no_new_privs(true).map_err(|e| format!("no_new_privs: {e}"))?;
+        if let Some(s) = &seccomp {
+            load_seccomp(s)?;
+        }
+    }
+    execute(cmd)
+}
+
+/// Groups, gid and uid of the request, keeping the capabilities (dropped to the container's
+/// next) across the change from root.
+fn set_identity(cmd: &Command) -> Result<(), String> {
+    let last = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: these calls read only the arguments given (setgroups the slice, of its length);
+    // this process is single-threaded, so changing its ids with raw calls is whole.
+    unsafe {
+        if libc::setgroups(cmd.additional_gids.len(), cmd.additional_gids.as_ptr()) != 0 {
+            return Err(last("setgroups"));
+        }
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+            return Err(last("PR_SET_KEEPCAPS"));
+        }
+        if libc::setresgid(cmd.gid, cmd.gid, cmd.gid) != 0 {
+            return Err(last("setresgid"));
+        }
+        if libc::setresuid(cmd.uid, cmd.uid, cmd.uid) != 0 {
+            return Err(last("setresuid"));
+        }
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0 {
+            return Err(last("PR_SET_KEEPCAPS"));
+        }
+    }
+    Ok(())
+}
+
+/// Loads the container's filter; a profile that hands the filter to a listener is refused
+/// (berth runs none).
+fn load_seccomp(s: &oci_spec::runtime::LinuxSeccomp) -> Result<(), String> {
+    match libcontainer::seccomp::initialize_seccomp(s) {
+        Ok(None) => Ok(()),
+        Ok(Some(fd)) => {
+            // SAFETY: initialize_seccomp hands over the listener descriptor it made.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            Err("seccomp notify profiles are not supported".into())
+        }
+        Err(e) => Err(format!("loading the container's seccomp filter: {e}")),
+    }
+}
+
+/// execve of the command, looked up in the request's PATH when it names no directory.
+fn execute(cmd: &Command) -> Result<std::convert::Infallible, String> {
+    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} holds a NUL byte"));
+    let argv: Vec<CString> = cmd.args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = cmd.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let name = cmd.args.first().ok_or("exec needs a command")?;
+    let candidates: Vec<String> = if name.contains('/') {
+        vec![name.clone()]
+    } else {
+        let path = cmd
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        path.split(':')
+            .map(|d| format!("{}/{name}", if d.is_empty() { "." } else { d }))
+            .collect()
+    };
+    let mut last = nix::errno::Errno::ENOENT;
+    for c in candidates {
+        let file = cstr(&c)?;
+        match nix::unistd::execve(&file, &argv, &envp) {
+            Err(e @ (nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR)) => {
+                if last == nix::errno::Errno::ENOENT {
+                    last = e;
+                }
+            }
+            Err(e) => last = e,
+            Ok(never) => match never {},
+        }
+    }
+    if last == nix::errno::Errno::ENOENT || last == nix::errno::Errno::ENOTDIR {
+        Err(format!(
+            "{name}: executable file not found in $PATH (No such file or directory)"
+        ))
+    } else {
+        Err(format!("{name}: {last}"))
+    }
+}
+
+/// The setrlimit resource of an OCI rlimit type.
+fn rlimit_resource(t: oci_spec::runtime::PosixRlimitType) -> libc::__rlimit_resource_t {
+    use oci_spec::runtime::PosixRlimitType as T;
+    (match t {
+        T::RlimitCpu => libc::RLIMIT_CPU,
+        T::RlimitFsize => libc::RLIMIT_FSIZE,
+        T::RlimitData => libc::RLIMIT_DATA,
+        T::RlimitStack => libc::RLIMIT_STACK,
+        T::RlimitCore => libc::RLIMIT_CORE,
+        T::RlimitRss => libc::RLIMIT_RSS,
+        T::RlimitNproc => libc::RLIMIT_NPROC,
+        T::RlimitNofile => libc::RLIMIT_NOFILE,
+        T::RlimitMemlock => libc::RLIMIT_MEMLOCK,
+        T::RlimitAs => libc::RLIMIT_AS,
+        T::RlimitLocks => libc::RLIMIT_LOCKS,
+        T::RlimitSigpending => libc::RLIMIT_SIGPENDING,
+        T::RlimitMsgqueue => libc::RLIMIT_MSGQUEUE,
+        T::RlimitNice => libc::RLIMIT_NICE,
+        T::RlimitRtprio => libc::RLIMIT_RTPRIO,
+        T::RlimitRttime => libc::RLIMIT_RTTIME,
+    }) as libc::__rlimit_resource_t
+}
