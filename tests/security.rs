@@ -413,17 +413,7 @@ async fn a_privileged_container_needs_a_privileged_pod() {
     let mut w = World::new().await;
     let pod = w.pod("unprivileged").await;
     let before = w.leftovers();
-    let privileged = |name: &str| {
-        let mut c = container(name, &["sleep", "3600"]);
-        c.linux = Some(cri::LinuxContainerConfig {
-            security_context: Some(cri::LinuxContainerSecurityContext {
-                privileged: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        c
-    };
+    let privileged = |name: &str| privileged_container(name, &["sleep", "3600"]);
     let err = w.create(&pod, privileged("p")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert!(err.message().contains("privileged"), "{}", err.message());

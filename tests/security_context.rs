@@ -15,13 +15,7 @@ fn with_sc(
     cmd: &[&str],
     sc: cri::LinuxContainerSecurityContext,
 ) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        linux: Some(cri::LinuxContainerConfig {
-            security_context: Some(sc),
-            ..Default::default()
-        }),
-        ..container(name, cmd)
-    }
+    with_security(container(name, cmd), sc)
 }
 
 fn seccomp(t: ProfileType, path: &str) -> Option<cri::SecurityProfile> {
@@ -39,17 +33,11 @@ fn caps(add: &[&str], drop: &[&str]) -> Option<cri::Capability> {
     })
 }
 
-/// Runs `sh -c script` in the container; (exit code, stdout and stderr together).
-async fn sh(w: &mut World, id: &str, script: &str) -> (i32, String) {
-    let r = w.exec(id, &["sh", "-c", script], 10).await.unwrap();
-    let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
-    out.push_str(&String::from_utf8_lossy(&r.stderr));
-    (r.exit_code, out.trim().to_string())
-}
-
 /// A field of /proc/<who>/status in the container.
 async fn status_field(w: &mut World, id: &str, who: &str, field: &str) -> String {
-    let (code, out) = sh(w, id, &format!("grep '^{field}:' /proc/{who}/status")).await;
+    let (code, out) = w
+        .sh(id, &format!("grep '^{field}:' /proc/{who}/status"))
+        .await;
     assert_eq!(code, 0, "{out}");
     out.split_once(':').unwrap().1.trim().to_string()
 }
@@ -104,19 +92,19 @@ async fn seccomp_profiles_confine_the_container_and_every_exec() {
     );
     assert_eq!(status_field(&mut w, &open, "1", "Seccomp").await, "0");
     assert_eq!(status_field(&mut w, &open, "self", "Seccomp").await, "0");
-    let (code, out) = sh(&mut w, &default, "unshare -U true").await;
+    let (code, out) = w.sh(&default, "unshare -U true").await;
     assert_ne!(code, 0, "a user namespace under RuntimeDefault: {out}");
     assert!(out.contains("Operation not permitted"), "{out}");
-    let (code, out) = sh(&mut w, &open, "unshare -U true").await;
+    let (code, out) = w.sh(&open, "unshare -U true").await;
     assert_eq!(code, 0, "a user namespace unconfined: {out}");
     // Ordinary work goes on under it: files, processes, pipes, sockets, threads of a shell.
-    let (code, out) = sh(
-        &mut w,
-        &default,
-        "mkdir -p /tmp/d && echo hi > /tmp/d/f && chmod 600 /tmp/d/f && cat /tmp/d/f | wc -c \
+    let (code, out) = w
+        .sh(
+            &default,
+            "mkdir -p /tmp/d && echo hi > /tmp/d/f && chmod 600 /tmp/d/f && cat /tmp/d/f | wc -c \
          && ls -l /tmp/d >/dev/null && (sleep 0 &) && wait && nc -l -p 9 -w 1 </dev/null; true",
-    )
-    .await;
+        )
+        .await;
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with('3'), "{out}");
     // With CAP_SYS_ADMIN the calls it gates are open (a mount in the container's namespace).
@@ -134,7 +122,9 @@ async fn seccomp_profiles_confine_the_container_and_every_exec() {
             ),
         )
         .await;
-    let (code, out) = sh(&mut w, &admin, "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t").await;
+    let (code, out) = w
+        .sh(&admin, "mkdir -p /mnt/t && mount -t tmpfs t /mnt/t")
+        .await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(status_field(&mut w, &admin, "self", "Seccomp").await, "2");
 
@@ -153,7 +143,7 @@ async fn seccomp_profiles_confine_the_container_and_every_exec() {
         )
         .await;
     assert_eq!(status_field(&mut w, &local, "1", "Seccomp").await, "2");
-    let (code, out) = sh(&mut w, &local, "chmod 400 /").await;
+    let (code, out) = w.sh(&local, "chmod 400 /").await;
     assert_ne!(code, 0);
     assert!(out.contains("Operation not permitted"), "{out}");
     // And with no_new_privs, loaded after the capabilities are dropped.
@@ -195,7 +185,7 @@ async fn seccomp_profiles_confine_the_container_and_every_exec() {
         status_field(&mut w, &privileged, "self", "Seccomp").await,
         "0"
     );
-    let (code, out) = sh(&mut w, &privileged, "chmod 755 /").await;
+    let (code, out) = w.sh(&privileged, "chmod 755 /").await;
     assert_eq!(code, 0, "{out}");
 
     // Profiles that cannot be read or are not OCI seccomp sections fail the call by name and
@@ -307,21 +297,15 @@ async fn an_exec_holds_what_the_containers_process_holds() {
             let exec = status_field(&mut w, &id, "self", field).await;
             assert_eq!(init, exec, "{name}: {field}");
         }
-        let (_, init) = sh(&mut w, &id, "cat /proc/1/cgroup; readlink /proc/1/ns/*").await;
-        let (_, exec) = sh(
-            &mut w,
-            &id,
-            "cat /proc/self/cgroup; readlink /proc/self/ns/*",
-        )
-        .await;
+        let (_, init) = w.sh(&id, "cat /proc/1/cgroup; readlink /proc/1/ns/*").await;
+        let (_, exec) = w
+            .sh(&id, "cat /proc/self/cgroup; readlink /proc/self/ns/*")
+            .await;
         assert_eq!(init, exec, "{name}: cgroups and namespaces");
-        let (_, limits) = sh(&mut w, &id, "cat /proc/1/limits /proc/1/oom_score_adj").await;
-        let (_, own) = sh(
-            &mut w,
-            &id,
-            "cat /proc/self/limits /proc/self/oom_score_adj",
-        )
-        .await;
+        let (_, limits) = w.sh(&id, "cat /proc/1/limits /proc/1/oom_score_adj").await;
+        let (_, own) = w
+            .sh(&id, "cat /proc/self/limits /proc/self/oom_score_adj")
+            .await;
         assert_eq!(limits, own, "{name}: limits");
         // The working directory and environment are the container's.
         assert_eq!(w.out(&id, &["pwd"]).await, "/");
@@ -334,5 +318,75 @@ async fn an_exec_holds_what_the_containers_process_holds() {
     assert_eq!(r.exit_code, 127);
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("no-such-command"), "{err}");
+    w.remove_pod(&pod.0).await;
+}
+
+/// The groups line of /proc/1/status as numbers, sorted.
+async fn process_groups(w: &mut World, id: &str) -> Vec<i64> {
+    let mut g: Vec<i64> = status_field(w, id, "1", "Groups")
+        .await
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    g.sort();
+    g
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supplemental_groups_merge_or_not_and_status_says_what_the_process_got() {
+    let mut w = World::new().await;
+    let status = w.runtime_status().await;
+    // kubelet admits Strict pods only on a runtime that says it supports the policy.
+    assert!(status.features.unwrap().supplemental_groups_policy);
+    let img = "gcr.io/k8s-staging-cri-tools/test-image-predefined-group";
+    pull(&w.env.berthd, img).await;
+    let pod = w.pod("groups").await;
+    // The image's default-user (1000) is a member of group 50000 in its /etc/group.
+    for (name, policy, want) in [
+        (
+            "merge",
+            cri::SupplementalGroupsPolicy::Merge,
+            vec![1000, 1234, 50000],
+        ),
+        (
+            "strict",
+            cri::SupplementalGroupsPolicy::Strict,
+            vec![1000, 1234],
+        ),
+    ] {
+        let mut c = with_sc(
+            name,
+            &["sleep", "3600"],
+            cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                supplemental_groups: vec![1234],
+                supplemental_groups_policy: policy as i32,
+                ..Default::default()
+            },
+        );
+        c.image = Some(cri::ImageSpec {
+            image: img.into(),
+            ..Default::default()
+        });
+        let id = w.run(&pod, c).await;
+        assert_eq!(
+            process_groups(&mut w, &id).await,
+            want,
+            "{name}: the process"
+        );
+        let user = w.status(&id).await.user.unwrap().linux.unwrap();
+        let mut reported = user.supplemental_groups.clone();
+        reported.sort();
+        assert_eq!(reported, want, "{name}: ContainerStatus.user");
+        assert_eq!((user.uid, user.gid), (1000, 1000), "{name}");
+        let mut exec: Vec<i64> = w
+            .out(&id, &["id", "-G"])
+            .await
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        exec.sort();
+        assert_eq!(exec, want, "{name}: an exec");
+    }
     w.remove_pod(&pod.0).await;
 }

@@ -167,6 +167,14 @@ pub fn build(
         "readonlyPaths": readonly,
         "devices": devices,
     });
+    // A Bidirectional volume is a peer of its host mount only if the container's mount
+    // namespace stays shared: libcontainer would make every mount a slave of the host's.
+    if mounts
+        .iter()
+        .any(|(m, _)| m.propagation == Propagation::Bidirectional)
+    {
+        linux["rootfsPropagation"] = json!("shared");
+    }
     let wanted = Wanted {
         privileged: sec.privileged,
         add: &sec.add_caps,

@@ -127,7 +127,9 @@ pub fn resolve(
         entry.map(|e| e.gid).unwrap_or(0)
     };
     let username = entry.map(|e| e.name.clone()).unwrap_or_default();
-    let mut additional: Vec<u32> = Vec::new();
+    // The primary group leads the list, as on other runtimes: a process keeps it when it
+    // changes its gid, and ContainerStatus reports the groups the process has.
+    let mut additional: Vec<u32> = vec![gid];
     if !w.strict && !username.is_empty() {
         for (_, g, members) in &grps {
             if members.contains(&username) && !additional.contains(g) {
@@ -205,7 +207,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!((u.uid, u.gid), (1000, 1000));
-        assert_eq!(u.additional_gids, vec![50000, 1234]);
+        assert_eq!(u.additional_gids, vec![1000, 50000, 1234]);
         let strict = r(Wanted {
             uid: Some(1000),
             supplemental: &[1234],
@@ -213,7 +215,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(strict.additional_gids, vec![1234]);
+        assert_eq!(strict.additional_gids, vec![1000, 1234]);
         let u = r(Wanted {
             username: "www-data",
             gid: Some(7),

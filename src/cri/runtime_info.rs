@@ -61,7 +61,7 @@ impl Cri {
             runtime_handlers: self.runtime_handlers(),
             // Features are claimed only once they are implemented: kubelet trusts them.
             features: Some(cri::RuntimeFeatures {
-                supplemental_groups_policy: false,
+                supplemental_groups_policy: true,
             }),
         })
     }
@@ -73,7 +73,7 @@ impl Cri {
         vec![cri::RuntimeHandler {
             name: String::new(),
             features: Some(cri::RuntimeHandlerFeatures {
-                recursive_read_only_mounts: false,
+                recursive_read_only_mounts: true,
                 user_namespaces: false,
             }),
         }]

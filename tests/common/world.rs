@@ -134,6 +134,23 @@ impl World {
             .map(|r| r.into_inner())
     }
 
+    /// Runs `sh -c script` in the container; (exit code, stdout and stderr together).
+    pub async fn sh(&mut self, id: &str, script: &str) -> (i32, String) {
+        let r = self.exec(id, &["sh", "-c", script], 10).await.unwrap();
+        let mut out = String::from_utf8_lossy(&r.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&r.stderr));
+        (r.exit_code, out.trim().to_string())
+    }
+
+    /// The runtime's Status (not verbose).
+    pub async fn runtime_status(&mut self) -> cri::StatusResponse {
+        self.rt
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     pub async fn out(&mut self, id: &str, cmd: &[&str]) -> String {
         let r = self.exec(id, cmd, 10).await.unwrap();
         assert_eq!(
@@ -330,6 +347,31 @@ pub fn container(name: &str, cmd: &[&str]) -> cri::ContainerConfig {
         labels: HashMap::from([("app".to_string(), name.to_string())]),
         ..Default::default()
     }
+}
+
+/// `c` with the security context `sc`.
+pub fn with_security(
+    c: cri::ContainerConfig,
+    sc: cri::LinuxContainerSecurityContext,
+) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        linux: Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        }),
+        ..c
+    }
+}
+
+/// A privileged busybox container running `cmd`.
+pub fn privileged_container(name: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    with_security(
+        container(name, cmd),
+        cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        },
+    )
 }
 
 /// Parsed CRI log lines: (stream, tag, content).
