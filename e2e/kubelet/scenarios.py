@@ -386,6 +386,30 @@ def berthd_crash():
     return "sandbox ids and restart counts kept"
 
 
+@scenario("8 a pod asking for seccompProfile RuntimeDefault runs confined, nginx serving")
+def seccomp_default():
+    write_manifest("confined", {
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "nginx", "image": NGINX,
+             "readinessProbe": {"httpGet": {"path": "/", "port": 80}, "periodSeconds": 1}},
+            {"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}]})
+    until("confined is Ready", lambda: condition(pod("confined"), "Ready"))
+    seen = []
+    for ctr in ["nginx", "app"]:
+        ids = [c["id"] for c in crictl_json("ps", "--name", ctr, "--label",
+                                            f"io.kubernetes.pod.name=confined-{NODE}")["containers"]]
+        assert len(ids) == 1, f"{ctr} containers of confined: {ids}"
+        for who in ["1", "self"]:
+            # -s: ExecSync (streaming exec is issue 14's).
+            r = crictl("exec", "-s", ids[0], "cat", f"/proc/{who}/status")
+            assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
+            line = next(x for x in r.stdout.splitlines() if x.startswith("Seccomp:"))
+            assert line.split()[1] == "2", f"{ctr} /proc/{who}/status: {line}"
+            seen.append(f"{ctr} /proc/{who} {' '.join(line.split())}")
+    return "; ".join(seen)
+
+
 def runtime_errors():
     """Every CRI call kubelet logged as failed, with berth's answer, counted."""
     seen = {}
@@ -472,7 +496,7 @@ def main():
             bench(BENCH)
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
-                  remove_manifest, berthd_crash]:
+                  remove_manifest, berthd_crash, seccomp_default]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "
@@ -483,7 +507,7 @@ def main():
         log(f"/stats/summary lacks {len(gaps)} items")
         for g in gaps[:40]:
             log(f"  {g}")
-        results.append(("8 kubelet's runtime errors and stats gaps are listed", True,
+        results.append(("9 kubelet's runtime errors and stats gaps are listed", True,
                         f"{len(errors)} error kinds, {len(gaps)} stats gaps"))
     finally:
         for f in os.listdir(MANIFESTS) if os.path.isdir(MANIFESTS) else []:
