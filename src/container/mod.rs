@@ -19,6 +19,7 @@ mod reconcile;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
+mod update;
 pub mod user;
 
 use std::collections::{BTreeMap, HashMap};

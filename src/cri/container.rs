@@ -103,22 +103,7 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         stdin: c.stdin,
         stdin_once: c.stdin_once,
         tty: c.tty,
-        resources: Resources {
-            cpu_period: r.cpu_period,
-            cpu_quota: r.cpu_quota,
-            cpu_shares: r.cpu_shares,
-            memory_limit: r.memory_limit_in_bytes,
-            memory_swap_limit: r.memory_swap_limit_in_bytes,
-            oom_score_adj: r.oom_score_adj,
-            cpuset_cpus: r.cpuset_cpus,
-            cpuset_mems: r.cpuset_mems,
-            hugepage_limits: r
-                .hugepage_limits
-                .into_iter()
-                .map(|h| (h.page_size, h.limit))
-                .collect(),
-            unified: r.unified.into_iter().collect(),
-        },
+        resources: resources(r),
         security: ContainerSecurity {
             privileged: sc.privileged,
             run_as_user: sc.run_as_user.map(|v| v.value),
@@ -141,6 +126,45 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             seccomp_runtime_default,
         },
     })
+}
+
+/// The domain's view of the CRI's Linux resources.
+pub(super) fn resources(r: cri::LinuxContainerResources) -> Resources {
+    Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        memory_limit: r.memory_limit_in_bytes,
+        memory_swap_limit: r.memory_swap_limit_in_bytes,
+        oom_score_adj: r.oom_score_adj,
+        cpuset_cpus: r.cpuset_cpus,
+        cpuset_mems: r.cpuset_mems,
+        hugepage_limits: r
+            .hugepage_limits
+            .into_iter()
+            .map(|h| (h.page_size, h.limit))
+            .collect(),
+        unified: r.unified.into_iter().collect(),
+    }
+}
+
+/// The CRI's view of a container's resources, as ContainerStatus reports them.
+fn cri_resources(r: &Resources) -> cri::ContainerResources {
+    cri::ContainerResources {
+        linux: Some(cri::LinuxContainerResources {
+            cpu_period: r.cpu_period,
+            cpu_quota: r.cpu_quota,
+            cpu_shares: r.cpu_shares,
+            memory_limit_in_bytes: r.memory_limit,
+            memory_swap_limit_in_bytes: r.memory_swap_limit,
+            oom_score_adj: r.oom_score_adj,
+            cpuset_cpus: r.cpuset_cpus.clone(),
+            cpuset_mems: r.cpuset_mems.clone(),
+            unified: r.unified.clone().into_iter().collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// The seccomp profile the container gets, from `seccomp` or the older `seccomp_profile_path`:
@@ -401,7 +425,7 @@ impl Cri {
                     .as_ref()
                     .map(|p| p.to_string_lossy().into_owned())
                     .unwrap_or_default(),
-                resources: None,
+                resources: Some(cri_resources(&r.spec.resources)),
                 image_id: r.image_id.clone(),
                 user: Some(cri::ContainerUser {
                     linux: Some(cri::LinuxContainerUser {
@@ -418,6 +442,23 @@ impl Cri {
             }),
             info,
         })
+    }
+
+    pub(super) async fn update_container_resources(
+        &self,
+        req: cri::UpdateContainerResourcesRequest,
+    ) -> Result<cri::UpdateContainerResourcesResponse, Status> {
+        tracing::Span::current().record("container", &req.container_id);
+        let linux = req.linux.ok_or_else(|| {
+            Status::invalid_argument(
+                "UpdateContainerResources has no linux resources (only Linux containers run here)",
+            )
+        })?;
+        self.rt
+            .containers
+            .update_resources(&req.container_id, resources(linux))
+            .await?;
+        Ok(cri::UpdateContainerResourcesResponse {})
     }
 
     pub(super) async fn reopen_container_log(

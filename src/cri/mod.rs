@@ -186,10 +186,10 @@ impl RuntimeService for Cri {
 
     async fn update_container_resources(
         &self,
-        _r: Request<cri::UpdateContainerResourcesRequest>,
+        r: Request<cri::UpdateContainerResourcesRequest>,
     ) -> RpcResult<cri::UpdateContainerResourcesResponse> {
         rpc("UpdateContainerResources", async {
-            Err(unimplemented("UpdateContainerResources"))
+            self.update_container_resources(r.into_inner()).await
         })
         .await
     }
