@@ -785,12 +785,6 @@ async fn settings_berth_cannot_honour_fail_the_call_by_name() {
         }),
         ..container("c", &["sleep", "3600"])
     };
-    let profile = |t: cri::security_profile::ProfileType| {
-        Some(cri::SecurityProfile {
-            profile_type: t as i32,
-            localhost_ref: String::new(),
-        })
-    };
     let mut bidirectional = container("c", &["sleep", "3600"]);
     bidirectional.mounts = vec![cri::Mount {
         container_path: "/shared".into(),
@@ -802,7 +796,10 @@ async fn settings_berth_cannot_honour_fail_the_call_by_name() {
         (
             "apparmor",
             with_sc(cri::LinuxContainerSecurityContext {
-                apparmor: profile(cri::security_profile::ProfileType::RuntimeDefault),
+                apparmor: Some(cri::SecurityProfile {
+                    profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                    localhost_ref: "k8s-deny-write".into(),
+                }),
                 ..Default::default()
             }),
         ),

@@ -18,6 +18,7 @@ fn with_sc(
     with_security(container(name, cmd), sc)
 }
 
+/// A security profile (seccomp or AppArmor) of type `t`.
 fn seccomp(t: ProfileType, path: &str) -> Option<cri::SecurityProfile> {
     Some(cri::SecurityProfile {
         profile_type: t as i32,
@@ -388,5 +389,56 @@ async fn supplemental_groups_merge_or_not_and_status_says_what_the_process_got()
         exec.sort();
         assert_eq!(exec, want, "{name}: an exec");
     }
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apparmor_on_a_kernel_without_it_takes_the_default_and_refuses_profiles() {
+    let mut w = World::new().await;
+    assert!(
+        !std::path::Path::new("/sys/module/apparmor/parameters/enabled").exists(),
+        "this test is for a kernel without AppArmor"
+    );
+    let status =
+        w.rt.status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(
+        status.info["apparmor"].contains("disabled"),
+        "{:?}",
+        status.info
+    );
+    let pod = w.pod("apparmor").await;
+    let default = with_sc(
+        "default",
+        &["sleep", "3600"],
+        cri::LinuxContainerSecurityContext {
+            apparmor: seccomp(ProfileType::RuntimeDefault, ""),
+            ..Default::default()
+        },
+    );
+    w.run(&pod, default).await;
+    let before = w.leftovers();
+    #[allow(deprecated)]
+    for sc in [
+        cri::LinuxContainerSecurityContext {
+            apparmor: seccomp(ProfileType::Localhost, "deny-writes"),
+            ..Default::default()
+        },
+        cri::LinuxContainerSecurityContext {
+            apparmor_profile: "localhost/deny-writes".into(),
+            ..Default::default()
+        },
+    ] {
+        let err = w
+            .create(&pod, with_sc("named", &["true"], sc))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("deny-writes"), "{}", err.message());
+        assert!(err.message().contains("no AppArmor"), "{}", err.message());
+    }
+    assert_eq!(w.leftovers(), before);
     w.remove_pod(&pod.0).await;
 }

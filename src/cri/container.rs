@@ -200,22 +200,48 @@ fn seccomp(
     }
 }
 
-/// AppArmor: berth cannot apply a profile (and this kernel has no AppArmor), so only
-/// Unconfined (or nothing) is accepted.
+/// Whether this kernel enforces AppArmor.
+pub(super) fn host_has_apparmor() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|v| v.trim() == "Y")
+}
+
+/// AppArmor: berth loads no profiles. On a kernel without AppArmor the runtime's default is no
+/// profile, so RuntimeDefault (and Unconfined) are what the container gets; a named profile
+/// cannot be applied and fails the call. On a kernel with AppArmor only Unconfined is taken, as
+/// berth would otherwise run the container less confined than asked.
 #[allow(deprecated)]
 fn apparmor(sc: &cri::LinuxContainerSecurityContext) -> Result<(), Status> {
     use cri::security_profile::ProfileType;
-    let wanted = match &sc.apparmor {
-        Some(p) => p.profile_type != ProfileType::Unconfined as i32,
-        None => !matches!(sc.apparmor_profile.as_str(), "" | "unconfined"),
+    let (default, named) = match &sc.apparmor {
+        Some(p) => match ProfileType::try_from(p.profile_type) {
+            Ok(ProfileType::Unconfined) => return Ok(()),
+            Ok(ProfileType::RuntimeDefault) => (true, String::new()),
+            Ok(ProfileType::Localhost) => (false, p.localhost_ref.clone()),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "security_context.apparmor: unknown profile type {}",
+                    p.profile_type
+                )));
+            }
+        },
+        None => match sc.apparmor_profile.as_str() {
+            "" | "unconfined" => return Ok(()),
+            "runtime/default" => (true, String::new()),
+            p => (false, p.strip_prefix("localhost/").unwrap_or(p).to_string()),
+        },
     };
-    if wanted {
-        return Err(Status::invalid_argument(
-            "security_context.apparmor: berth does not apply AppArmor profiles yet; only \
-             Unconfined is accepted",
-        ));
+    match (host_has_apparmor(), default) {
+        (false, true) => Ok(()),
+        (false, false) => Err(Status::invalid_argument(format!(
+            "security_context.apparmor: profile {named:?} cannot be applied: this kernel has \
+             no AppArmor (only Unconfined and RuntimeDefault, which is no profile here, are taken)"
+        ))),
+        (true, _) => Err(Status::invalid_argument(
+            "security_context.apparmor: berth does not load AppArmor profiles yet; only \
+             Unconfined is taken on a kernel with AppArmor",
+        )),
     }
-    Ok(())
 }
 
 /// The largest seccomp profile berth reads.

@@ -48,6 +48,15 @@ impl Cri {
             let config = serde_json::to_string(self.rt.config())
                 .map_err(|e| Status::internal(format!("serializing the configuration: {e}")))?;
             info.insert("config".to_string(), config);
+            let apparmor = if super::container::host_has_apparmor() {
+                "enabled on the kernel; berth loads no profiles"
+            } else {
+                "disabled: this kernel has no AppArmor"
+            };
+            info.insert(
+                "apparmor".to_string(),
+                serde_json::json!(apparmor).to_string(),
+            );
             if let Some(cidr) = self.rt.pod_cidr() {
                 info.insert(
                     "podCIDR".to_string(),
