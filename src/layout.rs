@@ -99,6 +99,12 @@ impl Layout {
         self.state.join("cgroups.json")
     }
 
+    /// The directories of per-object directories a user-namespaced container's runtime
+    /// steps go through (see `traversable_dir`).
+    pub fn traversable_dirs(&self) -> Vec<PathBuf> {
+        vec![self.pods(), self.ns(), self.containers()]
+    }
+
     fn data_dirs(&self) -> Vec<PathBuf> {
         vec![
             self.content(),
@@ -122,7 +128,11 @@ impl Layout {
         private_dir_mode(&self.root, DIR_MODE)?;
         private_dir_mode(&self.state, STATE_MODE)?;
         for d in self.data_dirs() {
-            private_dir(&d)?;
+            if self.traversable_dirs().contains(&d) {
+                traversable_dir(&d)?;
+            } else {
+                private_dir(&d)?;
+            }
         }
         // Per-object directories and the records in them (not the image files in snapshots,
         // whose modes are the image's: the 0700 above them is what keeps node users out).
@@ -157,6 +167,19 @@ impl Layout {
         }
         Ok(())
     }
+}
+
+/// Creates a directory holding per-object directories as 0711: nothing in it can be listed,
+/// and each object's own directory is 0700, owned by root or (for a pod with a user namespace
+/// of its own) by that pod's root, whose runtime steps must reach it from inside the
+/// namespace.
+pub fn traversable_dir(dir: &Path) -> std::io::Result<()> {
+    private_dir_mode(dir, STATE_MODE)
+}
+
+/// Hands a per-object directory to a user-namespaced pod's root (node ids `uid`, `gid`).
+pub fn hand_to(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))
 }
 
 /// Creates `dir` (and missing parents) as a 0700 directory; an existing one is narrowed to
@@ -198,7 +221,7 @@ mod tests {
         assert_eq!(mode(&l.root), 0o700);
         assert_eq!(mode(&l.state), 0o711);
         assert_eq!(mode(&l.snapshots()), 0o700);
-        assert_eq!(mode(&l.containers()), 0o700);
+        assert_eq!(mode(&l.containers()), 0o711);
 
         // A tree an older berthd left: wide directories and records.
         let pod = l.pods().join("p1");
@@ -215,7 +238,7 @@ mod tests {
         l.prepare().unwrap();
         assert_eq!(mode(&l.root), 0o700);
         assert_eq!(mode(&l.state), 0o711);
-        assert_eq!(mode(&l.pods()), 0o700);
+        assert_eq!(mode(&l.pods()), 0o711);
         assert_eq!(mode(&pod), 0o700);
         assert_eq!(mode(&pod.join("pod.json")), 0o600);
         assert_eq!(

@@ -82,6 +82,11 @@ impl Containers {
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
         crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
+        if let Some(u) = p.spec.namespaces.user {
+            crate::layout::hand_to(&dir, u.uids.host, u.gids.host).map_err(internal(
+                "handing the container directory to the pod's root",
+            ))?;
+        }
         let mut rec = new_record(&id, &p, spec, &image)?;
         if let Err(e) = self.persist(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -123,7 +128,14 @@ impl Containers {
     /// take back whatever exists (each of its steps is safe when its object is missing).
     async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let rootfs_dir = self.make_rootfs(&rec.id, image)?;
+        if p.spec.namespaces.user.is_some() && !rec.spec.mounts.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "container {:?}: mounts (volumes) in a pod with its own user namespace are not \
+                 supported yet (they need idmapped mounts)",
+                rec.spec.name
+            )));
+        }
+        let rootfs_dir = self.make_rootfs(&rec.id, image, p)?;
         crate::failpoint::hit("create:rootfs").await;
         let t_mount = t0.elapsed();
         rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
@@ -153,7 +165,7 @@ impl Containers {
 
     /// The container's root filesystem: a hold on the image, the writable layer, the
     /// overlay, and targets for the pod's file mounts.
-    fn make_rootfs(&self, id: &str, image: &Image) -> Result<PathBuf> {
+    fn make_rootfs(&self, id: &str, image: &Image, p: &PodRecord) -> Result<PathBuf> {
         let dir = self.ctr_dir(id);
         let upper = self.layout.layers().join(id);
         // The writable layer's directory is root's alone; the upper dir in it is the root
@@ -173,11 +185,22 @@ impl Containers {
             .hold(id, image)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let rootfs_dir = dir.join("rootfs");
+        let userns = p
+            .spec
+            .namespaces
+            .user
+            .map(|u| (self.pods.ns_dir(&p.id).join("user"), u));
+        if let Some((_, u)) = &userns {
+            // The container's root directory is its root's, who is a node id.
+            std::os::unix::fs::chown(upper.join("upper"), Some(u.uids.host), Some(u.gids.host))
+                .map_err(internal("handing the writable layer to the pod's root"))?;
+        }
         rootfs::mount_overlay(
             &self.images.lower_dirs(image),
             &upper.join("upper"),
             &upper.join("work"),
             &rootfs_dir,
+            userns.as_ref().map(|(ns, _)| ns.as_path()),
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
         rootfs::ensure_file_targets(

@@ -346,6 +346,10 @@ impl Containers {
         ] {
             crate::layout::private_dir(&d).map_err(internal("creating container directories"))?;
         }
+        for d in layout.traversable_dirs() {
+            crate::layout::traversable_dir(&d)
+                .map_err(internal("creating container directories"))?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let c = Arc::new(Containers {
             layout: layout.clone(),

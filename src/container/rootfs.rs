@@ -17,12 +17,16 @@ pub struct RootfsError {
     pub message: String,
 }
 
-/// Mounts the overlay at `target`. `lower` is top layer first.
+/// Mounts the overlay at `target`. `lower` is top layer first. With `userns` (a pod's user
+/// namespace pin) each layer is an idmapped copy (overlayfs cannot be idmapped itself), so the
+/// image's files are the namespace root's; the writable layer then belongs to that root's node
+/// id (see `chown_upper`).
 pub fn mount_overlay(
     lower: &[PathBuf],
     upper: &Path,
     work: &Path,
     target: &Path,
+    userns: Option<&Path>,
 ) -> Result<(), RootfsError> {
     let err = |message: String| RootfsError {
         target: target.to_owned(),
@@ -30,6 +34,9 @@ pub fn mount_overlay(
     };
     if lower.is_empty() {
         return Err(err("the image has no layers".into()));
+    }
+    if let Some(ns) = userns {
+        return mount_idmapped(lower, upper, work, target, ns).map_err(err);
     }
     match mount_new_api(lower, upper, work, target) {
         Ok(()) => return Ok(()),
@@ -91,10 +98,101 @@ fn escape(p: &str) -> String {
         .replace(',', "\\,")
 }
 
+/// The overlay over idmapped copies of the layers. overlayfs takes its layers only from the
+/// caller's mount namespace, so each copy is attached at `<target>.lower-<n>` (read-only: a
+/// removal walking into one can delete nothing of the image) and detached again as soon as the
+/// overlay holds it.
+fn mount_idmapped(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+    userns: &Path,
+) -> Result<(), String> {
+    use rustix::mount::MoveMountFlags;
+    let ns = std::fs::File::open(userns).map_err(|e| format!("{}: {e}", userns.display()))?;
+    let mut staged = Staged(Vec::new());
+    for (n, l) in lower.iter().enumerate() {
+        let at = staging_path(target, n);
+        std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
+        let layer = idmapped_copy(l, &ns)?;
+        rustix::mount::move_mount(
+            &layer,
+            "",
+            rustix::fs::CWD,
+            &at,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|e| format!("attaching the idmapped {}: {e}", l.display()))?;
+        staged.0.push(at);
+    }
+    mount_new_api(&staged.0, upper, work, target).map_err(|e| format!("overlay: {e}"))
+}
+
+/// Where the idmapped copy of layer `n` of the root filesystem at `target` is attached.
+fn staging_path(target: &Path, n: usize) -> PathBuf {
+    let mut s = target.as_os_str().to_owned();
+    s.push(format!(".lower-{n}"));
+    PathBuf::from(s)
+}
+
+/// Layer copies attached for an overlay: detached and removed when dropped.
+struct Staged(Vec<PathBuf>);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = umount2(p, MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// Detaches layer copies a crash left attached next to `target` (before its directory is
+/// removed).
+pub fn unstage(target: &Path) {
+    let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
+        return;
+    };
+    let prefix = format!("{}.lower-", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = umount2(&e.path(), MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// A detached read-only copy of the directory `dir`, idmapped with the user namespace `ns`.
+fn idmapped_copy(dir: &Path, ns: &std::fs::File) -> Result<std::os::fd::OwnedFd, String> {
+    use rustix::mount::OpenTreeFlags;
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        dir,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(|e| format!("open_tree {}: {e}", dir.display()))?;
+    use crate::fsutil::{MOUNT_ATTR_IDMAP, MOUNT_ATTR_RDONLY, mount_setattr};
+    use std::os::fd::AsFd;
+    mount_setattr(
+        tree.as_fd(),
+        MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY,
+        Some(ns.as_fd()),
+    )
+    .map_err(|e| {
+        format!(
+            "idmapping {} (mount_setattr MOUNT_ATTR_IDMAP): {e}",
+            dir.display()
+        )
+    })?;
+    Ok(tree)
+}
+
 /// Unmounts the root filesystem; not mounted is fine.
 pub fn unmount(target: &Path) {
     // MNT_DETACH: a process that still holds something in it cannot make removal fail.
     let _ = umount2(target, MntFlags::MNT_DETACH);
+    unstage(target);
 }
 
 /// Makes sure each of berth's file mount targets (`/etc/hosts`, ...) resolves to something in

@@ -233,6 +233,11 @@ fn process(i: &Inputs<'_>, caps: &[String], ambient: &[String]) -> Result<Value,
 fn namespaces(i: &Inputs<'_>) -> Result<Vec<Value>, SpecError> {
     let pod_ns = &i.pod.spec.namespaces;
     let mut namespaces = vec![json!({"type": "mount"})];
+    // Joined first by the runtime, so the mount and PID namespaces it makes are the user
+    // namespace's (proc and sysfs can be mounted in them).
+    if pod_ns.user.is_some() {
+        namespaces.push(json!({"type": "user", "path": i.ns_dir.join("user")}));
+    }
     if pod_ns.network != NsMode::Node {
         namespaces.push(json!({"type": "network", "path": i.ns_dir.join("net")}));
         namespaces.push(json!({"type": "uts", "path": i.ns_dir.join("uts")}));

@@ -10,7 +10,8 @@ use super::{Cri, ns_mode};
 use crate::network::PortSpec;
 use crate::network::nft::Proto;
 use crate::sandbox::{
-    DnsConfig, NsMode, NsModes, PodFilter, PodRecord, PodSecurity, PodSpec, PodState,
+    DnsConfig, IdRange, NsMode, NsModes, PodFilter, PodRecord, PodSecurity, PodSpec, PodState,
+    UserNs,
 };
 
 fn cri_ns_mode(m: NsMode) -> i32 {
@@ -71,13 +72,23 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
     let linux = c.linux.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
     let ns = sc.namespace_options.unwrap_or_default();
-    if ns
-        .userns_options
-        .as_ref()
-        .is_some_and(|u| u.mode != cri::NamespaceMode::Node as i32)
+    let user = user_ns(ns.userns_options.as_ref())?;
+    if user.is_some()
+        && (ns.network == cri::NamespaceMode::Node as i32
+            || ns.pid == cri::NamespaceMode::Node as i32
+            || ns.ipc == cri::NamespaceMode::Node as i32)
     {
         return Err(Status::invalid_argument(
-            "user namespaces are not supported by berth yet (userns_options mode must be NODE)",
+            "userns_options mode POD cannot be combined with the node's network, PID or IPC \
+             namespace (namespace_options)",
+        ));
+    }
+    if user.is_some() && ns.pid == cri::NamespaceMode::Pod as i32 {
+        // The shared PID namespace is the pod init's, made outside the user namespace: a
+        // container could not mount its /proc there.
+        return Err(Status::invalid_argument(
+            "userns_options mode POD with a PID namespace shared by the pod (namespace_options \
+             pid POD) is not supported yet; use pid CONTAINER",
         ));
     }
     Ok(PodSpec {
@@ -106,6 +117,7 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
             pid: ns_mode(ns.pid)?,
             ipc: ns_mode(ns.ipc)?,
             target_id: ns.target_id,
+            user,
         },
         security: PodSecurity {
             privileged: sc.privileged,
@@ -116,6 +128,59 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
         },
         runtime_handler,
     })
+}
+
+/// The pod's user namespace from `userns_options`: NODE (or nothing) is none; POD takes
+/// exactly one uid and one gid mapping, each mapping container id 0 (as kubelet sends);
+/// CONTAINER and TARGET are not modes a pod can have.
+fn user_ns(u: Option<&cri::UserNamespace>) -> Result<Option<UserNs>, Status> {
+    let Some(u) = u else { return Ok(None) };
+    let bad = |m: String| Status::invalid_argument(format!("userns_options: {m}"));
+    match cri::NamespaceMode::try_from(u.mode) {
+        Ok(cri::NamespaceMode::Node) => {
+            if !u.uids.is_empty() || !u.gids.is_empty() {
+                return Err(bad("mode NODE takes no uid or gid mappings".into()));
+            }
+            Ok(None)
+        }
+        Ok(cri::NamespaceMode::Pod) => {
+            let one = |what: &str, m: &[cri::IdMapping]| -> Result<IdRange, Status> {
+                let [m] = m else {
+                    return Err(bad(format!(
+                        "mode POD needs exactly one {what} mapping, got {}",
+                        m.len()
+                    )));
+                };
+                if m.container_id != 0 {
+                    return Err(bad(format!(
+                        "the {what} mapping must map container id 0 (it starts at {})",
+                        m.container_id
+                    )));
+                }
+                if m.length == 0 || m.host_id.checked_add(m.length).is_none() {
+                    return Err(bad(format!(
+                        "the {what} mapping {}+{} is not a range of ids",
+                        m.host_id, m.length
+                    )));
+                }
+                Ok(IdRange {
+                    container: m.container_id,
+                    host: m.host_id,
+                    len: m.length,
+                })
+            };
+            Ok(Some(UserNs {
+                uids: one("uid", &u.uids)?,
+                gids: one("gid", &u.gids)?,
+            }))
+        }
+        _ => Err(bad(format!(
+            "mode {} is not supported for a pod (NODE or POD)",
+            cri::NamespaceMode::try_from(u.mode)
+                .map(|m| m.as_str_name().to_string())
+                .unwrap_or_else(|_| u.mode.to_string())
+        ))),
+    }
 }
 
 fn metadata(r: &PodRecord) -> cri::PodSandboxMetadata {

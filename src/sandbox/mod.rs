@@ -57,6 +57,30 @@ pub struct NsModes {
     pub ipc: NsMode,
     /// The container whose namespace TARGET means.
     pub target_id: String,
+    /// A user namespace of the pod's own (none: the node's).
+    #[serde(default)]
+    pub user: Option<UserNs>,
+}
+
+/// One id range of a user namespace: ids `container..container+len` inside are
+/// `host..host+len` on the node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    /// First id inside.
+    pub container: u32,
+    /// First id on the node.
+    pub host: u32,
+    /// How many.
+    pub len: u32,
+}
+
+/// A pod's own user namespace (userns_options mode POD).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNs {
+    /// The uid mapping.
+    pub uids: IdRange,
+    /// The gid mapping.
+    pub gids: IdRange,
 }
 
 /// DNS settings for the pod's resolv.conf.

@@ -13,6 +13,8 @@ use nix::sched::{CloneFlags, unshare};
 /// The namespaces a pod gets of its own.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Wanted {
+    /// A user namespace with these mappings, owning the others.
+    pub user: Option<super::UserNs>,
     /// A network namespace (not host network).
     pub net: bool,
     /// An IPC namespace (not host IPC).
@@ -59,7 +61,7 @@ pub fn pin_path(dir: &Path, kind: &str) -> PathBuf {
 /// also unmounts the copies other mount namespaces took: otherwise such a copy would keep a
 /// pod's network namespace alive.
 pub fn prepare_pin_root(dir: &Path) -> std::io::Result<()> {
-    crate::layout::private_dir(dir)?;
+    crate::layout::traversable_dir(dir)?;
     let shared = || {
         mount(
             None::<&str>,
@@ -163,7 +165,36 @@ fn in_thread(
             net_handle: None,
         });
     }
-    unshare(flags).map_err(step("creating namespaces"))?;
+    let owner = match want.user {
+        // The namespaces are made by a child inside the new user namespace (so that it owns
+        // them); this thread joins them, which a thread of a threaded process may do for
+        // every kind but the user namespace, and goes on as if it had made them.
+        Some(u) => {
+            let child = UsernsChild::make(u, flags)?;
+            for (kind, flag) in [
+                ("net", CloneFlags::CLONE_NEWNET),
+                ("ipc", CloneFlags::CLONE_NEWIPC),
+                ("uts", CloneFlags::CLONE_NEWUTS),
+            ] {
+                if flags.contains(flag) {
+                    let f = File::open(child.ns(kind)).map_err(|source| NsError {
+                        step: format!("opening the pod's {kind} namespace"),
+                        source,
+                        invalid: false,
+                    })?;
+                    nix::sched::setns(&f, flag)
+                        .map_err(step(format!("joining the pod's {kind} namespace")))?;
+                }
+            }
+            pin(&child.ns("user"), &pin_path(dir, "user"))?;
+            Some(child)
+        }
+        None => {
+            unshare(flags).map_err(step("creating namespaces"))?;
+            None
+        }
+    };
+    drop(owner);
     if want.uts {
         nix::unistd::sethostname(hostname)
             .map_err(step(format!("setting hostname {hostname:?}")))?;
@@ -232,7 +263,123 @@ pub fn unpin(p: &Path) {
 
 /// Unpins every namespace of a pod.
 pub fn unpin_all(dir: &Path) {
-    for kind in ["net", "ipc", "uts", "pid"] {
+    for kind in ["net", "ipc", "uts", "pid", "user"] {
         unpin(&pin_path(dir, kind));
+    }
+}
+
+/// A forked child that makes a user namespace, waits for berthd to write its mappings, then
+/// makes the pod's other namespaces inside it; it exits when dropped. It runs only raw system
+/// calls between fork and exit, as a child of a threaded process must.
+struct UsernsChild {
+    pid: libc::pid_t,
+    /// Closing it tells the child to exit.
+    go: Option<OwnedFd>,
+}
+
+impl UsernsChild {
+    fn make(u: super::UserNs, flags: CloneFlags) -> Result<UsernsChild, NsError> {
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |source: std::io::Error| NsError {
+                step: what,
+                source,
+                invalid: false,
+            }
+        };
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(step("making the user namespace's pipes"))?;
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(step("making the user namespace's pipes"))?;
+        let bits = flags.bits();
+        // SAFETY: the child only makes raw system calls on descriptors and values prepared
+        // before the fork (no allocation, no lock), then _exits: sound in a threaded parent.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io("forking the user namespace's maker")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if pid == 0 {
+            use std::os::fd::AsRawFd;
+            let (r, w) = (go_r.as_raw_fd(), ready_w.as_raw_fd());
+            let (lo, hi) = (r.min(w) as u32, r.max(w) as u32);
+            let mut b = [0u8; 1];
+            // SAFETY: raw calls on open descriptors and a stack buffer; see above.
+            unsafe {
+                // Only its two pipe ends: berthd's copies of the other ends must be the only
+                // ones, so that closing `go` ends it.
+                for (first, last) in [
+                    (3, lo.wrapping_sub(1)),
+                    (lo + 1, hi - 1),
+                    (hi + 1, u32::MAX),
+                ] {
+                    if first <= last {
+                        libc::syscall(libc::SYS_close_range, first, last, 0u32);
+                    }
+                }
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    libc::_exit(1);
+                }
+                libc::write(w, b"u".as_ptr().cast(), 1);
+                if libc::read(r, b.as_mut_ptr().cast(), 1) != 1 {
+                    libc::_exit(2);
+                }
+                if libc::unshare(bits) != 0 {
+                    libc::_exit(3);
+                }
+                libc::write(w, b"n".as_ptr().cast(), 1);
+                // Until berthd closes its end.
+                libc::read(r, b.as_mut_ptr().cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        drop((go_r, ready_w));
+        let child = UsernsChild {
+            pid,
+            go: Some(go_w),
+        };
+        let mut ready = File::from(ready_r);
+        let wait_for = |ready: &mut File, what: &str| -> Result<(), NsError> {
+            use std::io::Read;
+            let mut b = [0u8; 1];
+            match ready.read(&mut b) {
+                Ok(1) => Ok(()),
+                Ok(_) => Err(io(what)(std::io::Error::other("the child exited"))),
+                Err(e) => Err(io(what)(e)),
+            }
+        };
+        wait_for(&mut ready, "creating the pod's user namespace")?;
+        for (file, r) in [("uid_map", u.uids), ("gid_map", u.gids)] {
+            let path = format!("/proc/{pid}/{file}");
+            std::fs::write(&path, format!("{} {} {}\n", r.container, r.host, r.len))
+                .map_err(io(&format!("writing {path}")))?;
+        }
+        {
+            use std::io::Write;
+            let go = child.go.as_ref().expect("go is open");
+            File::from(go.try_clone().map_err(io("go pipe"))?)
+                .write_all(b"g")
+                .map_err(io("telling the user namespace's maker to go on"))?;
+        }
+        wait_for(
+            &mut ready,
+            "creating the pod's namespaces in its user namespace",
+        )?;
+        Ok(child)
+    }
+
+    /// `/proc/<child>/ns/<kind>`.
+    fn ns(&self, kind: &str) -> String {
+        format!("/proc/{}/ns/{kind}", self.pid)
+    }
+}
+
+impl Drop for UsernsChild {
+    fn drop(&mut self) {
+        drop(self.go.take());
+        // SAFETY: waits for our own child; a null status pointer is allowed.
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), 0) };
     }
 }

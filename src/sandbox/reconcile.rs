@@ -65,7 +65,7 @@ impl Sandboxes {
         handlers: Vec<String>,
         unclaimed_timeout: std::time::Duration,
     ) -> Result<Arc<Sandboxes>> {
-        crate::layout::private_dir(&layout.pods())
+        crate::layout::traversable_dir(&layout.pods())
             .map_err(internal("creating the pods directory"))?;
         namespaces::prepare_pin_root(&layout.ns())
             .map_err(internal("preparing the namespace pin directory"))?;

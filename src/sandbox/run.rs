@@ -118,6 +118,10 @@ impl Sandboxes {
         };
         let dir = self.pod_dir(id);
         crate::layout::private_dir(&dir).map_err(internal("creating the pod directory"))?;
+        if let Some(u) = rec.spec.namespaces.user {
+            crate::layout::hand_to(&dir, u.uids.host, u.gids.host)
+                .map_err(internal("handing the pod directory to the pod's root"))?;
+        }
         // Recorded before anything else is made: a restart can undo from here on.
         if let Err(e) = self.persist(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -191,6 +195,7 @@ impl Sandboxes {
     ) -> Result<(namespaces::Made, namespaces::Wanted)> {
         let spec = &rec.spec;
         let want = namespaces::Wanted {
+            user: spec.namespaces.user,
             net: !spec.host_network(),
             ipc: spec.namespaces.ipc != NsMode::Node,
             uts: !spec.host_network(),
@@ -198,6 +203,10 @@ impl Sandboxes {
         let ns_dir = self.ns_dir(&rec.id);
         crate::layout::private_dir(&ns_dir)
             .map_err(internal("creating the namespace pin directory"))?;
+        if let Some(u) = spec.namespaces.user {
+            crate::layout::hand_to(&ns_dir, u.uids.host, u.gids.host)
+                .map_err(internal("handing the namespace pins to the pod's root"))?;
+        }
         let sysctls: Vec<(String, String)> = spec
             .sysctls
             .iter()

@@ -254,19 +254,6 @@ fn detach_stdio() {
     }
 }
 
-/// `struct mount_attr` of mount_setattr(2).
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-
 /// An O_PATH descriptor of berthd's binary on a read-only bind mount of its own that is
 /// attached nowhere. A process started from it has `/proc/PID/exe` on that mount: whoever can
 /// open the link gets the binary read-only (EROFS for writing), never the node's file to
@@ -279,30 +266,14 @@ fn sealed_binary() -> io::Result<OwnedFd> {
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )
     .map_err(|e| io::Error::other(format!("open_tree of berthd's binary: {e}")))?;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: mount_setattr reads `attr` (valid, of the size given) and the empty path string;
-    // `fd` is the open mount descriptor just made.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::other(format!(
-            "making berthd's binary mount read-only: {}",
-            io::Error::last_os_error()
-        )));
-    }
+    use crate::fsutil::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+    use std::os::fd::AsFd;
+    crate::fsutil::mount_setattr(
+        fd.as_fd(),
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        None,
+    )
+    .map_err(|e| io::Error::other(format!("making berthd's binary mount read-only: {e}")))?;
     Ok(fd)
 }
 
