@@ -433,6 +433,7 @@ impl Containers {
     }
 
     pub(super) async fn remove_files(&self, id: &str) {
+        self.forget_stats(id);
         let dir = self.ctr_dir(id);
         rootfs::unmount(&dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(&dir);

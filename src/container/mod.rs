@@ -19,6 +19,7 @@ mod reconcile;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
+pub mod stats;
 mod update;
 pub mod user;
 
@@ -319,6 +320,7 @@ pub struct Containers {
     pods: Arc<Sandboxes>,
     allowed_caps: Vec<&'static str>,
     own_oom: i64,
+    samples: Mutex<stats::Samples>,
 }
 
 /// The key a container's name is reserved under: pod, name and attempt.
@@ -363,6 +365,7 @@ impl Containers {
             pods,
             allowed_caps: capabilities::own_capabilities(),
             own_oom: capabilities::own_oom_score_adj(),
+            samples: Default::default(),
         });
         c.reconcile().await?;
         c.follow_monitors(rx);

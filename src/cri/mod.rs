@@ -229,20 +229,20 @@ impl RuntimeService for Cri {
 
     async fn container_stats(
         &self,
-        _r: Request<cri::ContainerStatsRequest>,
+        r: Request<cri::ContainerStatsRequest>,
     ) -> RpcResult<cri::ContainerStatsResponse> {
         rpc("ContainerStats", async {
-            Err(unimplemented("ContainerStats"))
+            self.container_stats(r.into_inner())
         })
         .await
     }
 
     async fn list_container_stats(
         &self,
-        _r: Request<cri::ListContainerStatsRequest>,
+        r: Request<cri::ListContainerStatsRequest>,
     ) -> RpcResult<cri::ListContainerStatsResponse> {
         rpc("ListContainerStats", async {
-            Err(unimplemented("ListContainerStats"))
+            self.list_container_stats(r.into_inner())
         })
         .await
     }

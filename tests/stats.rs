@@ -1,0 +1,125 @@
+//! ContainerStats and ListContainerStats: figures read from the container's cgroup and writable
+//! layer, filters, and containers that are gone left out rather than failing the list.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::world::*;
+use k8s_cri::v1 as cri;
+use tonic::Code;
+
+const MIB: u64 = 1024 * 1024;
+
+async fn list(w: &mut World, f: cri::ContainerStatsFilter) -> Vec<cri::ContainerStats> {
+    w.rt.list_container_stats(cri::ListContainerStatsRequest { filter: Some(f) })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+}
+
+fn value(v: &Option<cri::UInt64Value>) -> u64 {
+    v.as_ref().map(|v| v.value).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_show_cpu_memory_and_the_writable_layer_of_each_container() {
+    let mut w = World::new().await;
+    let pod = w.pod("stats").await;
+    let busy = w
+        .run(
+            &pod,
+            container("busy", &["sh", "-c", "while :; do :; done"]),
+        )
+        .await;
+    let holder = w.run(&pod, container("holder", &["sleep", "3600"])).await;
+    let (code, out) = w
+        .sh(
+            &holder,
+            "dd if=/dev/zero of=/dev/shm/held bs=1M count=50 2>&1 && \
+             dd if=/dev/urandom of=/layer-file bs=1M count=2 2>&1",
+        )
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let first = list(&mut w, Default::default()).await;
+    let by_id: HashMap<String, &cri::ContainerStats> = first
+        .iter()
+        .map(|s| (s.attributes.as_ref().unwrap().id.clone(), s))
+        .collect();
+    assert!(
+        by_id.contains_key(&busy) && by_id.contains_key(&holder),
+        "{:?}",
+        by_id.keys()
+    );
+    let h = by_id[&holder];
+    let mem = h.memory.as_ref().unwrap();
+    assert!(value(&mem.working_set_bytes) >= 45 * MIB, "{mem:?}");
+    assert!(value(&mem.usage_bytes) >= value(&mem.working_set_bytes));
+    let layer = h.writable_layer.as_ref().unwrap();
+    assert!(value(&layer.used_bytes) >= 2 * MIB, "{layer:?}");
+    assert!(value(&layer.inodes_used) >= 1);
+    assert_eq!(
+        h.attributes
+            .as_ref()
+            .unwrap()
+            .metadata
+            .as_ref()
+            .unwrap()
+            .name,
+        "holder"
+    );
+    // The busy one's cpu time grows between samples; the second sample has a rate.
+    let cpu0 = value(&by_id[&busy].cpu.as_ref().unwrap().usage_core_nano_seconds);
+    assert!(cpu0 > 0);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let again =
+        w.rt.container_stats(cri::ContainerStatsRequest {
+            container_id: busy.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let cpu = again.cpu.unwrap();
+    assert!(value(&cpu.usage_core_nano_seconds) > cpu0);
+    assert!(value(&cpu.usage_nano_cores) > 0, "{cpu:?}");
+
+    // Filters: id, pod, labels.
+    let only = list(
+        &mut w,
+        cri::ContainerStatsFilter {
+            label_selector: HashMap::from([("app".to_string(), "busy".to_string())]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].attributes.as_ref().unwrap().id, busy);
+    let none = list(
+        &mut w,
+        cri::ContainerStatsFilter {
+            pod_sandbox_id: "feedface".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(none.is_empty());
+    // An exited container has no figures: left out of the list, NotFound alone.
+    w.stop(&busy, 0).await;
+    let after = list(&mut w, Default::default()).await;
+    assert!(
+        after
+            .iter()
+            .all(|s| s.attributes.as_ref().unwrap().id != busy)
+    );
+    let err =
+        w.rt.container_stats(cri::ContainerStatsRequest {
+            container_id: busy.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    w.remove_pod(&pod.0).await;
+}
