@@ -292,6 +292,19 @@ impl Cgroups {
             .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
     }
 
+    /// The directory of cgroup `rel` where `controller`'s files are: its v1 hierarchy, or the
+    /// unified one on v2 hosts.
+    pub fn dir_of(&self, controller: &str, rel: &Path) -> Option<PathBuf> {
+        let h = match self.mode {
+            Mode::Unified => self.hierarchies.iter().find(|h| h.v2),
+            Mode::Legacy => self
+                .hierarchies
+                .iter()
+                .find(|h| !h.v2 && h.controllers.iter().any(|c| c == controller)),
+        }?;
+        Some(h.mount.join(rel))
+    }
+
     /// Moves a process into `rel` in every hierarchy.
     pub fn add_process(&self, rel: &Path, pid: i32) -> Result<(), CgroupError> {
         for h in &self.hierarchies {

@@ -113,16 +113,8 @@ impl Containers {
     }
 }
 
-/// The directory of `rel` in the hierarchy holding `controller` (v2: the unified one).
 fn dir(cg: &Cgroups, controller: &str, rel: &Path) -> Option<PathBuf> {
-    let h = match cg.mode {
-        Mode::Unified => cg.hierarchies.iter().find(|h| h.v2),
-        Mode::Legacy => cg
-            .hierarchies
-            .iter()
-            .find(|h| !h.v2 && h.controllers.iter().any(|c| c == controller)),
-    }?;
-    Some(h.mount.join(rel))
+    cg.dir_of(controller, rel)
 }
 
 fn read_u64(p: &Path) -> Option<u64> {

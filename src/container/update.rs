@@ -71,14 +71,7 @@ struct Write {
 /// The files `new` changes under `rel`, in the order they are written.
 fn planned_writes(cg: &Cgroups, rel: &Path, new: &Resources) -> Result<Vec<Write>> {
     let dir = |controller: &str| -> Result<PathBuf> {
-        let h = match cg.mode {
-            Mode::Unified => cg.hierarchies.iter().find(|h| h.v2),
-            Mode::Legacy => cg
-                .hierarchies
-                .iter()
-                .find(|h| !h.v2 && h.controllers.iter().any(|c| c == controller)),
-        };
-        h.map(|h| h.mount.join(rel)).ok_or_else(|| {
+        cg.dir_of(controller, rel).ok_or_else(|| {
             Error::FailedPrecondition(format!("this node has no {controller} cgroup controller"))
         })
     };
