@@ -320,7 +320,14 @@ pub struct Containers {
     pods: Arc<Sandboxes>,
     allowed_caps: Vec<&'static str>,
     own_oom: i64,
-    samples: Mutex<stats::Samples>,
+    samples: Mutex<StatSamples>,
+}
+
+/// The previous stats samples (see `stats`): cpu times for rates, layer sizes to reuse.
+#[derive(Default)]
+struct StatSamples {
+    cpu: HashMap<String, (std::time::Instant, u64)>,
+    layers: HashMap<String, (std::time::Instant, u64, u64)>,
 }
 
 /// The key a container's name is reserved under: pod, name and attempt.

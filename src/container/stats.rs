@@ -48,13 +48,6 @@ pub struct Memory {
     pub available: Option<u64>,
 }
 
-/// What the previous samples were, for rates and the layer cache.
-#[derive(Default)]
-pub(super) struct Samples {
-    cpu: HashMap<String, (Instant, u64)>,
-    layers: HashMap<String, (Instant, u64, u64)>,
-}
-
 impl Containers {
     /// Figures of the containers `records` (created or running; others are left out, as are
     /// containers whose cgroup is already gone: a list never fails as a whole).
