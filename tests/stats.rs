@@ -1,5 +1,6 @@
-//! ContainerStats and ListContainerStats: figures read from the container's cgroup and writable
-//! layer, filters, and containers that are gone left out rather than failing the list.
+//! ContainerStats, ListContainerStats and the pod's: figures read from the cgroups, the writable
+//! layer and the pod's interfaces, filters, and containers that are gone left out rather than
+//! failing the list.
 
 mod common;
 
@@ -106,6 +107,64 @@ async fn stats_show_cpu_memory_and_the_writable_layer_of_each_container() {
     )
     .await;
     assert!(none.is_empty());
+    // The pod: its cgroup's figures, its containers', its processes, its interface, whose
+    // counters grow with traffic.
+    let pod_stats = |w: &mut World| {
+        let mut rt = w.rt.clone();
+        let id = pod.0.clone();
+        async move {
+            rt.pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .stats
+                .unwrap()
+                .linux
+                .unwrap()
+        }
+    };
+    let before = pod_stats(&mut w).await;
+    assert!(value(&before.memory.as_ref().unwrap().working_set_bytes) >= 45 * MIB);
+    assert!(value(&before.cpu.as_ref().unwrap().usage_core_nano_seconds) >= cpu0);
+    assert_eq!(before.containers.len(), 2);
+    assert!(value(&before.process.as_ref().unwrap().process_count) >= 2);
+    let iface = before
+        .network
+        .as_ref()
+        .unwrap()
+        .default_interface
+        .clone()
+        .unwrap();
+    let (code, out) = w
+        .sh(
+            &holder,
+            "ping -c 3 -W 1 $(ip route | awk '/default/ {print $3}') 2>&1",
+        )
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let after = pod_stats(&mut w).await;
+    let iface2 = after.network.unwrap().default_interface.unwrap();
+    assert_eq!(iface.name, iface2.name);
+    assert!(
+        value(&iface2.tx_bytes) > value(&iface.tx_bytes),
+        "{iface:?} -> {iface2:?}"
+    );
+    assert!(
+        value(&iface2.rx_bytes) > value(&iface.rx_bytes),
+        "{iface:?} -> {iface2:?}"
+    );
+    let listed =
+        w.rt.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .stats;
+    assert!(
+        listed
+            .iter()
+            .any(|p| p.attributes.as_ref().unwrap().id == pod.0)
+    );
+
     // An exited container has no figures: left out of the list, NotFound alone.
     w.stop(&busy, 0).await;
     let after = list(&mut w, Default::default()).await;

@@ -48,7 +48,91 @@ pub struct Memory {
     pub available: Option<u64>,
 }
 
+/// One interface's counters: name, rx bytes, rx errors, tx bytes, tx errors.
+pub type Interface = (String, u64, u64, u64, u64);
+
+/// A pod's figures: its cgroup's cpu and memory, its interfaces, its processes, its
+/// containers'.
+#[derive(Debug, Clone)]
+pub struct PodStats {
+    /// The pod.
+    pub record: crate::sandbox::PodRecord,
+    /// When they were read, ns since the epoch.
+    pub timestamp: i64,
+    /// cpu time used by the pod's cgroup, ns.
+    pub cpu_usage_ns: Option<u64>,
+    /// cpu use since the previous sample, in nano-cores.
+    pub cpu_nano_cores: Option<u64>,
+    /// The pod cgroup's memory.
+    pub memory: Option<Memory>,
+    /// Interfaces of the pod's network namespace but loopback: name, rx bytes, rx errors,
+    /// tx bytes, tx errors. None for a pod on the node's network.
+    pub interfaces: Option<Vec<Interface>>,
+    /// Processes in the pod's cgroup.
+    pub processes: Option<u64>,
+    /// Its containers'.
+    pub containers: Vec<Stats>,
+}
+
 impl Containers {
+    /// Figures of the ready pods among `pods` (a pod gone meanwhile is left out).
+    pub fn pod_stats(&self, pods: Vec<crate::sandbox::PodRecord>) -> Vec<PodStats> {
+        let cg = &self.pods.cgroups;
+        let mut out = Vec::new();
+        for p in pods {
+            if p.state != crate::sandbox::PodState::Ready {
+                continue;
+            }
+            let cpu = cpu_usage_ns(cg, &p.cgroup);
+            let memory = memory(cg, &p.cgroup);
+            if cpu.is_none() && memory.is_none() {
+                continue;
+            }
+            let nano_cores = cpu.and_then(|u| self.rate(&format!("pod/{}", p.id), u));
+            let processes = cg
+                .procs_file(&p.cgroup)
+                .and_then(|f| f.parent().map(count_processes));
+            let ctrs = self.list(&super::CtrFilter {
+                pod_id: Some(p.id.clone()),
+                ..Default::default()
+            });
+            // Read through any process in the pod's network namespace: its init (when the pod
+            // has one) or a running container's.
+            let interfaces = p.net.as_ref().and_then(|_| {
+                let running = ctrs
+                    .iter()
+                    .filter(|c| c.state == CtrState::Running && c.pid > 0)
+                    .map(|c| c.pid);
+                p.init
+                    .map(|(pid, _)| pid)
+                    .into_iter()
+                    .chain(running)
+                    .find_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/net/dev")).ok())
+                    .map(|t| net_dev(&t))
+            });
+            out.push(PodStats {
+                timestamp: super::now_ns(),
+                cpu_usage_ns: cpu,
+                cpu_nano_cores: nano_cores,
+                memory,
+                interfaces,
+                processes,
+                containers: self.stats(ctrs),
+                record: p,
+            });
+        }
+        out
+    }
+
+    /// The rate of `key`'s cpu time since its previous sample, in nano-cores.
+    fn rate(&self, key: &str, usage: u64) -> Option<u64> {
+        let now = Instant::now();
+        let mut samples = self.samples.lock().expect("stats samples poisoned");
+        let (t, p) = samples.cpu.insert(key.to_string(), (now, usage))?;
+        let dt = now.duration_since(t).as_nanos() as u64;
+        (dt > 0 && usage >= p).then(|| (usage - p) * 1_000_000_000 / dt)
+    }
+
     /// Figures of the containers `records` (created or running; others are left out, as are
     /// containers whose cgroup is already gone: a list never fails as a whole).
     pub fn stats(&self, records: Vec<ContainerRecord>) -> Vec<Stats> {
@@ -68,14 +152,8 @@ impl Containers {
             if cpu.is_none() && memory.is_none() {
                 continue; // gone meanwhile
             }
+            let nano_cores = cpu.and_then(|u| self.rate(&rec.id, u));
             let mut samples = self.samples.lock().expect("stats samples poisoned");
-            let nano_cores = cpu.and_then(|u| {
-                let prev = samples.cpu.insert(rec.id.clone(), (now, u));
-                prev.and_then(|(t, p)| {
-                    let dt = now.duration_since(t).as_nanos() as u64;
-                    (dt > 0 && u >= p).then(|| (u - p) * 1_000_000_000 / dt)
-                })
-            });
             let dir = self.layout.layers().join(&rec.id).join("upper");
             let layer = match samples.layers.get(&rec.id) {
                 Some((t, b, i)) if now.duration_since(*t) < LAYER_REFRESH => Some((*b, *i)),
@@ -102,6 +180,7 @@ impl Containers {
     pub(super) fn forget_stats(&self, id: &str) {
         let mut s = self.samples.lock().expect("stats samples poisoned");
         s.cpu.remove(id);
+        s.cpu.remove(&format!("pod/{id}"));
         s.layers.remove(id);
     }
 }
@@ -175,9 +254,47 @@ fn memory_from(mode: Mode, usage: u64, limit: Option<u64>, stat: &HashMap<String
     }
 }
 
+/// Processes in the cgroup directory `dir` and those below it (the containers' cgroups).
+fn count_processes(dir: &Path) -> u64 {
+    let here = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|t| t.lines().count() as u64)
+        .unwrap_or(0);
+    let below: u64 = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| count_processes(&e.path()))
+        .sum();
+    here + below
+}
+
+/// Interfaces of a /proc/PID/net/dev text but loopback: name, rx bytes, rx errors, tx bytes,
+/// tx errors.
+fn net_dev(text: &str) -> Vec<Interface> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let name = name.trim();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            (name != "lo" && f.len() >= 16).then(|| (name.to_string(), f[0], f[2], f[8], f[10]))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interfaces_from_net_dev() {
+        let t = "Inter-|   Receive                            |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 5000 40 2 0 0 0 0 0 7000 50 3 0 0 0 0 0\n";
+        assert_eq!(net_dev(t), [("eth0".to_string(), 5000, 2, 7000, 3)]);
+    }
 
     #[test]
     fn working_set_and_available_from_v1_and_v2_files() {

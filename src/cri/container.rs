@@ -8,7 +8,6 @@ use k8s_cri::v1 as cri;
 use tonic::Status;
 
 use super::{Cri, ns_mode};
-use crate::container::stats::Stats;
 use crate::container::{
     ContainerRecord, ContainerSecurity, ContainerSpec, CtrFilter, CtrState, DeviceSpec, MountSpec,
     Propagation, Resources,
@@ -127,52 +126,6 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
             seccomp_runtime_default,
         },
     })
-}
-
-/// The CRI's view of a container's figures.
-fn cri_stats(s: Stats) -> cri::ContainerStats {
-    let v = |value: u64| Some(cri::UInt64Value { value });
-    let r = &s.record;
-    cri::ContainerStats {
-        attributes: Some(cri::ContainerAttributes {
-            id: r.id.clone(),
-            metadata: Some(metadata(r)),
-            labels: r.spec.labels.clone().into_iter().collect(),
-            annotations: r.spec.annotations.clone().into_iter().collect(),
-        }),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp,
-            usage_core_nano_seconds: s.cpu_usage_ns.and_then(v),
-            usage_nano_cores: s.cpu_nano_cores.and_then(v),
-        }),
-        memory: Some(match &s.memory {
-            Some(m) => cri::MemoryUsage {
-                timestamp: s.timestamp,
-                working_set_bytes: v(m.working_set),
-                available_bytes: m.available.and_then(v),
-                usage_bytes: v(m.usage),
-                rss_bytes: v(m.rss),
-                page_faults: v(m.page_faults),
-                major_page_faults: v(m.major_page_faults),
-            },
-            None => cri::MemoryUsage {
-                timestamp: s.timestamp,
-                ..Default::default()
-            },
-        }),
-        writable_layer: s
-            .layer
-            .as_ref()
-            .map(|(dir, bytes, inodes)| cri::FilesystemUsage {
-                timestamp: s.timestamp,
-                fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: dir.to_string_lossy().into_owned(),
-                }),
-                used_bytes: v(*bytes),
-                inodes_used: v(*inodes),
-            }),
-        ..Default::default()
-    }
 }
 
 /// The domain's view of the CRI's Linux resources.
@@ -344,7 +297,7 @@ fn map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-fn metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
+pub(super) fn metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
     cri::ContainerMetadata {
         name: r.spec.name.clone(),
         attempt: r.spec.attempt,
@@ -514,46 +467,6 @@ impl Cri {
                 }),
             }),
             info,
-        })
-    }
-
-    pub(super) fn container_stats(
-        &self,
-        req: cri::ContainerStatsRequest,
-    ) -> Result<cri::ContainerStatsResponse, Status> {
-        let rec = self.rt.containers.get(&req.container_id)?.record();
-        let id = rec.id.clone();
-        let stats = self.rt.containers.stats(vec![rec]);
-        let s = stats.into_iter().next().ok_or_else(|| {
-            Status::not_found(format!(
-                "container {id} is not running or created: no stats"
-            ))
-        })?;
-        Ok(cri::ContainerStatsResponse {
-            stats: Some(cri_stats(s)),
-        })
-    }
-
-    pub(super) fn list_container_stats(
-        &self,
-        req: cri::ListContainerStatsRequest,
-    ) -> Result<cri::ListContainerStatsResponse, Status> {
-        let f = req.filter.unwrap_or_default();
-        let filter = CtrFilter {
-            id: Some(f.id).filter(|s| !s.is_empty()),
-            pod_id: Some(f.pod_sandbox_id).filter(|s| !s.is_empty()),
-            labels: f.label_selector.into_iter().collect(),
-            ..Default::default()
-        };
-        let records = self.rt.containers.list(&filter);
-        Ok(cri::ListContainerStatsResponse {
-            stats: self
-                .rt
-                .containers
-                .stats(records)
-                .into_iter()
-                .map(cri_stats)
-                .collect(),
         })
     }
 

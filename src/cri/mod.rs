@@ -6,6 +6,7 @@ mod container;
 mod image;
 mod runtime_info;
 mod sandbox;
+mod stats;
 mod trace;
 
 use std::sync::Arc;
@@ -249,20 +250,20 @@ impl RuntimeService for Cri {
 
     async fn pod_sandbox_stats(
         &self,
-        _r: Request<cri::PodSandboxStatsRequest>,
+        r: Request<cri::PodSandboxStatsRequest>,
     ) -> RpcResult<cri::PodSandboxStatsResponse> {
         rpc("PodSandboxStats", async {
-            Err(unimplemented("PodSandboxStats"))
+            self.pod_sandbox_stats(r.into_inner())
         })
         .await
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _r: Request<cri::ListPodSandboxStatsRequest>,
+        r: Request<cri::ListPodSandboxStatsRequest>,
     ) -> RpcResult<cri::ListPodSandboxStatsResponse> {
         rpc("ListPodSandboxStats", async {
-            Err(unimplemented("ListPodSandboxStats"))
+            self.list_pod_sandbox_stats(r.into_inner())
         })
         .await
     }
