@@ -176,17 +176,17 @@ impl Containers {
         out
     }
 
-    /// Forgets the samples of a removed container.
+    /// Forgets the samples of a removed container, and of pods that are gone (a pod's last
+    /// container removal comes at or before the pod's own).
     pub(super) fn forget_stats(&self, id: &str) {
         let mut s = self.samples.lock().expect("stats samples poisoned");
         s.cpu.remove(id);
-        s.cpu.remove(&format!("pod/{id}"));
         s.layers.remove(id);
+        s.cpu.retain(|k, _| {
+            k.strip_prefix("pod/")
+                .is_none_or(|pod| self.pods.get(pod).is_ok())
+        });
     }
-}
-
-fn dir(cg: &Cgroups, controller: &str, rel: &Path) -> Option<PathBuf> {
-    cg.dir_of(controller, rel)
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
@@ -210,15 +210,15 @@ fn parse_stat(text: &str) -> HashMap<String, u64> {
 
 fn cpu_usage_ns(cg: &Cgroups, rel: &Path) -> Option<u64> {
     match cg.mode {
-        Mode::Legacy => read_u64(&dir(cg, "cpuacct", rel)?.join("cpuacct.usage")),
-        Mode::Unified => stat_file(&dir(cg, "cpu", rel)?.join("cpu.stat"))?
+        Mode::Legacy => read_u64(&cg.dir_of("cpuacct", rel)?.join("cpuacct.usage")),
+        Mode::Unified => stat_file(&cg.dir_of("cpu", rel)?.join("cpu.stat"))?
             .get("usage_usec")
             .map(|u| u * 1000),
     }
 }
 
 fn memory(cg: &Cgroups, rel: &Path) -> Option<Memory> {
-    let d = dir(cg, "memory", rel)?;
+    let d = cg.dir_of("memory", rel)?;
     let (usage, limit, stat) = match cg.mode {
         Mode::Legacy => (
             read_u64(&d.join("memory.usage_in_bytes"))?,
