@@ -8,6 +8,7 @@ pub mod container;
 pub mod cri;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod failpoint;
 pub mod fsutil;
 pub mod idmap;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::container::EventKind;
 use crate::error::{Error, Result, optional};
 use crate::image::{ImageStore, Usage};
 use crate::network::cidr::Ipv4Cidr;
@@ -225,7 +226,11 @@ impl Runtime {
         loop {
             let id = self.pods.run(spec.clone()).await?;
             match self.containers.greet(&id).await {
-                Ok(()) => return Ok(id),
+                Ok(()) => {
+                    self.containers.publish(&id, &id, EventKind::Created, None);
+                    self.containers.publish(&id, &id, EventKind::Started, None);
+                    return Ok(id);
+                }
                 Err(e) => {
                     let _ = self.pods.remove(&id).await;
                     self.containers.drop_monitor(&id);
@@ -249,7 +254,13 @@ impl Runtime {
         for c in self.containers.of_pod(&pod.id) {
             self.containers.stop(&c, std::time::Duration::ZERO).await?;
         }
-        self.pods.stop(&pod.id).await
+        let was_ready = pod.record().state == crate::sandbox::PodState::Ready;
+        self.pods.stop(&pod.id).await?;
+        if was_ready {
+            self.containers
+                .publish(&pod.id, &pod.id, EventKind::Stopped, None);
+        }
+        Ok(())
     }
 
     /// RemovePodSandbox: its containers are removed, then the pod. Idempotent.
@@ -262,6 +273,11 @@ impl Runtime {
         }
         self.pods.remove(&pod.id).await?;
         self.containers.drop_monitor(&pod.id);
+        // Told with its last record: kubelet ignores an event without the pod's status.
+        let mut last = pod.record();
+        last.state = crate::sandbox::PodState::NotReady;
+        self.containers
+            .publish(&pod.id, &pod.id, EventKind::Deleted, Some(last));
         Ok(())
     }
 

@@ -114,6 +114,7 @@ impl Containers {
                     return Err(e);
                 }
                 tracing::info!(container = %id, pod = %p.id, name = %rec.spec.name, image = %rec.image_name, "container created");
+                self.publish(&id, &p.id, super::EventKind::Created, None);
                 Ok(id)
             }
             Err(e) => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{ContainerRecord, Containers, CtrState, now_ns};
+use super::{ContainerRecord, Containers, CtrState, EventKind, now_ns};
 use crate::monitor::client::{ExitEvent, MonitorEvent};
 use crate::monitor::proto;
 
@@ -52,10 +52,16 @@ impl Containers {
             }
             drop(r);
             let _ = ctr.exited.send(true);
+            self.publish(&id, pod_id, EventKind::Stopped, None);
         }
         self.drop_monitor(pod_id);
-        if let Err(e) = self.pods.stop(pod_id).await {
-            tracing::warn!(pod = %pod_id, error = %e, "stopping a pod whose monitor died");
+        let was_ready = pod.record().state == crate::sandbox::PodState::Ready;
+        match self.pods.stop(pod_id).await {
+            Ok(()) if was_ready => self.publish(pod_id, pod_id, EventKind::Stopped, None),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(pod = %pod_id, error = %e, "stopping a pod whose monitor died")
+            }
         }
     }
 
@@ -110,6 +116,7 @@ impl Containers {
         };
         tracing::info!(container = %snapshot.id, exit_code = snapshot.exit_code, reason = %snapshot.reason, "container exited");
         let _ = ctr.exited.send(true);
+        self.publish(&snapshot.id, &snapshot.pod_id, EventKind::Stopped, None);
     }
 }
 

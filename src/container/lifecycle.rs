@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Containers, CtrState, mon_err, name_key, now_ns, signal_number};
+use super::{Containers, CtrState, EventKind, mon_err, name_key, now_ns, signal_number};
 use crate::error::{Error, Result};
 use crate::monitor::client::MonitorError;
 use crate::monitor::proto::{self, request};
@@ -57,6 +57,7 @@ impl Containers {
                 self.persist(&r)?;
                 drop(r);
                 tracing::info!(container = %rec.id, "container started");
+                self.publish(&rec.id, &rec.pod_id, EventKind::Started, None);
                 Ok(())
             }
             Err(MonitorError::Failed {
@@ -171,6 +172,7 @@ impl Containers {
             &rec.id,
         );
         tracing::info!(container = %rec.id, "container removed");
+        self.publish(&rec.id, &rec.pod_id, EventKind::Deleted, None);
         Ok(())
     }
 

@@ -201,6 +201,34 @@ pub enum CtrState {
     Exited,
 }
 
+/// What happened to a container, or (under the pod's own id) to a pod sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Created.
+    Created,
+    /// Started.
+    Started,
+    /// Exited, or the pod stopped.
+    Stopped,
+    /// Removed.
+    Deleted,
+}
+
+/// One lifecycle event, with its pod and the pod's containers as they were right after it.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The container's id, or the pod's for a pod event.
+    pub id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// When, ns since the epoch.
+    pub at: i64,
+    /// The pod (none if it is gone).
+    pub pod: Option<crate::sandbox::PodRecord>,
+    /// The pod's containers (not those still being created).
+    pub containers: Vec<ContainerRecord>,
+}
+
 /// A container as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerRecord {
@@ -321,6 +349,8 @@ pub struct Containers {
     allowed_caps: Vec<&'static str>,
     own_oom: i64,
     samples: Mutex<StatSamples>,
+    /// Lifecycle events of containers and pods, for GetContainerEvents.
+    pub changes: crate::events::Hub<Event>,
 }
 
 /// The previous stats samples (see `stats`): cpu times for rates, layer sizes to reuse.
@@ -373,6 +403,7 @@ impl Containers {
             allowed_caps: capabilities::own_capabilities(),
             own_oom: capabilities::own_oom_score_adj(),
             samples: Default::default(),
+            changes: Default::default(),
         });
         c.reconcile().await?;
         c.follow_monitors(rx);
@@ -480,6 +511,28 @@ impl Containers {
             .filter(|c| c.record().pod_id == pod_id)
             .map(|c| c.id.clone())
             .collect()
+    }
+
+    /// Tells the event subscribers what happened to container (or pod) `id` of `pod_id`;
+    /// `pod` is the pod's record when the caller has it (a pod being removed is gone after).
+    /// Call it with no record lock held.
+    pub fn publish(
+        &self,
+        id: &str,
+        pod_id: &str,
+        kind: EventKind,
+        pod: Option<crate::sandbox::PodRecord>,
+    ) {
+        self.changes.publish(|| Event {
+            id: id.to_string(),
+            kind,
+            at: now_ns(),
+            pod: pod.or_else(|| self.pods.get(pod_id).ok().map(|p| p.record())),
+            containers: self.list(&CtrFilter {
+                pod_id: Some(pod_id.to_string()),
+                ..Default::default()
+            }),
+        });
     }
 
     /// Every container matching `f`.

@@ -297,6 +297,44 @@ fn map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
     m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// A container's status as ContainerStatus and GetContainerEvents answer it.
+pub(super) fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
+    let mounts = r.mounts.iter().map(|(m, src)| cri_mount(m, src)).collect();
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: Some(metadata(r)),
+        state: state(r.state),
+        created_at: r.created_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        exit_code: r.exit_code,
+        image: Some(cri::ImageSpec {
+            image: r.image_name.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_id.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: map(&r.spec.labels),
+        annotations: map(&r.spec.annotations),
+        mounts,
+        log_path: r
+            .log_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        resources: Some(cri_resources(&r.spec.resources)),
+        image_id: r.image_id.clone(),
+        user: Some(cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: r.user.uid as i64,
+                gid: r.user.gid as i64,
+                supplemental_groups: r.user.additional_gids.iter().map(|g| *g as i64).collect(),
+            }),
+        }),
+    }
+}
+
 pub(super) fn metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
     cri::ContainerMetadata {
         name: r.spec.name.clone(),
@@ -426,46 +464,8 @@ impl Cri {
         } else {
             HashMap::new()
         };
-        let mounts = r.mounts.iter().map(|(m, src)| cri_mount(m, src)).collect();
         Ok(cri::ContainerStatusResponse {
-            status: Some(cri::ContainerStatus {
-                id: r.id.clone(),
-                metadata: Some(metadata(&r)),
-                state: state(r.state),
-                created_at: r.created_at,
-                started_at: r.started_at,
-                finished_at: r.finished_at,
-                exit_code: r.exit_code,
-                image: Some(cri::ImageSpec {
-                    image: r.image_name.clone(),
-                    ..Default::default()
-                }),
-                image_ref: r.image_id.clone(),
-                reason: r.reason.clone(),
-                message: r.message.clone(),
-                labels: map(&r.spec.labels),
-                annotations: map(&r.spec.annotations),
-                mounts,
-                log_path: r
-                    .log_path
-                    .as_ref()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                resources: Some(cri_resources(&r.spec.resources)),
-                image_id: r.image_id.clone(),
-                user: Some(cri::ContainerUser {
-                    linux: Some(cri::LinuxContainerUser {
-                        uid: r.user.uid as i64,
-                        gid: r.user.gid as i64,
-                        supplemental_groups: r
-                            .user
-                            .additional_gids
-                            .iter()
-                            .map(|g| *g as i64)
-                            .collect(),
-                    }),
-                }),
-            }),
+            status: Some(container_status(&r)),
             info,
         })
     }

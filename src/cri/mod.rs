@@ -3,6 +3,7 @@
 //! One file per RPC family; this file wires them into the two tonic services.
 
 mod container;
+mod events;
 mod image;
 mod runtime_info;
 mod sandbox;
@@ -87,10 +88,14 @@ impl From<Error> for Status {
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
+/// The stream one GetContainerEvents call answers with (made in events.rs).
+type EventStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl RuntimeService for Cri {
-    type GetContainerEventsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<cri::ContainerEventResponse, Status>>;
+    type GetContainerEventsStream = EventStream;
 
     async fn version(&self, r: Request<cri::VersionRequest>) -> RpcResult<cri::VersionResponse> {
         rpc("Version", async { self.version(r.into_inner()) }).await
@@ -298,7 +303,7 @@ impl RuntimeService for Cri {
         _r: Request<cri::GetEventsRequest>,
     ) -> RpcResult<Self::GetContainerEventsStream> {
         rpc("GetContainerEvents", async {
-            Err(unimplemented("GetContainerEvents"))
+            Ok(self.get_container_events())
         })
         .await
     }

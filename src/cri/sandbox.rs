@@ -183,6 +183,35 @@ fn user_ns(u: Option<&cri::UserNamespace>) -> Result<Option<UserNs>, Status> {
     }
 }
 
+/// A pod's status as PodSandboxStatus and GetContainerEvents answer it.
+pub(super) fn pod_status(r: &PodRecord) -> cri::PodSandboxStatus {
+    let ns = &r.spec.namespaces;
+    cri::PodSandboxStatus {
+        id: r.id.clone(),
+        metadata: Some(metadata(r)),
+        state: state(r.state),
+        created_at: r.created_at,
+        network: Some(cri::PodSandboxNetworkStatus {
+            ip: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
+            additional_ips: Vec::new(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: cri_ns_mode(ns.network),
+                    pid: cri_ns_mode(ns.pid),
+                    ipc: cri_ns_mode(ns.ipc),
+                    target_id: ns.target_id.clone(),
+                    userns_options: None,
+                }),
+            }),
+        }),
+        labels: map(&r.spec.labels),
+        annotations: map(&r.spec.annotations),
+        runtime_handler: r.spec.runtime_handler.clone(),
+    }
+}
+
 fn metadata(r: &PodRecord) -> cri::PodSandboxMetadata {
     cri::PodSandboxMetadata {
         name: r.spec.name.clone(),
@@ -255,32 +284,8 @@ impl Cri {
             });
             info.insert("info".to_string(), v.to_string());
         }
-        let ns = &r.spec.namespaces;
         Ok(cri::PodSandboxStatusResponse {
-            status: Some(cri::PodSandboxStatus {
-                id: r.id.clone(),
-                metadata: Some(metadata(&r)),
-                state: state(r.state),
-                created_at: r.created_at,
-                network: Some(cri::PodSandboxNetworkStatus {
-                    ip: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
-                    additional_ips: Vec::new(),
-                }),
-                linux: Some(cri::LinuxPodSandboxStatus {
-                    namespaces: Some(cri::Namespace {
-                        options: Some(cri::NamespaceOption {
-                            network: cri_ns_mode(ns.network),
-                            pid: cri_ns_mode(ns.pid),
-                            ipc: cri_ns_mode(ns.ipc),
-                            target_id: ns.target_id.clone(),
-                            userns_options: None,
-                        }),
-                    }),
-                }),
-                labels: map(&r.spec.labels),
-                annotations: map(&r.spec.annotations),
-                runtime_handler: r.spec.runtime_handler.clone(),
-            }),
+            status: Some(pod_status(&r)),
             info,
             containers_statuses: Vec::new(),
             timestamp: 0,
