@@ -182,3 +182,101 @@ async fn stats_show_cpu_memory_and_the_writable_layer_of_each_container() {
     assert_eq!(err.code(), Code::NotFound, "{}", err.message());
     w.remove_pod(&pod.0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
+    let mut w = World::new().await;
+    let descs =
+        w.rt.list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .descriptors;
+    let keys: HashMap<String, Vec<String>> =
+        descs.into_iter().map(|d| (d.name, d.label_keys)).collect();
+    for name in [
+        "container_cpu_usage_seconds_total",
+        "container_memory_working_set_bytes",
+        "container_memory_rss",
+        "container_network_receive_bytes_total",
+        "container_network_transmit_bytes_total",
+        "container_fs_usage_bytes",
+    ] {
+        assert!(keys.contains_key(name), "no descriptor {name}");
+    }
+    let pod = w.pod("metrics").await;
+    let holder = w.run(&pod, container("holder", &["sleep", "3600"])).await;
+    let (code, out) = w
+        .sh(
+            &holder,
+            "dd if=/dev/zero of=/dev/shm/held bs=1M count=20 2>&1 && \
+             ping -c 2 -W 1 $(ip route | awk '/default/ {print $3}') 2>&1",
+        )
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let all =
+        w.rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_metrics;
+    let pm = all
+        .iter()
+        .find(|p| p.pod_sandbox_id == pod.0)
+        .expect("the pod's metrics");
+    // kubelet builds a Prometheus metric from each: unknown names or a label count unlike the
+    // descriptor's would make it drop the whole scrape.
+    let labels = |m: &cri::Metric| -> HashMap<String, String> {
+        let k = keys
+            .get(&m.name)
+            .unwrap_or_else(|| panic!("{} has no descriptor", m.name));
+        assert_eq!(k.len(), m.label_values.len(), "labels of {}", m.name);
+        k.iter()
+            .cloned()
+            .zip(m.label_values.iter().cloned())
+            .collect()
+    };
+    let rx = pm
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_network_receive_bytes_total")
+        .expect("the pod's network figures");
+    let l = labels(rx);
+    assert_eq!(
+        (
+            l["pod"].as_str(),
+            l["namespace"].as_str(),
+            l["container"].as_str()
+        ),
+        ("metrics", "test", "")
+    );
+    assert!(rx.value.unwrap().value > 0);
+    for m in &pm.metrics {
+        labels(m);
+    }
+    assert_eq!(pm.container_metrics.len(), 1);
+    let cm = &pm.container_metrics[0];
+    assert_eq!(cm.container_id, holder);
+    let ws = cm
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_memory_working_set_bytes")
+        .expect("the container's working set");
+    assert!(ws.value.unwrap().value >= 18 * MIB, "{ws:?}");
+    let l = labels(ws);
+    assert_eq!(
+        (l["container"].as_str(), l["id"].as_str()),
+        ("holder", holder.as_str())
+    );
+    assert!(l["image"].contains("busybox"), "{l:?}");
+    assert!(ws.timestamp > 0);
+    for m in &cm.metrics {
+        labels(m);
+    }
+    assert!(
+        cm.metrics
+            .iter()
+            .any(|m| m.name == "container_processes" && m.value.unwrap().value >= 1)
+    );
+    w.remove_pod(&pod.0).await;
+}

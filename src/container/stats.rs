@@ -24,11 +24,15 @@ pub struct Stats {
     pub cpu_usage_ns: Option<u64>,
     /// cpu use since the previous sample, in nano-cores.
     pub cpu_nano_cores: Option<u64>,
+    /// cpu time in user and in kernel mode, ns.
+    pub cpu_user_system_ns: Option<(u64, u64)>,
     /// Memory: usage, working set (usage − inactive file), rss, page faults, major faults,
     /// and what is left below the limit.
     pub memory: Option<Memory>,
     /// The writable layer's directory, bytes and inodes.
     pub layer: Option<(PathBuf, u64, u64)>,
+    /// Processes in the container's cgroup.
+    pub processes: Option<u64>,
 }
 
 /// Memory figures.
@@ -46,10 +50,37 @@ pub struct Memory {
     pub major_page_faults: u64,
     /// Limit − working set, when there is a limit.
     pub available: Option<u64>,
+    /// Page cache, bytes.
+    pub cache: u64,
+    /// Swap in use, bytes, where the cgroup reports it.
+    pub swap: Option<u64>,
+    /// Processes the kernel's OOM killer ended in this cgroup, where it reports them.
+    pub oom_kills: Option<u64>,
 }
 
-/// One interface's counters: name, rx bytes, rx errors, tx bytes, tx errors.
-pub type Interface = (String, u64, u64, u64, u64);
+/// One interface's counters, from /proc/PID/net/dev.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    /// Its name in the pod's network namespace.
+    pub name: String,
+    /// Bytes, packets, errors and drops received.
+    pub rx: Counters,
+    /// Bytes, packets, errors and drops sent.
+    pub tx: Counters,
+}
+
+/// One direction's counters of an interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes.
+    pub bytes: u64,
+    /// Packets.
+    pub packets: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Packets dropped.
+    pub dropped: u64,
+}
 
 /// A pod's figures: its cgroup's cpu and memory, its interfaces, its processes, its
 /// containers'.
@@ -65,8 +96,8 @@ pub struct PodStats {
     pub cpu_nano_cores: Option<u64>,
     /// The pod cgroup's memory.
     pub memory: Option<Memory>,
-    /// Interfaces of the pod's network namespace but loopback: name, rx bytes, rx errors,
-    /// tx bytes, tx errors. None for a pod on the node's network.
+    /// Interfaces of the pod's network namespace but loopback. None for a pod on the node's
+    /// network.
     pub interfaces: Option<Vec<Interface>>,
     /// Processes in the pod's cgroup.
     pub processes: Option<u64>,
@@ -152,6 +183,10 @@ impl Containers {
             if cpu.is_none() && memory.is_none() {
                 continue; // gone meanwhile
             }
+            let cpu_user_system_ns = cpu_user_system_ns(cg, &rel);
+            let processes = cg
+                .procs_file(&rel)
+                .and_then(|f| f.parent().map(count_processes));
             let nano_cores = cpu.and_then(|u| self.rate(&rec.id, u));
             let mut samples = self.samples.lock().expect("stats samples poisoned");
             let dir = self.layout.layers().join(&rec.id).join("upper");
@@ -168,8 +203,10 @@ impl Containers {
                 timestamp: super::now_ns(),
                 cpu_usage_ns: cpu,
                 cpu_nano_cores: nano_cores,
+                cpu_user_system_ns,
                 memory,
                 layer: layer.map(|(b, i)| (dir.clone(), b, i)),
+                processes,
                 record: rec,
             });
         }
@@ -217,21 +254,45 @@ fn cpu_usage_ns(cg: &Cgroups, rel: &Path) -> Option<u64> {
     }
 }
 
+/// cpu time in user and kernel mode (v1 `cpuacct.usage_user`/`usage_sys`, v2 `cpu.stat`).
+fn cpu_user_system_ns(cg: &Cgroups, rel: &Path) -> Option<(u64, u64)> {
+    match cg.mode {
+        Mode::Legacy => {
+            let d = cg.dir_of("cpuacct", rel)?;
+            Some((
+                read_u64(&d.join("cpuacct.usage_user"))?,
+                read_u64(&d.join("cpuacct.usage_sys"))?,
+            ))
+        }
+        Mode::Unified => {
+            let st = stat_file(&cg.dir_of("cpu", rel)?.join("cpu.stat"))?;
+            Some((st.get("user_usec")? * 1000, st.get("system_usec")? * 1000))
+        }
+    }
+}
+
 fn memory(cg: &Cgroups, rel: &Path) -> Option<Memory> {
     let d = cg.dir_of("memory", rel)?;
-    let (usage, limit, stat) = match cg.mode {
+    let (usage, limit, stat, events) = match cg.mode {
         Mode::Legacy => (
             read_u64(&d.join("memory.usage_in_bytes"))?,
             read_u64(&d.join("memory.limit_in_bytes")),
             stat_file(&d.join("memory.stat"))?,
+            stat_file(&d.join("memory.oom_control")),
         ),
         Mode::Unified => (
             read_u64(&d.join("memory.current"))?,
             read_u64(&d.join("memory.max")),
             stat_file(&d.join("memory.stat"))?,
+            stat_file(&d.join("memory.events")),
         ),
     };
-    Some(memory_from(cg.mode, usage, limit, &stat))
+    let mut m = memory_from(cg.mode, usage, limit, &stat);
+    m.oom_kills = events.and_then(|e| e.get("oom_kill").copied());
+    if cg.mode == Mode::Unified {
+        m.swap = read_u64(&d.join("memory.swap.current"));
+    }
+    Some(m)
 }
 
 /// The figures from a cgroup's usage, limit and memory.stat (v1 `total_*` keys, v2 names).
@@ -251,6 +312,12 @@ fn memory_from(mode: Mode, usage: u64, limit: Option<u64>, stat: &HashMap<String
         page_faults: get("total_pgfault", "pgfault"),
         major_page_faults: get("total_pgmajfault", "pgmajfault"),
         available: limit.map(|l| l.saturating_sub(working_set)),
+        cache: get("total_cache", "file"),
+        // v1 has the key only with swap accounting on; v2 has its own file (read by the caller).
+        swap: (mode == Mode::Legacy)
+            .then(|| stat.get("total_swap").copied())
+            .flatten(),
+        oom_kills: None,
     }
 }
 
@@ -269,8 +336,7 @@ fn count_processes(dir: &Path) -> u64 {
     here + below
 }
 
-/// Interfaces of a /proc/PID/net/dev text but loopback: name, rx bytes, rx errors, tx bytes,
-/// tx errors.
+/// Interfaces of a /proc/PID/net/dev text but loopback.
 fn net_dev(text: &str) -> Vec<Interface> {
     text.lines()
         .skip(2)
@@ -281,7 +347,18 @@ fn net_dev(text: &str) -> Vec<Interface> {
                 .split_whitespace()
                 .filter_map(|v| v.parse().ok())
                 .collect();
-            (name != "lo" && f.len() >= 16).then(|| (name.to_string(), f[0], f[2], f[8], f[10]))
+            // Receive: bytes packets errs drop …; transmit from the 9th field the same.
+            let dir = |i: usize| Counters {
+                bytes: f[i],
+                packets: f[i + 1],
+                errors: f[i + 2],
+                dropped: f[i + 3],
+            };
+            (name != "lo" && f.len() >= 16).then(|| Interface {
+                name: name.to_string(),
+                rx: dir(0),
+                tx: dir(8),
+            })
         })
         .collect()
 }
@@ -292,23 +369,41 @@ mod tests {
 
     #[test]
     fn interfaces_from_net_dev() {
-        let t = "Inter-|   Receive                            |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 5000 40 2 0 0 0 0 0 7000 50 3 0 0 0 0 0\n";
-        assert_eq!(net_dev(t), [("eth0".to_string(), 5000, 2, 7000, 3)]);
+        let t = "Inter-|   Receive                            |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  eth0: 5000 40 2 1 0 0 0 0 7000 50 3 4 0 0 0 0\n";
+        let eth0 = Interface {
+            name: "eth0".into(),
+            rx: Counters {
+                bytes: 5000,
+                packets: 40,
+                errors: 2,
+                dropped: 1,
+            },
+            tx: Counters {
+                bytes: 7000,
+                packets: 50,
+                errors: 3,
+                dropped: 4,
+            },
+        };
+        assert_eq!(net_dev(t), [eth0]);
     }
 
     #[test]
     fn working_set_and_available_from_v1_and_v2_files() {
         let v1 = parse_stat(
-            "total_inactive_file 1000\ntotal_rss 3000\ntotal_pgfault 7\ntotal_pgmajfault 1\n",
+            "total_inactive_file 1000\ntotal_rss 3000\ntotal_pgfault 7\ntotal_pgmajfault 1\n\
+             total_cache 1500\ntotal_swap 64\n",
         );
         let m = memory_from(Mode::Legacy, 5000, Some(9_223_372_036_854_771_712), &v1);
         assert_eq!(
             (m.working_set, m.rss, m.page_faults, m.available),
             (4000, 3000, 7, None)
         );
-        let v2 = parse_stat("anon 2048\ninactive_file 1024\npgfault 9\npgmajfault 2\n");
+        assert_eq!((m.cache, m.swap), (1500, Some(64)));
+        let v2 = parse_stat("anon 2048\ninactive_file 1024\npgfault 9\npgmajfault 2\nfile 1536\n");
         let m = memory_from(Mode::Unified, 4096, Some(8192), &v2);
         assert_eq!((m.working_set, m.rss, m.major_page_faults), (3072, 2048, 2));
+        assert_eq!(m.cache, 1536);
         assert_eq!(m.available, Some(5120));
     }
 }

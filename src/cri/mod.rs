@@ -5,6 +5,7 @@
 mod container;
 mod events;
 mod image;
+mod metrics;
 mod runtime_info;
 mod sandbox;
 mod stats;
@@ -313,7 +314,7 @@ impl RuntimeService for Cri {
         _r: Request<cri::ListMetricDescriptorsRequest>,
     ) -> RpcResult<cri::ListMetricDescriptorsResponse> {
         rpc("ListMetricDescriptors", async {
-            Err(unimplemented("ListMetricDescriptors"))
+            Ok(self.list_metric_descriptors())
         })
         .await
     }
@@ -323,7 +324,7 @@ impl RuntimeService for Cri {
         _r: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> RpcResult<cri::ListPodSandboxMetricsResponse> {
         rpc("ListPodSandboxMetrics", async {
-            Err(unimplemented("ListPodSandboxMetrics"))
+            Ok(self.list_pod_sandbox_metrics())
         })
         .await
     }

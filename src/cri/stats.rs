@@ -90,14 +90,12 @@ impl Cri {
 fn cri_pod_stats(s: PodStats) -> cri::PodSandboxStats {
     let v = |value: u64| Some(cri::UInt64Value { value });
     let r = &s.record;
-    let iface = |(name, rx, rx_err, tx, tx_err): &(String, u64, u64, u64, u64)| {
-        cri::NetworkInterfaceUsage {
-            name: name.clone(),
-            rx_bytes: v(*rx),
-            rx_errors: v(*rx_err),
-            tx_bytes: v(*tx),
-            tx_errors: v(*tx_err),
-        }
+    let iface = |i: &crate::container::stats::Interface| cri::NetworkInterfaceUsage {
+        name: i.name.clone(),
+        rx_bytes: v(i.rx.bytes),
+        rx_errors: v(i.rx.errors),
+        tx_bytes: v(i.tx.bytes),
+        tx_errors: v(i.tx.errors),
     };
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
@@ -170,6 +168,15 @@ fn cri_stats(s: Stats) -> cri::ContainerStats {
             usage_nano_cores: s.cpu_nano_cores.and_then(v),
         }),
         memory: Some(memory_usage(s.timestamp, s.memory.as_ref())),
+        swap: s
+            .memory
+            .as_ref()
+            .and_then(|m| m.swap)
+            .map(|used| cri::SwapUsage {
+                timestamp: s.timestamp,
+                swap_usage_bytes: v(used),
+                swap_available_bytes: None,
+            }),
         writable_layer: s
             .layer
             .as_ref()
@@ -181,6 +188,5 @@ fn cri_stats(s: Stats) -> cri::ContainerStats {
                 used_bytes: v(*bytes),
                 inodes_used: v(*inodes),
             }),
-        ..Default::default()
     }
 }
