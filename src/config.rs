@@ -166,7 +166,7 @@ impl Default for StreamingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` to serve metrics on; empty = off.
+    /// `ip:port` to serve berthd's Prometheus metrics on (GET /metrics); empty = off.
     pub address: String,
 }
 
@@ -219,6 +219,18 @@ impl Config {
             return invalid(format!(
                 "cgroup_parent {:?} must be a cgroup path without '..'",
                 self.cgroup_parent
+            ));
+        }
+        if !self.metrics.address.is_empty()
+            && self
+                .metrics
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return invalid(format!(
+                "metrics.address {:?} must be ip:port (for example 127.0.0.1:9470), or empty for none",
+                self.metrics.address
             ));
         }
         if self.images.max_concurrent_downloads == 0 {
@@ -354,7 +366,7 @@ address = "127.0.0.1"
 port = 0
 
 [metrics]
-# host:port for metrics; empty turns them off.
+# ip:port of berthd's own Prometheus metrics (GET /metrics); empty turns them off.
 address = ""
 "#;
 

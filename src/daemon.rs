@@ -53,6 +53,9 @@ pub enum DaemonError {
     /// The runtime core could not start.
     #[error("{0}")]
     Runtime(#[from] crate::error::Error),
+    /// The metrics endpoint could not be opened.
+    #[error("{0}")]
+    Metrics(#[from] crate::telemetry::ServeError),
     /// The gRPC server failed.
     #[error("serving the CRI: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -203,6 +206,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .map_err(io_err("preparing the directories under", &config.state))?;
 
     let listen = config.listen.clone();
+    let metrics_address = config.metrics.address.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -222,6 +226,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .ino()
     };
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "berthd serving the CRI");
+
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = if metrics_address.is_empty() {
+        None
+    } else {
+        let census_rt = rt.clone();
+        let (_, task) =
+            crate::telemetry::serve(&metrics_address, move || census_rt.census(), async {
+                let _ = metrics_stopped.await;
+            })
+            .await?;
+        Some(task)
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
@@ -249,6 +266,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         joined = &mut server => joined.expect("server task panicked").map_err(DaemonError::from),
     };
     remove_socket(&listen, ino);
+    let _ = metrics_stop.send(());
+    if let Some(task) = metrics {
+        // A scraper holding its connection open must not hold up the stop.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     // A clean stop (as before a reboot) leaves every snapshot durable, so none is dropped.
     tokio::task::block_in_place(|| rt.images.sync_snapshots());
     tracing::info!("berthd stopped");

@@ -21,4 +21,5 @@ pub mod reservations;
 pub mod runtime;
 pub mod sandbox;
 pub mod store;
+pub mod telemetry;
 pub mod zygote;

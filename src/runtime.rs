@@ -153,6 +153,36 @@ impl Runtime {
         u
     }
 
+    /// Pods and containers by state and the monitors alive, for the metrics endpoint. Every
+    /// state is named, with 0 when none is in it, so a gauge falls back when its last one goes.
+    pub fn census(&self) -> crate::telemetry::Census {
+        use crate::container::CtrState;
+        use crate::sandbox::PodState;
+        let pods = self.pods.list(&Default::default());
+        let ctrs = self.containers.states();
+        let count_pods = |s| pods.iter().filter(|p| p.state == s).count() as i64;
+        let count_ctrs = |s| ctrs.iter().filter(|&&c| c == s).count() as i64;
+        let monitors_alive = pods
+            .iter()
+            .filter_map(|p| p.monitor)
+            .filter(|&(pid, start)| crate::sandbox::init::start_time(pid) == Some(start))
+            .count() as i64;
+        crate::telemetry::Census {
+            pods: vec![
+                ("creating", count_pods(PodState::Creating)),
+                ("ready", count_pods(PodState::Ready)),
+                ("notready", count_pods(PodState::NotReady)),
+            ],
+            containers: vec![
+                ("creating", count_ctrs(CtrState::Creating)),
+                ("created", count_ctrs(CtrState::Created)),
+                ("running", count_ctrs(CtrState::Running)),
+                ("exited", count_ctrs(CtrState::Exited)),
+            ],
+            monitors_alive,
+        }
+    }
+
     /// The effective configuration.
     pub fn config(&self) -> &Config {
         &self.config

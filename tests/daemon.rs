@@ -267,3 +267,12 @@ fn config_default_prints_parseable_commented_toml() {
     let parsed = berth::config::Config::parse(&text, std::path::Path::new("<stdout>")).unwrap();
     assert_eq!(parsed, berth::config::Config::default());
 }
+
+#[test]
+fn a_metrics_address_that_is_not_ip_port_fails_naming_the_key() {
+    let (out, dir) = run_with_config("[metrics]\naddress = \"localhost\"\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("metrics.address \"localhost\""), "{err}");
+    assert!(!dir.path().join("state").exists(), "state dir was created");
+}

@@ -535,6 +535,13 @@ impl Containers {
         });
     }
 
+    /// Every container's state (for the metrics census; no record is copied).
+    pub fn states(&self) -> Vec<CtrState> {
+        let ctrs = self.ctrs.read().expect("containers poisoned");
+        let state = |c: &Arc<Ctr>| c.record.read().expect("container record poisoned").state;
+        ctrs.values().map(state).collect()
+    }
+
     /// Every container matching `f`.
     pub fn list(&self, f: &CtrFilter) -> Vec<ContainerRecord> {
         let ctrs = self.ctrs.read().expect("containers poisoned");

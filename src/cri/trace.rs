@@ -1,4 +1,4 @@
-//! One tracing span per RPC, and its latency at debug level. Failures are logged at debug too,
+//! One tracing span per RPC, its latency at debug level and in the metrics. Failures are logged at debug too,
 //! except internal ones (a bug or a sick host), which warn: kubelet's routine NotFound calls must
 //! not flood the log.
 
@@ -22,7 +22,10 @@ where
     );
     let start = Instant::now();
     let result = body.instrument(span.clone()).await;
-    let latency_us = start.elapsed().as_micros() as u64;
+    let elapsed = start.elapsed();
+    let latency_us = elapsed.as_micros() as u64;
+    let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+    crate::telemetry::rpc_done(method, code, elapsed.as_secs_f64());
     let _entered = span.enter();
     match &result {
         Ok(_) => tracing::debug!(latency_us, "ok"),

@@ -77,7 +77,9 @@ impl ImageStore {
         reference: &str,
         creds: Option<CriAuth>,
     ) -> Result<String, ImageError> {
+        let started = Instant::now();
         let r = pull(self, reference, creds).await;
+        crate::telemetry::pull_done(r.is_ok(), started.elapsed().as_secs_f64());
         return_free_heap();
         // The new layers' files are stored (and their snapshots marked durable) after the
         // answer: the pull does not wait for the disk.
@@ -339,6 +341,7 @@ impl Attempting<'_> {
                     message: format!("config {config_digest}: {e}"),
                 })
             })?;
+            crate::telemetry::pulled_bytes(chunk.len() as u64);
             if buf.len() + chunk.len() > MAX_CONFIG_BYTES {
                 return Err(self.bad("config larger than 16 MiB".into()));
             }
@@ -506,6 +509,7 @@ impl Attempting<'_> {
             match next {
                 Some(Ok(b)) => {
                     received += b.len() as u64;
+                    crate::telemetry::pulled_bytes(b.len() as u64);
                     if last_log.elapsed() >= PROGRESS_LOG_EVERY {
                         last_log = Instant::now();
                         let secs = started.elapsed().as_secs_f64().max(0.001);
