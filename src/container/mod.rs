@@ -552,20 +552,23 @@ impl Containers {
             },
             None => ctrs.values().cloned().collect(),
         };
-        picked
-            .iter()
-            .map(|c| c.record())
-            .filter(|r| r.state != CtrState::Creating)
-            .filter(|r| {
-                f.pod_id
+        // Filtered under each record's read lock, copied only when picked: a pod's stats list
+        // its containers out of every container of the node.
+        let wanted = |r: &ContainerRecord| {
+            r.state != CtrState::Creating
+                && f.pod_id
                     .as_deref()
                     .is_none_or(|p| p.is_empty() || r.pod_id.starts_with(p))
-            })
-            .filter(|r| f.state.is_none_or(|s| r.state == s))
-            .filter(|r| {
-                f.labels
+                && f.state.is_none_or(|s| r.state == s)
+                && f.labels
                     .iter()
                     .all(|(k, v)| r.spec.labels.get(k) == Some(v))
+        };
+        picked
+            .iter()
+            .filter_map(|c| {
+                let r = c.record.read().expect("container record poisoned");
+                wanted(&r).then(|| r.clone())
             })
             .collect()
     }

@@ -52,6 +52,22 @@ impl Cri {
     }
 }
 
+impl Cri {
+    /// Runs a call that reads many kernel files (cgroups, /proc, a disk walk) on the blocking
+    /// pool: with a hundred containers it takes milliseconds, which must not hold one of the
+    /// few async workers and every call queued behind it.
+    async fn off_worker<T, F>(&self, call: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Cri) -> Result<T, Status> + Send + 'static,
+    {
+        let cri = self.clone();
+        tokio::task::spawn_blocking(move || call(&cri))
+            .await
+            .map_err(|e| Status::internal(format!("the call's worker thread failed: {e}")))?
+    }
+}
+
 /// A CRI NamespaceMode in berth's terms.
 pub(super) fn ns_mode(m: i32) -> Result<NsMode, Status> {
     match cri::NamespaceMode::try_from(m) {
@@ -238,9 +254,11 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::ContainerStatsRequest>,
     ) -> RpcResult<cri::ContainerStatsResponse> {
-        rpc("ContainerStats", async {
-            self.container_stats(r.into_inner())
-        })
+        let req = r.into_inner();
+        rpc(
+            "ContainerStats",
+            self.off_worker(move |c| c.container_stats(req)),
+        )
         .await
     }
 
@@ -248,9 +266,11 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::ListContainerStatsRequest>,
     ) -> RpcResult<cri::ListContainerStatsResponse> {
-        rpc("ListContainerStats", async {
-            self.list_container_stats(r.into_inner())
-        })
+        let req = r.into_inner();
+        rpc(
+            "ListContainerStats",
+            self.off_worker(move |c| c.list_container_stats(req)),
+        )
         .await
     }
 
@@ -258,9 +278,11 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::PodSandboxStatsRequest>,
     ) -> RpcResult<cri::PodSandboxStatsResponse> {
-        rpc("PodSandboxStats", async {
-            self.pod_sandbox_stats(r.into_inner())
-        })
+        let req = r.into_inner();
+        rpc(
+            "PodSandboxStats",
+            self.off_worker(move |c| c.pod_sandbox_stats(req)),
+        )
         .await
     }
 
@@ -268,9 +290,11 @@ impl RuntimeService for Cri {
         &self,
         r: Request<cri::ListPodSandboxStatsRequest>,
     ) -> RpcResult<cri::ListPodSandboxStatsResponse> {
-        rpc("ListPodSandboxStats", async {
-            self.list_pod_sandbox_stats(r.into_inner())
-        })
+        let req = r.into_inner();
+        rpc(
+            "ListPodSandboxStats",
+            self.off_worker(move |c| c.list_pod_sandbox_stats(req)),
+        )
         .await
     }
 
@@ -323,9 +347,10 @@ impl RuntimeService for Cri {
         &self,
         _r: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> RpcResult<cri::ListPodSandboxMetricsResponse> {
-        rpc("ListPodSandboxMetrics", async {
-            Ok(self.list_pod_sandbox_metrics())
-        })
+        rpc(
+            "ListPodSandboxMetrics",
+            self.off_worker(move |c| Ok(c.list_pod_sandbox_metrics())),
+        )
         .await
     }
 
@@ -374,6 +399,11 @@ impl ImageService for Cri {
         &self,
         r: Request<cri::ImageFsInfoRequest>,
     ) -> RpcResult<cri::ImageFsInfoResponse> {
-        rpc("ImageFsInfo", async { self.image_fs_info(r.into_inner()) }).await
+        let req = r.into_inner();
+        rpc(
+            "ImageFsInfo",
+            self.off_worker(move |c| c.image_fs_info(req)),
+        )
+        .await
     }
 }

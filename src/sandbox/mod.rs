@@ -207,6 +207,15 @@ impl Pod {
         self.record.read().expect("pod record poisoned").clone()
     }
 
+    /// Its cgroup, relative to each hierarchy's root (without copying the whole record).
+    pub fn cgroup(&self) -> PathBuf {
+        self.record
+            .read()
+            .expect("pod record poisoned")
+            .cgroup
+            .clone()
+    }
+
     /// The current state.
     pub fn state(&self) -> PodState {
         self.record.read().expect("pod record poisoned").state
