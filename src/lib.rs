@@ -21,5 +21,6 @@ pub mod reservations;
 pub mod runtime;
 pub mod sandbox;
 pub mod store;
+pub mod streaming;
 pub mod telemetry;
 pub mod zygote;
