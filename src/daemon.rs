@@ -56,6 +56,9 @@ pub enum DaemonError {
     /// The metrics endpoint could not be opened.
     #[error("{0}")]
     Metrics(#[from] crate::telemetry::ServeError),
+    /// The streaming server could not be opened.
+    #[error("{0}")]
+    Streaming(#[from] crate::streaming::StreamingError),
     /// The gRPC server failed.
     #[error("serving the CRI: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -207,6 +210,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let listen = config.listen.clone();
     let metrics_address = config.metrics.address.clone();
+    let streaming_config = config.streaming.clone();
     let grace = Duration::from_secs(config.shutdown_timeout_seconds);
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -227,6 +231,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "berthd serving the CRI");
 
+    let (streaming_stop, streaming_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (_, streaming) = rt
+        .streaming
+        .serve(&streaming_config.address, streaming_config.port, async {
+            let _ = streaming_stopped.await;
+        })
+        .await?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics = if metrics_address.is_empty() {
         None
@@ -267,6 +278,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     remove_socket(&listen, ino);
     let _ = metrics_stop.send(());
+    let _ = streaming_stop.send(());
+    // Open port-forwards end with berthd (their clients reconnect to the next one).
+    streaming.abort();
     if let Some(task) = metrics {
         // A scraper holding its connection open must not hold up the stop.
         let _ = tokio::time::timeout(Duration::from_secs(2), task).await;

@@ -64,6 +64,8 @@ pub struct Runtime {
     pub containers: Arc<crate::container::Containers>,
     /// Pod sandboxes and their network.
     pub pods: Arc<Sandboxes>,
+    /// The streaming server's tokens and address (served by the daemon).
+    pub streaming: Arc<crate::streaming::Streaming>,
     container_fs: Mutex<Option<(Instant, Usage)>>,
 }
 
@@ -122,6 +124,7 @@ impl Runtime {
             images,
             pods,
             containers,
+            streaming: Arc::default(),
             container_fs: Mutex::new(None),
         })
     }
@@ -181,6 +184,31 @@ impl Runtime {
             ],
             monitors_alive,
         }
+    }
+
+    /// A single-use URL forwarding ports of a ready pod: inside its network namespace, or
+    /// the node's for a host-network pod.
+    pub fn port_forward_url(&self, pod_id: &str) -> Result<String> {
+        use crate::sandbox::{NsMode, PodState};
+        let r = self.pods.get(pod_id)?.record();
+        if r.state != PodState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready: its ports cannot be forwarded",
+                r.id
+            )));
+        }
+        let netns = (r.spec.namespaces.network != NsMode::Node)
+            .then(|| crate::sandbox::namespaces::pin_path(&self.pods.ns_dir(&r.id), "net"));
+        let session = crate::streaming::Session::PortForward {
+            pod_id: r.id,
+            netns,
+        };
+        self.streaming.url(session).map_err(|e| match e {
+            crate::streaming::StreamingError::Token(crate::streaming::tokens::TokenError::Full) => {
+                Error::ResourceExhausted(e.to_string())
+            }
+            e => Error::Unavailable(e.to_string()),
+        })
     }
 
     /// The effective configuration.

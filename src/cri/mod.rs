@@ -245,9 +245,24 @@ impl RuntimeService for Cri {
 
     async fn port_forward(
         &self,
-        _r: Request<cri::PortForwardRequest>,
+        r: Request<cri::PortForwardRequest>,
     ) -> RpcResult<cri::PortForwardResponse> {
-        rpc("PortForward", async { Err(unimplemented("PortForward")) }).await
+        rpc("PortForward", async {
+            let req = r.into_inner();
+            if req.pod_sandbox_id.is_empty() {
+                return Err(Status::invalid_argument(
+                    "PortForward: pod_sandbox_id is empty",
+                ));
+            }
+            if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+                return Err(Status::invalid_argument(format!(
+                    "PortForward: port {p} is not a TCP port (1-65535)"
+                )));
+            }
+            let url = self.rt.port_forward_url(&req.pod_sandbox_id)?;
+            Ok(cri::PortForwardResponse { url })
+        })
+        .await
     }
 
     async fn container_stats(

@@ -1,5 +1,12 @@
 //! The streaming server behind Exec, Attach and PortForward (kubectl exec/attach/port-forward
-//! and `crictl exec -it` end here). So far: the SPDY/3.1 framing those clients speak; the
-//! server, its tokens and the remote-command and port-forward protocols are still to come.
+//! and `crictl exec -it` end here): `server` (HTTP, the upgrade), `tokens` (single-use URLs),
+//! `portforward` (SPDY `portforward.k8s.io`), `spdy` (the framing). Exec and attach and the
+//! WebSocket forms are still to come.
 
+pub mod portforward;
+pub mod server;
 pub mod spdy;
+pub mod tokens;
+
+pub use server::{Streaming, StreamingError};
+pub use tokens::Session;

@@ -1,0 +1,156 @@
+//! The streaming server's HTTP side: it binds `[streaming] address:port`, takes the token
+//! from a URL that Exec, Attach or PortForward handed out, and upgrades the connection to the
+//! protocol the client asked for. A used, expired or unknown token is a 404.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::portforward;
+use super::tokens::{Session, TokenError, Tokens};
+
+/// Tokens and the base URL they are handed out under.
+#[derive(Default)]
+pub struct Streaming {
+    tokens: Tokens,
+    base: OnceLock<String>,
+}
+
+/// The streaming server could not start, or a URL could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamingError {
+    /// The configured address.
+    #[error("streaming server {address}: {message}")]
+    Bind {
+        /// host:port.
+        address: String,
+        /// Why.
+        message: String,
+    },
+    /// The server is not running yet.
+    #[error("the streaming server is not serving yet")]
+    NotServing,
+    /// No token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+impl Streaming {
+    /// The URL that lets its holder run `session`, once, within a minute.
+    pub fn url(&self, session: Session) -> Result<String, StreamingError> {
+        let base = self.base.get().ok_or(StreamingError::NotServing)?;
+        let path = match &session {
+            Session::PortForward { .. } => "portforward",
+        };
+        let token = self.tokens.mint(session)?;
+        Ok(format!("{base}/{path}/{token}"))
+    }
+
+    /// Binds `address:port` (0 = any free port) and serves until `shutdown`; returns the
+    /// bound address.
+    pub async fn serve<S>(
+        self: &Arc<Self>,
+        address: &str,
+        port: u16,
+        shutdown: S,
+    ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StreamingError>
+    where
+        S: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let shown = format!("{address}:{port}");
+        let err = |message: String| StreamingError::Bind {
+            address: shown.clone(),
+            message,
+        };
+        let ip: std::net::IpAddr = address
+            .parse()
+            .map_err(|e| err(format!("not an IP address: {e}")))?;
+        let listener = tokio::net::TcpListener::bind((ip, port))
+            .await
+            .map_err(|e| err(format!("binding: {e}")))?;
+        let bound = listener.local_addr().map_err(|e| err(e.to_string()))?;
+        let base = match bound {
+            SocketAddr::V4(a) => format!("http://{a}"),
+            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
+        };
+        let _ = self.base.set(base);
+        let app = axum::Router::new()
+            .route(
+                "/portforward/{token}",
+                axum::routing::get(port_forward).post(port_forward),
+            )
+            .with_state(self.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::warn!(error = %e, "streaming server failed");
+            }
+        });
+        tracing::info!(address = %bound, "streaming server listening");
+        Ok((bound, task))
+    }
+}
+
+/// Whether a comma-separated header (any of its occurrences) holds `want`.
+fn header_has(headers: &HeaderMap, name: &str, want: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+fn refuse(code: StatusCode, message: String) -> Response {
+    (code, message).into_response()
+}
+
+async fn port_forward(
+    State(s): State<Arc<Streaming>>,
+    Path(token): Path<String>,
+    mut req: Request,
+) -> Response {
+    let Some(Session::PortForward { pod_id, netns }) = s.tokens.take(&token) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "unknown, used or expired streaming URL".into(),
+        );
+    };
+    let headers = req.headers();
+    if !header_has(headers, "upgrade", "SPDY/3.1") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "port-forward needs Upgrade: SPDY/3.1 (WebSocket is not served yet)".into(),
+        );
+    }
+    if !header_has(headers, "x-stream-protocol-version", portforward::PROTOCOL) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no supported X-Stream-Protocol-Version: this server speaks {}",
+                portforward::PROTOCOL
+            ),
+        );
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(io) => portforward::serve(hyper_util::rt::TokioIo::new(io), pod_id, netns).await,
+            Err(e) => tracing::debug!(pod = %pod_id, error = %e, "port-forward upgrade failed"),
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+    h.insert(
+        "x-stream-protocol-version",
+        HeaderValue::from_static(portforward::PROTOCOL),
+    );
+    r
+}

@@ -1,0 +1,271 @@
+//! PortForward through berth's streaming server, driven by a small SPDY/3.1 client of the
+//! tests' own (over berth's frame codec; critest's Go client checks the other side): bytes of
+//! an HTTP server in a pod arrive whole, a closed port is reported on the error stream, a URL
+//! works once, and a client that vanishes mid-transfer leaves nothing open in berthd.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use berth::streaming::spdy::{Codec, Frame};
+use bytes::{Bytes, BytesMut};
+use common::world::*;
+use k8s_cri::v1 as cri;
+use sha2::{Digest, Sha256};
+
+/// A SPDY client connection, upgraded from HTTP/1.1.
+struct Client {
+    tcp: TcpStream,
+    codec: Codec,
+    buf: BytesMut,
+}
+
+/// `url`'s host:port and path.
+fn split(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").expect("an http URL");
+    let (host, path) = rest.split_once('/').expect("a path");
+    (host.to_string(), format!("/{path}"))
+}
+
+/// GETs `url` with the port-forward upgrade; the status line and, on 101, the client.
+fn connect(url: &str) -> (String, Option<Client>) {
+    let (host, path) = split(url);
+    let mut tcp = TcpStream::connect(&host).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        tcp,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tcp.read(&mut byte).unwrap() == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.lines().next().unwrap_or_default().to_string();
+    if !status.contains(" 101 ") {
+        return (status, None);
+    }
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-stream-protocol-version: portforward.k8s.io"),
+        "{head}"
+    );
+    let client = Client {
+        tcp,
+        codec: Codec::new(),
+        buf: BytesMut::new(),
+    };
+    (status, Some(client))
+}
+
+impl Client {
+    fn send(&mut self, f: Frame) {
+        let mut out = BytesMut::new();
+        self.codec.encode(&f, &mut out).unwrap();
+        self.tcp.write_all(&out).unwrap();
+    }
+
+    fn next(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = self.codec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.tcp.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Opens the error and data streams of request `req` to `port` (ids 2req+1, 2req+3).
+    fn open(&mut self, req: u32, port: u16) -> (u32, u32) {
+        let (error, data) = (4 * req + 1, 4 * req + 3);
+        for (id, kind) in [(error, "error"), (data, "data")] {
+            self.send(Frame::SynStream {
+                stream: id,
+                associated: 0,
+                priority: 0,
+                flags: 0,
+                headers: vec![
+                    ("streamtype".into(), kind.into()),
+                    ("port".into(), port.to_string()),
+                    ("requestid".into(), req.to_string()),
+                ],
+            });
+        }
+        (error, data)
+    }
+
+    /// Everything the server sends on `error` and `data` until both end.
+    fn drain(&mut self, error: u32, data: u32) -> (Vec<u8>, Vec<u8>) {
+        let (mut e, mut d) = (Vec::new(), Vec::new());
+        let (mut e_done, mut d_done) = (false, false);
+        while !(e_done && d_done) {
+            match self.next().expect("the connection ended early") {
+                Frame::Data {
+                    stream,
+                    fin,
+                    data: b,
+                } if stream == error => {
+                    e.extend_from_slice(&b);
+                    e_done |= fin;
+                }
+                Frame::Data {
+                    stream,
+                    fin,
+                    data: b,
+                } if stream == data => {
+                    d.extend_from_slice(&b);
+                    d_done |= fin;
+                }
+                Frame::SynReply { .. } | Frame::Ping { .. } => {}
+                f => panic!("unexpected {f:?}"),
+            }
+        }
+        (e, d)
+    }
+}
+
+async fn forward_url(w: &mut World, pod: &str) -> String {
+    w.rt.port_forward(cri::PortForwardRequest {
+        pod_sandbox_id: pod.into(),
+        port: vec![8080],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .url
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() {
+    let mut w = World::new().await;
+    let pod = w.pod("forwarded").await;
+    let web = w
+        .run(
+            &pod,
+            container(
+                "web",
+                &[
+                    "sh",
+                    "-c",
+                    "mkdir /www && dd if=/dev/urandom of=/www/f bs=1M count=32 2>/dev/null && \
+                     touch /www/ready && exec httpd -f -p 8080 -h /www",
+                ],
+            ),
+        )
+        .await;
+    let mut sum = String::new();
+    for _ in 0..100 {
+        let (code, out) = w.sh(&web, "test -e /www/ready && sha256sum /www/f").await;
+        if code == 0 {
+            sum = out.split_whitespace().next().unwrap().to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sum.len(), 64, "no file in the pod");
+
+    let url = forward_url(&mut w, &pod.0).await;
+    let berthd = w.env.berthd.pid();
+    let fds_before = fd_count(berthd);
+    let again = url.clone();
+    let (body, closed, reused) = w.env.netns.run_in(move || {
+        let (status, client) = connect(&url);
+        let mut c = client.unwrap_or_else(|| panic!("no upgrade: {status}"));
+        let (error, data) = c.open(0, 8080);
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: Bytes::from_static(b"GET /f HTTP/1.0\r\n\r\n"),
+        });
+        let (err, resp) = c.drain(error, data);
+        assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
+        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let body = resp[split + 4..].to_vec();
+        // A port nobody listens on: the reason comes on the error stream.
+        let (error, data) = c.open(1, 8081);
+        let (err, _) = c.drain(error, data);
+        // The URL was used: a second use is refused.
+        let (reused, _) = connect(&again);
+        (body, String::from_utf8_lossy(&err).into_owned(), reused)
+    });
+    assert_eq!(body.len(), 32 << 20);
+    assert_eq!(hex::encode(Sha256::digest(&body)), sum);
+    assert!(closed.contains("error forwarding port 8081"), "{closed}");
+    assert!(reused.contains(" 404 "), "{reused}");
+
+    // A client that vanishes mid-download: berthd keeps nothing of it.
+    let url = forward_url(&mut w, &pod.0).await;
+    w.env.netns.run_in(move || {
+        let (_, client) = connect(&url);
+        let mut c = client.unwrap();
+        let (_, data) = c.open(0, 8080);
+        c.send(Frame::Data {
+            stream: data,
+            fin: true,
+            data: Bytes::from_static(b"GET /f HTTP/1.0\r\n\r\n"),
+        });
+        let _ = c.next();
+        drop(c);
+    });
+    eventually("berthd closed the vanished client's sockets", || {
+        fd_count(berthd) <= fds_before
+    })
+    .await;
+
+    // Bad requests get clear errors.
+    let unknown =
+        w.rt.port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: "no-such-pod".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let bad_port =
+        w.rt.port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.0.clone(),
+            port: vec![70000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_port.code(), tonic::Code::InvalidArgument);
+    w.stop(&web, 0).await;
+    w.remove(&web).await;
+    w.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.0.clone(),
+    })
+    .await
+    .unwrap();
+    let stopped =
+        w.rt.port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.0.clone(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stopped.code(),
+        tonic::Code::FailedPrecondition,
+        "{stopped:?}"
+    );
+    assert!(stopped.message().contains("not ready"), "{stopped:?}");
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+}
