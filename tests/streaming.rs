@@ -1,7 +1,8 @@
 //! PortForward through berth's streaming server, driven by a small SPDY/3.1 client of the
-//! tests' own (over berth's frame codec; critest's Go client checks the other side): bytes of
-//! an HTTP server in a pod arrive whole, a closed port is reported on the error stream, a URL
-//! works once, and a client that vanishes mid-transfer leaves nothing open in berthd.
+//! tests' own (over berth's frame codec; critest's Go client checks the other side), directly
+//! and tunnelled over WebSocket: bytes of an HTTP server in a pod arrive whole, a closed port is
+//! reported on the error stream, a URL works once, and a client that vanishes mid-transfer
+//! leaves nothing open in berthd.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use berth::streaming::spdy::{Codec, Frame};
 use bytes::{Bytes, BytesMut};
 use common::world::*;
+use futures::{SinkExt, StreamExt};
 use k8s_cri::v1 as cri;
 use sha2::{Digest, Sha256};
 
@@ -20,6 +22,21 @@ struct Client {
     tcp: TcpStream,
     codec: Codec,
     buf: BytesMut,
+}
+
+/// The SYN_STREAM opening stream `id` of kind `kind` ("error" or "data") for request `req`.
+fn syn(id: u32, kind: &str, port: u16, req: u32) -> Frame {
+    Frame::SynStream {
+        stream: id,
+        associated: 0,
+        priority: 0,
+        flags: 0,
+        headers: vec![
+            ("streamtype".into(), kind.into()),
+            ("port".into(), port.to_string()),
+            ("requestid".into(), req.to_string()),
+        ],
+    }
 }
 
 /// `url`'s host:port and path.
@@ -90,17 +107,7 @@ impl Client {
     fn open(&mut self, req: u32, port: u16) -> (u32, u32) {
         let (error, data) = (4 * req + 1, 4 * req + 3);
         for (id, kind) in [(error, "error"), (data, "data")] {
-            self.send(Frame::SynStream {
-                stream: id,
-                associated: 0,
-                priority: 0,
-                flags: 0,
-                headers: vec![
-                    ("streamtype".into(), kind.into()),
-                    ("port".into(), port.to_string()),
-                    ("requestid".into(), req.to_string()),
-                ],
-            });
+            self.send(syn(id, kind, port, req));
         }
         (error, data)
     }
@@ -133,6 +140,76 @@ impl Client {
         }
         (e, d)
     }
+}
+
+/// Downloads `/f` through port-forward tunnelled over WebSocket (subprotocol
+/// `SPDY/3.1+portforward.k8s.io`, SPDY bytes in binary messages), as client-go's tunneling
+/// dialer does; returns the body.
+fn ws_download(url: &str) -> Vec<u8> {
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut req = url
+            .replace("http://", "ws://")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            "SPDY/3.1+portforward.k8s.io".parse().unwrap(),
+        );
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(
+            resp.headers()["sec-websocket-protocol"],
+            "SPDY/3.1+portforward.k8s.io"
+        );
+        let mut codec = Codec::new();
+        let mut out = BytesMut::new();
+        for f in [
+            ("error", 1u32, None),
+            ("data", 3, Some(&b"GET /f HTTP/1.0\r\n\r\n"[..])),
+        ] {
+            let (kind, id, payload) = f;
+            codec.encode(&syn(id, kind, 8080, 0), &mut out).unwrap();
+            if let Some(p) = payload {
+                let data = Frame::Data {
+                    stream: id,
+                    fin: true,
+                    data: Bytes::copy_from_slice(p),
+                };
+                codec.encode(&data, &mut out).unwrap();
+            }
+        }
+        ws.send(Message::Binary(out.split().freeze()))
+            .await
+            .unwrap();
+        let mut inbound = BytesMut::new();
+        let mut body = Vec::new();
+        'read: while let Some(msg) = ws.next().await {
+            match msg.unwrap() {
+                Message::Binary(b) => inbound.extend_from_slice(&b),
+                Message::Close(_) => break,
+                _ => continue,
+            }
+            while let Some(f) = codec.decode(&mut inbound).unwrap() {
+                if let Frame::Data {
+                    stream: 3,
+                    fin,
+                    data,
+                } = f
+                {
+                    body.extend_from_slice(&data);
+                    if fin {
+                        break 'read;
+                    }
+                }
+            }
+        }
+        let split = body.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        body.split_off(split + 4)
+    })
 }
 
 async fn forward_url(w: &mut World, pod: &str) -> String {
@@ -209,6 +286,11 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     assert_eq!(hex::encode(Sha256::digest(&body)), sum);
     assert!(closed.contains("error forwarding port 8081"), "{closed}");
     assert!(reused.contains(" 404 "), "{reused}");
+
+    // The same over WebSocket.
+    let url = forward_url(&mut w, &pod.0).await;
+    let body = w.env.netns.run_in(move || ws_download(&url));
+    assert_eq!(hex::encode(Sha256::digest(&body)), sum);
 
     // A client that vanishes mid-download: berthd keeps nothing of it.
     let url = forward_url(&mut w, &pod.0).await;

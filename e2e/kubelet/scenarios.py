@@ -460,6 +460,27 @@ def crictl_stats_events():
     return f"{len(stats)} containers, {len(podstats)} pods with cpu and memory; events {seen}"
 
 
+@scenario("11 crictl port-forward to nginx over SPDY and over WebSocket")
+def port_forward():
+    pod_id = sandboxes("web")[0]
+    seen = []
+    for transport, local in [("spdy", 18080), ("websocket", 18081)]:
+        out = open(f"{WORK}/port-forward-{transport}.log", "w")
+        fwd = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "port-forward",
+                                "--transport", transport, pod_id, f"{local}:80"],
+                               stdout=out, stderr=subprocess.STDOUT)
+        try:
+            page = until(f"nginx answers through the {transport} forward",
+                         lambda: get(f"http://127.0.0.1:{local}/", timeout=5), timeout=30)
+            assert b"nginx" in page.lower() or b"<html" in page.lower(), page[:200]
+            seen.append(f"{transport}: {len(page)} bytes")
+        finally:
+            fwd.terminate()
+            fwd.wait(10)
+            out.close()
+    return "; ".join(seen)
+
+
 def container_events(pod_name):
     """The kinds of event crictl events printed for the containers (not the sandbox) of a pod,
     in order."""
@@ -601,7 +622,7 @@ def main():
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
-                  crictl_stats_events]:
+                  crictl_stats_events, port_forward]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "

@@ -9,8 +9,8 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::portforward;
 use super::tokens::{Session, TokenError, Tokens};
+use super::{portforward, tunnel};
 
 /// Tokens and the base URL they are handed out under.
 #[derive(Default)]
@@ -121,11 +121,14 @@ async fn port_forward(
             "unknown, used or expired streaming URL".into(),
         );
     };
+    if header_has(req.headers(), "upgrade", "websocket") {
+        return port_forward_ws(req, pod_id, netns).await;
+    }
     let headers = req.headers();
     if !header_has(headers, "upgrade", "SPDY/3.1") {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "port-forward needs Upgrade: SPDY/3.1 (WebSocket is not served yet)".into(),
+            "port-forward needs Upgrade: SPDY/3.1 or websocket".into(),
         );
     }
     if !header_has(headers, "x-stream-protocol-version", portforward::PROTOCOL) {
@@ -153,4 +156,34 @@ async fn port_forward(
         HeaderValue::from_static(portforward::PROTOCOL),
     );
     r
+}
+
+/// Port-forward tunnelled over WebSocket: the same SPDY session inside binary messages.
+async fn port_forward_ws(
+    req: Request,
+    pod_id: String,
+    netns: Option<std::path::PathBuf>,
+) -> Response {
+    use axum::extract::FromRequestParts;
+    use axum::extract::ws::WebSocketUpgrade;
+    let (mut parts, _body) = req.into_parts();
+    if !header_has(
+        &parts.headers,
+        "sec-websocket-protocol",
+        tunnel::PORT_FORWARD,
+    ) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no supported Sec-WebSocket-Protocol: this server speaks {}",
+                tunnel::PORT_FORWARD
+            ),
+        );
+    }
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    ws.protocols([tunnel::PORT_FORWARD])
+        .on_upgrade(move |socket| portforward::serve(tunnel::bridge(socket), pod_id, netns))
 }
