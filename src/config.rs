@@ -151,6 +151,10 @@ pub struct StreamingConfig {
     pub address: String,
     /// Port (0 = any free port).
     pub port: u16,
+    /// A session with no frame either way for this long is closed.
+    pub idle_timeout_seconds: u64,
+    /// A port-forward request whose second stream does not come within this is refused.
+    pub stream_creation_timeout_seconds: u64,
 }
 
 impl Default for StreamingConfig {
@@ -158,6 +162,9 @@ impl Default for StreamingConfig {
         StreamingConfig {
             address: "127.0.0.1".into(),
             port: 0,
+            // kubelet's defaults (streamingConnectionIdleTimeout, its stream creation timeout).
+            idle_timeout_seconds: 4 * 3600,
+            stream_creation_timeout_seconds: 30,
         }
     }
 }
@@ -232,6 +239,14 @@ impl Config {
                 "metrics.address {:?} must be ip:port (for example 127.0.0.1:9470), or empty for none",
                 self.metrics.address
             ));
+        }
+        if self.streaming.idle_timeout_seconds == 0
+            || self.streaming.stream_creation_timeout_seconds == 0
+        {
+            return invalid(
+                "streaming.idle_timeout_seconds and stream_creation_timeout_seconds must be at least 1"
+                    .into(),
+            );
         }
         if self.images.max_concurrent_downloads == 0 {
             return invalid("images.max_concurrent_downloads must be at least 1".into());
@@ -364,6 +379,10 @@ nft_table = "berth"
 # The exec/attach/port-forward server; port 0 picks a free port.
 address = "127.0.0.1"
 port = 0
+# A session with no traffic either way for this long is closed.
+idle_timeout_seconds = 14400
+# A port-forward request whose data or error stream does not follow within this is refused.
+stream_creation_timeout_seconds = 30
 
 [metrics]
 # ip:port of berthd's own Prometheus metrics (GET /metrics); empty turns them off.

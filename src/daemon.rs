@@ -234,9 +234,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (streaming_stop, streaming_stopped) = tokio::sync::oneshot::channel::<()>();
     let (_, streaming) = rt
         .streaming
-        .serve(&streaming_config.address, streaming_config.port, async {
-            let _ = streaming_stopped.await;
-        })
+        .serve(
+            &streaming_config.address,
+            streaming_config.port,
+            crate::streaming::portforward::Timeouts {
+                idle: Duration::from_secs(streaming_config.idle_timeout_seconds),
+                creation: Duration::from_secs(streaming_config.stream_creation_timeout_seconds),
+            },
+            async {
+                let _ = streaming_stopped.await;
+            },
+        )
         .await?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics = if metrics_address.is_empty() {

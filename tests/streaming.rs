@@ -351,3 +351,37 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     w.remove_pod(&pod.0).await;
     assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_opened_request_is_refused_and_an_idle_session_closed() {
+    let mut w = World::with(common::Options {
+        extra_config:
+            "[streaming]\nidle_timeout_seconds = 2\nstream_creation_timeout_seconds = 1\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let pod = w.pod("timeouts").await;
+    let url = forward_url(&mut w, &pod.0).await;
+    let frames = w.env.netns.run_in(move || {
+        let (status, client) = connect(&url);
+        let mut c = client.unwrap_or_else(|| panic!("no upgrade: {status}"));
+        // Only the error stream of request 0: its data stream never follows.
+        c.send(syn(1, "error", 8080, 0));
+        let mut seen = Vec::new();
+        while let Some(f) = c.next() {
+            seen.push(f);
+        }
+        seen
+    });
+    let refused = Frame::RstStream {
+        stream: 1,
+        status: berth::streaming::spdy::rst::REFUSED_STREAM,
+    };
+    assert!(frames.contains(&refused), "{frames:?}");
+    assert!(
+        matches!(frames.last(), Some(Frame::GoAway { last_good: 1, .. })),
+        "{frames:?}"
+    );
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+}

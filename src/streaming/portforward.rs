@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
@@ -15,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
-use super::spdy::{Codec, Frame, headers, rst};
+use super::spdy::{Codec, Frame, goaway, headers, rst};
 
 /// The subprotocol in `X-Stream-Protocol-Version`.
 pub const PROTOCOL: &str = "portforward.k8s.io";
@@ -25,32 +27,106 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the pod's socket per DATA frame.
 const CHUNK: usize = 32 * 1024;
 
+/// How long a session may stay silent, and how long a request's second stream may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No frame either way for this long ends the session.
+    pub idle: Duration,
+    /// A request id whose error or data stream does not follow within this is refused.
+    pub creation: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            idle: Duration::from_secs(4 * 3600),
+            creation: Duration::from_secs(30),
+        }
+    }
+}
+
 /// The streams of one request id, as they arrive.
-#[derive(Default)]
 struct Pair {
     error: Option<u32>,
     data: Option<(u32, mpsc::Receiver<Bytes>)>,
     port: Option<u16>,
+    opened: Instant,
+}
+
+/// When the session last saw a frame either way, as milliseconds since it began.
+struct Activity {
+    began: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.began.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.began + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Serves one upgraded connection until the client goes away.
-pub async fn serve<IO>(io: IO, pod_id: String, netns: Option<PathBuf>)
+pub async fn serve<IO>(io: IO, pod_id: String, netns: Option<PathBuf>, timeouts: Timeouts)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut sink, mut frames) = Framed::new(io, Codec::new()).split();
     let (tx, mut rx) = mpsc::channel::<Frame>(64);
+    let activity = Arc::new(Activity {
+        began: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    });
+    let sent = activity.clone();
     let writer = tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
             if sink.send(f).await.is_err() {
                 break;
             }
+            sent.touch();
         }
     });
     let done = CancellationToken::new();
     let mut inbound: HashMap<u32, mpsc::Sender<Bytes>> = HashMap::new();
     let mut pairs: HashMap<String, Pair> = HashMap::new();
-    while let Some(frame) = frames.next().await {
+    let mut last_stream = 0;
+    loop {
+        let idle_at = activity.last() + timeouts.idle;
+        let first_open = pairs.values().map(|p| p.opened).min();
+        let wake = first_open.map_or(idle_at, |o| idle_at.min(o + timeouts.creation));
+        let next = tokio::select! {
+            f = frames.next() => f,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                let late: Vec<String> = pairs
+                    .iter()
+                    .filter(|(_, p)| now >= p.opened + timeouts.creation)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in late {
+                    let p = pairs.remove(&k).expect("listed above");
+                    tracing::debug!(pod = %pod_id, request = %k, "port-forward request's second stream never came");
+                    for stream in [p.error, p.data.map(|(s, _)| s)].into_iter().flatten() {
+                        inbound.remove(&stream);
+                        let _ = tx.send(Frame::RstStream { stream, status: rst::REFUSED_STREAM }).await;
+                    }
+                }
+                if now >= activity.last() + timeouts.idle {
+                    tracing::debug!(pod = %pod_id, "port-forward session idle; closing it");
+                    let _ = tx.send(Frame::GoAway { last_good: last_stream, status: goaway::OK }).await;
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(frame) = next else {
+            break;
+        };
+        activity.touch();
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
@@ -62,6 +138,7 @@ where
             Frame::SynStream {
                 stream, headers, ..
             } => {
+                last_stream = last_stream.max(stream);
                 let kind = headers::get(&headers, "streamtype").unwrap_or_default();
                 let request = headers::get(&headers, "requestid").unwrap_or_default();
                 let port = headers::get(&headers, "port").and_then(|p| p.parse::<u16>().ok());
@@ -80,7 +157,12 @@ where
                     continue;
                 }
                 let _ = tx.send(reply).await;
-                let pair = pairs.entry(request.to_string()).or_default();
+                let pair = pairs.entry(request.to_string()).or_insert_with(|| Pair {
+                    error: None,
+                    data: None,
+                    port: None,
+                    opened: Instant::now(),
+                });
                 pair.port = port;
                 if kind == "error" {
                     pair.error = Some(stream);
@@ -90,8 +172,9 @@ where
                     pair.data = Some((stream, in_rx));
                 }
                 if pair.error.is_some() && pair.data.is_some() {
-                    let Pair { error, data, port } =
-                        pairs.remove(request).expect("the pair just completed");
+                    let Pair {
+                        error, data, port, ..
+                    } = pairs.remove(request).expect("the pair just completed");
                     let (data, in_rx) = data.expect("checked");
                     tokio::spawn(forward(
                         Forward {

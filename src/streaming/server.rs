@@ -17,6 +17,7 @@ use super::{portforward, tunnel};
 pub struct Streaming {
     tokens: Tokens,
     base: OnceLock<String>,
+    timeouts: OnceLock<portforward::Timeouts>,
 }
 
 /// The streaming server could not start, or a URL could not be made.
@@ -55,6 +56,7 @@ impl Streaming {
         self: &Arc<Self>,
         address: &str,
         port: u16,
+        timeouts: portforward::Timeouts,
         shutdown: S,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StreamingError>
     where
@@ -77,6 +79,7 @@ impl Streaming {
             SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
         };
         let _ = self.base.set(base);
+        let _ = self.timeouts.set(timeouts);
         let app = axum::Router::new()
             .route(
                 "/portforward/{token}",
@@ -121,8 +124,9 @@ async fn port_forward(
             "unknown, used or expired streaming URL".into(),
         );
     };
+    let timeouts = s.timeouts.get().copied().unwrap_or_default();
     if header_has(req.headers(), "upgrade", "websocket") {
-        return port_forward_ws(req, pod_id, netns).await;
+        return port_forward_ws(req, pod_id, netns, timeouts).await;
     }
     let headers = req.headers();
     if !header_has(headers, "upgrade", "SPDY/3.1") {
@@ -143,7 +147,10 @@ async fn port_forward(
     let upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(io) => portforward::serve(hyper_util::rt::TokioIo::new(io), pod_id, netns).await,
+            Ok(io) => {
+                let io = hyper_util::rt::TokioIo::new(io);
+                portforward::serve(io, pod_id, netns, timeouts).await
+            }
             Err(e) => tracing::debug!(pod = %pod_id, error = %e, "port-forward upgrade failed"),
         }
     });
@@ -163,6 +170,7 @@ async fn port_forward_ws(
     req: Request,
     pod_id: String,
     netns: Option<std::path::PathBuf>,
+    timeouts: portforward::Timeouts,
 ) -> Response {
     use axum::extract::FromRequestParts;
     use axum::extract::ws::WebSocketUpgrade;
@@ -185,5 +193,7 @@ async fn port_forward_ws(
         Err(rejection) => return rejection.into_response(),
     };
     ws.protocols([tunnel::PORT_FORWARD])
-        .on_upgrade(move |socket| portforward::serve(tunnel::bridge(socket), pod_id, netns))
+        .on_upgrade(move |socket| {
+            portforward::serve(tunnel::bridge(socket), pod_id, netns, timeouts)
+        })
 }
