@@ -610,6 +610,40 @@ def bench(n):
           timeout=120)
 
 
+def bench_port_forward(mib=100, rounds=3):
+    """Throughput of `crictl port-forward` (SPDY): an HTTP download of `mib` MiB from busybox
+    httpd in a pod, through the runtime's streaming server, `rounds` times; the median."""
+    write_manifest("pf", {"terminationGracePeriodSeconds": 1, "containers": [{
+        "name": "web", "image": BUSYBOX,
+        "command": ["sh", "-c", f"mkdir -p /www && dd if=/dev/zero of=/www/f bs=1M count={mib} "
+                    "2>/dev/null && touch /www/ready && exec httpd -f -p 8080 -h /www"]}]})
+    until("pf runs", lambda: running("pf", "web"))
+    pod_id = sandboxes("pf")[0]
+    out = open(f"{WORK}/bench-port-forward.log", "w")
+    fwd = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "port-forward",
+                            pod_id, "18099:8080"], stdout=out, stderr=subprocess.STDOUT)
+    rates = []
+    try:
+        until("the file is served", lambda: get("http://127.0.0.1:18099/ready", timeout=5) == b"",
+              timeout=60)
+        for _ in range(rounds):
+            t = time.time()
+            with urllib.request.urlopen("http://127.0.0.1:18099/f", timeout=120) as r:
+                got = 0
+                while chunk := r.read(1 << 20):
+                    got += len(chunk)
+            assert got == mib << 20, f"got {got} bytes"
+            rates.append(mib / (time.time() - t))
+    finally:
+        fwd.terminate()
+        fwd.wait(10)
+        out.close()
+    log(f"bench: port-forward (crictl, SPDY) of {mib} MiB over HTTP, {rounds} rounds: "
+        f"median {statistics.median(rates):.0f} MiB/s (each: {', '.join(f'{r:.0f}' for r in rates)})")
+    os.remove(f"{MANIFESTS}/pf.json")
+    until("pf is gone", lambda: pod("pf") is None, timeout=120)
+
+
 def main():
     # kubelet makes /var/lib/kubelet/device-plugins whatever its root dir: removed at the end
     # when this run made it.
@@ -619,6 +653,7 @@ def main():
         start_kubelet()
         if BENCH:
             bench(BENCH)
+            bench_port_forward()
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
