@@ -231,7 +231,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "berthd serving the CRI");
 
-    let (streaming_stop, streaming_stopped) = tokio::sync::oneshot::channel::<()>();
     let (_, streaming) = rt
         .streaming
         .serve(
@@ -241,9 +240,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 idle: Duration::from_secs(streaming_config.idle_timeout_seconds),
                 creation: Duration::from_secs(streaming_config.stream_creation_timeout_seconds),
             },
-            async {
-                let _ = streaming_stopped.await;
-            },
+            // Stopped by aborting it at the end: its sessions are upgraded connections that a
+            // graceful stop would not wait for anyway.
+            std::future::pending(),
         )
         .await?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -286,7 +285,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     remove_socket(&listen, ino);
     let _ = metrics_stop.send(());
-    let _ = streaming_stop.send(());
     // Open port-forwards end with berthd (their clients reconnect to the next one).
     streaming.abort();
     if let Some(task) = metrics {
