@@ -203,12 +203,20 @@ impl Runtime {
             pod_id: r.id,
             netns,
         };
-        self.streaming.url(session).map_err(|e| match e {
-            crate::streaming::StreamingError::Token(crate::streaming::tokens::TokenError::Full) => {
-                Error::ResourceExhausted(e.to_string())
-            }
-            e => Error::Unavailable(e.to_string()),
-        })
+        self.streaming.url(session).map_err(streaming_err)
+    }
+
+    /// The URL of a streamed exec (`cmd` given) or attach session of container `id`.
+    pub fn remote_command_url(
+        &self,
+        id: &str,
+        cmd: Option<Vec<String>>,
+        io: crate::streaming::Io,
+    ) -> Result<String> {
+        let session = self.containers.remote_command(id, cmd, io)?;
+        self.streaming
+            .url(crate::streaming::Session::Remote(session))
+            .map_err(streaming_err)
     }
 
     /// The effective configuration.
@@ -360,4 +368,14 @@ fn writable_dir(dir: &Path) -> nix::Result<()> {
         dir,
         nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
     )
+}
+
+/// A streaming URL that could not be made, as the CRI reports it.
+fn streaming_err(e: crate::streaming::StreamingError) -> Error {
+    match e {
+        crate::streaming::StreamingError::Token(crate::streaming::tokens::TokenError::Full) => {
+            Error::ResourceExhausted(e.to_string())
+        }
+        e => Error::Unavailable(e.to_string()),
+    }
 }

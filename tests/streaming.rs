@@ -6,140 +6,70 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use berth::streaming::spdy::{Codec, Frame};
 use bytes::{Bytes, BytesMut};
+use common::spdy::{self, Client, fd_count, syn};
 use common::world::*;
 use futures::{SinkExt, StreamExt};
 use k8s_cri::v1 as cri;
 use sha2::{Digest, Sha256};
 
-/// A SPDY client connection, upgraded from HTTP/1.1.
-struct Client {
-    tcp: TcpStream,
-    codec: Codec,
-    buf: BytesMut,
-}
-
 /// The SYN_STREAM opening stream `id` of kind `kind` ("error" or "data") for request `req`.
-fn syn(id: u32, kind: &str, port: u16, req: u32) -> Frame {
-    Frame::SynStream {
-        stream: id,
-        associated: 0,
-        priority: 0,
-        flags: 0,
-        headers: vec![
-            ("streamtype".into(), kind.into()),
-            ("port".into(), port.to_string()),
-            ("requestid".into(), req.to_string()),
-        ],
-    }
-}
-
-/// `url`'s host:port and path.
-fn split(url: &str) -> (String, String) {
-    let rest = url.strip_prefix("http://").expect("an http URL");
-    let (host, path) = rest.split_once('/').expect("a path");
-    (host.to_string(), format!("/{path}"))
+fn pf_syn(id: u32, kind: &str, port: u16, req: u32) -> Frame {
+    let (port, req) = (port.to_string(), req.to_string());
+    syn(
+        id,
+        &[("streamtype", kind), ("port", &port), ("requestid", &req)],
+    )
 }
 
 /// GETs `url` with the port-forward upgrade; the status line and, on 101, the client.
 fn connect(url: &str) -> (String, Option<Client>) {
-    let (host, path) = split(url);
-    let mut tcp = TcpStream::connect(&host).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        tcp,
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
-         X-Stream-Protocol-Version: portforward.k8s.io\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8];
-    while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut byte).unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
+    let (status, client) = spdy::connect(url, &["portforward.k8s.io"]);
+    if let Some(c) = &client {
+        assert_eq!(c.protocol, "portforward.k8s.io");
     }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_string();
-    if !status.contains(" 101 ") {
-        return (status, None);
-    }
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("x-stream-protocol-version: portforward.k8s.io"),
-        "{head}"
-    );
-    let client = Client {
-        tcp,
-        codec: Codec::new(),
-        buf: BytesMut::new(),
-    };
-    (status, Some(client))
+    (status, client)
 }
 
-impl Client {
-    fn send(&mut self, f: Frame) {
-        let mut out = BytesMut::new();
-        self.codec.encode(&f, &mut out).unwrap();
-        self.tcp.write_all(&out).unwrap();
+/// Opens the error and data streams of request `req` to `port` (ids 4req+1, 4req+3).
+fn open(c: &mut Client, req: u32, port: u16) -> (u32, u32) {
+    let (error, data) = (4 * req + 1, 4 * req + 3);
+    for (id, kind) in [(error, "error"), (data, "data")] {
+        c.send(pf_syn(id, kind, port, req));
     }
+    (error, data)
+}
 
-    fn next(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = self.codec.decode(&mut self.buf).unwrap() {
-                return Some(f);
+/// Everything the server sends on `error` and `data` until both end.
+fn drain(c: &mut Client, error: u32, data: u32) -> (Vec<u8>, Vec<u8>) {
+    let (mut e, mut d) = (Vec::new(), Vec::new());
+    let (mut e_done, mut d_done) = (false, false);
+    while !(e_done && d_done) {
+        match c.next().expect("the connection ended early") {
+            Frame::Data {
+                stream,
+                fin,
+                data: b,
+            } if stream == error => {
+                e.extend_from_slice(&b);
+                e_done |= fin;
             }
-            let mut chunk = [0u8; 65536];
-            match self.tcp.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            Frame::Data {
+                stream,
+                fin,
+                data: b,
+            } if stream == data => {
+                d.extend_from_slice(&b);
+                d_done |= fin;
             }
+            Frame::SynReply { .. } | Frame::Ping { .. } => {}
+            f => panic!("unexpected {f:?}"),
         }
     }
-
-    /// Opens the error and data streams of request `req` to `port` (ids 2req+1, 2req+3).
-    fn open(&mut self, req: u32, port: u16) -> (u32, u32) {
-        let (error, data) = (4 * req + 1, 4 * req + 3);
-        for (id, kind) in [(error, "error"), (data, "data")] {
-            self.send(syn(id, kind, port, req));
-        }
-        (error, data)
-    }
-
-    /// Everything the server sends on `error` and `data` until both end.
-    fn drain(&mut self, error: u32, data: u32) -> (Vec<u8>, Vec<u8>) {
-        let (mut e, mut d) = (Vec::new(), Vec::new());
-        let (mut e_done, mut d_done) = (false, false);
-        while !(e_done && d_done) {
-            match self.next().expect("the connection ended early") {
-                Frame::Data {
-                    stream,
-                    fin,
-                    data: b,
-                } if stream == error => {
-                    e.extend_from_slice(&b);
-                    e_done |= fin;
-                }
-                Frame::Data {
-                    stream,
-                    fin,
-                    data: b,
-                } if stream == data => {
-                    d.extend_from_slice(&b);
-                    d_done |= fin;
-                }
-                Frame::SynReply { .. } | Frame::Ping { .. } => {}
-                f => panic!("unexpected {f:?}"),
-            }
-        }
-        (e, d)
-    }
+    (e, d)
 }
 
 /// Downloads `/f` through port-forward tunnelled over WebSocket (subprotocol
@@ -172,7 +102,7 @@ fn ws_download(url: &str) -> Vec<u8> {
             ("data", 3, Some(&b"GET /f HTTP/1.0\r\n\r\n"[..])),
         ] {
             let (kind, id, payload) = f;
-            codec.encode(&syn(id, kind, 8080, 0), &mut out).unwrap();
+            codec.encode(&pf_syn(id, kind, 8080, 0), &mut out).unwrap();
             if let Some(p) = payload {
                 let data = Frame::Data {
                     stream: id,
@@ -223,12 +153,6 @@ async fn forward_url(w: &mut World, pod: &str) -> String {
     .url
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() {
     let mut w = World::new().await;
@@ -265,19 +189,19 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     let (body, closed, reused) = w.env.netns.run_in(move || {
         let (status, client) = connect(&url);
         let mut c = client.unwrap_or_else(|| panic!("no upgrade: {status}"));
-        let (error, data) = c.open(0, 8080);
+        let (error, data) = open(&mut c, 0, 8080);
         c.send(Frame::Data {
             stream: data,
             fin: true,
             data: Bytes::from_static(b"GET /f HTTP/1.0\r\n\r\n"),
         });
-        let (err, resp) = c.drain(error, data);
+        let (err, resp) = drain(&mut c, error, data);
         assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
         let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
         let body = resp[split + 4..].to_vec();
         // A port nobody listens on: the reason comes on the error stream.
-        let (error, data) = c.open(1, 8081);
-        let (err, _) = c.drain(error, data);
+        let (error, data) = open(&mut c, 1, 8081);
+        let (err, _) = drain(&mut c, error, data);
         // The URL was used: a second use is refused.
         let (reused, _) = connect(&again);
         (body, String::from_utf8_lossy(&err).into_owned(), reused)
@@ -297,7 +221,7 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     w.env.netns.run_in(move || {
         let (_, client) = connect(&url);
         let mut c = client.unwrap();
-        let (_, data) = c.open(0, 8080);
+        let (_, data) = open(&mut c, 0, 8080);
         c.send(Frame::Data {
             stream: data,
             fin: true,
@@ -366,7 +290,7 @@ async fn a_half_opened_request_is_refused_and_an_idle_session_closed() {
         let (status, client) = connect(&url);
         let mut c = client.unwrap_or_else(|| panic!("no upgrade: {status}"));
         // Only the error stream of request 0: its data stream never follows.
-        c.send(syn(1, "error", 8080, 0));
+        c.send(pf_syn(1, "error", 8080, 0));
         let mut seen = Vec::new();
         while let Some(f) = c.next() {
             seen.push(f);

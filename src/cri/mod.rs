@@ -82,6 +82,16 @@ pub(super) fn ns_mode(m: i32) -> Result<NsMode, Status> {
 }
 
 /// The answer for an RPC berth does not serve (yet). kubelet falls back only on this code.
+/// The streams an Exec or Attach asks for.
+fn streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> crate::streaming::Io {
+    crate::streaming::Io {
+        stdin,
+        stdout,
+        stderr,
+        tty,
+    }
+}
+
 fn unimplemented(method: &str) -> Status {
     Status::unimplemented(format!("{method} is not implemented by berth"))
 }
@@ -235,12 +245,28 @@ impl RuntimeService for Cri {
         rpc("ExecSync", self.exec_sync(r.into_inner())).await
     }
 
-    async fn exec(&self, _r: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
-        rpc("Exec", async { Err(unimplemented("Exec")) }).await
+    async fn exec(&self, r: Request<cri::ExecRequest>) -> RpcResult<cri::ExecResponse> {
+        rpc("Exec", async {
+            let req = r.into_inner();
+            tracing::Span::current().record("container", &req.container_id);
+            let io = streams(req.stdin, req.stdout, req.stderr, req.tty);
+            let url = self
+                .rt
+                .remote_command_url(&req.container_id, Some(req.cmd), io)?;
+            Ok(cri::ExecResponse { url })
+        })
+        .await
     }
 
-    async fn attach(&self, _r: Request<cri::AttachRequest>) -> RpcResult<cri::AttachResponse> {
-        rpc("Attach", async { Err(unimplemented("Attach")) }).await
+    async fn attach(&self, r: Request<cri::AttachRequest>) -> RpcResult<cri::AttachResponse> {
+        rpc("Attach", async {
+            let req = r.into_inner();
+            tracing::Span::current().record("container", &req.container_id);
+            let io = streams(req.stdin, req.stdout, req.stderr, req.tty);
+            let url = self.rt.remote_command_url(&req.container_id, None, io)?;
+            Ok(cri::AttachResponse { url })
+        })
+        .await
     }
 
     async fn port_forward(

@@ -3,7 +3,7 @@
 //! process is done), and sent every container exit as an event.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 
 use super::proto::{self, message, request};
@@ -23,6 +23,7 @@ impl Monitor {
                     stream,
                     rbuf: Vec::new(),
                     wbuf: Vec::new(),
+                    fds: Vec::new(),
                     closed: false,
                 },
             );
@@ -111,6 +112,23 @@ impl Monitor {
         );
     }
 
+    /// Answers request `id` on `conn` with `fds` passed along (SCM_RIGHTS); the monitor's
+    /// copies close once they are sent.
+    pub fn respond_with_fds(
+        &mut self,
+        conn: u64,
+        id: u64,
+        result: Option<proto::response::Result>,
+        fds: Vec<OwnedFd>,
+    ) {
+        if let Some(c) = self.conns.get_mut(&conn)
+            && !c.closed
+        {
+            c.fds.extend(fds);
+        }
+        self.respond(conn, id, Ok(result));
+    }
+
     /// Sends an event to every connection.
     pub fn broadcast(&mut self, ev: proto::Event) {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
@@ -165,6 +183,16 @@ impl Monitor {
                     self.respond(conn, id, Err(err));
                 }
             }
+            Some(request::Op::ExecStream(e)) => {
+                if let Err(err) = self.exec_stream(conn, id, e) {
+                    self.respond(conn, id, Err(err));
+                }
+            }
+            Some(request::Op::Attach(a)) => {
+                if let Err(err) = self.attach(conn, id, a) {
+                    self.respond(conn, id, Err(err));
+                }
+            }
             Some(request::Op::ReopenLog(rl)) => {
                 let r = self.reopen_log(&rl.container_id);
                 self.respond(conn, id, r);
@@ -198,13 +226,31 @@ impl Conn {
         if self.wbuf.is_empty() {
             return;
         }
-        match self.stream.write(&self.wbuf) {
+        let written = if self.fds.is_empty() {
+            self.stream.write(&self.wbuf)
+        } else {
+            // The descriptors ride on the first byte still unsent, which is at or before the
+            // answer they belong to: berthd has them by the time it reads that answer.
+            let raw: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
+            let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+            nix::sys::socket::sendmsg::<()>(
+                self.stream.as_raw_fd(),
+                &[std::io::IoSlice::new(&self.wbuf)],
+                &cmsg,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map_err(std::io::Error::from)
+            .inspect(|_| self.fds.clear())
+        };
+        match written {
             Ok(n) => {
                 self.wbuf.drain(..n);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => {
                 self.wbuf.clear();
+                self.fds.clear();
                 self.closed = true;
             }
         }

@@ -18,6 +18,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::cri_log::{LogWriter, Stream};
+use super::fanout::{end_stream, fan_out};
 use super::helper::in_helper;
 use super::io::{now_ns, pipe, read_some, receive_pty_master, set_nonblocking, write_exit_file};
 use super::proto;
@@ -57,6 +58,8 @@ impl Executor for StatusExecutor {
             .map(|a| std::ffi::CString::new(a.as_bytes()).unwrap_or_default())
             .collect();
         let path = std::ffi::CString::new(first.as_bytes()).unwrap_or_default();
+        // The monitor blocks SIGCHLD and SIGPIPE for its signalfd; a mask survives exec.
+        let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
         let err = nix::unistd::execvp(&path, &c_args).unwrap_err();
         let what = match err {
             nix::errno::Errno::ENOENT => "executable file not found in $PATH".to_string(),
@@ -254,7 +257,10 @@ impl Monitor {
                 log,
                 stdout: Some(stdout),
                 stderr,
-                _stdin: stdin,
+                stdin,
+                tty: c.tty,
+                stdin_once: c.stdin_once,
+                attached: Vec::new(),
                 start_error: None,
             },
         );
@@ -397,6 +403,7 @@ impl Monitor {
                     if let Some(l) = c.log.as_mut() {
                         let _ = l.write(s, &buf[..n]);
                     }
+                    fan_out(&mut c.attached, s, &buf[..n]);
                 }
                 Ok(None) | Err(_) => {
                     let fd = file.as_raw_fd();
@@ -404,6 +411,7 @@ impl Monitor {
                     if let Some(l) = c.log.as_mut() {
                         let _ = l.finish(s);
                     }
+                    end_stream(&mut c.attached, s);
                     self.unwatch(fd);
                     return;
                 }
@@ -427,6 +435,7 @@ impl Monitor {
             match self.pids.remove(&pid) {
                 Some(Owner::Container(id)) => self.container_exited(&id, code, signal),
                 Some(Owner::Exec(eid)) => self.exec_exited(eid, code),
+                Some(Owner::Stream(sid)) => self.stream_exited(sid, code),
                 None => {}
             }
         }
@@ -460,6 +469,8 @@ impl Monitor {
         c.status = CtrStatus::Exited;
         c.exit = Some(exit.clone());
         drain(c);
+        // Attached clients see the end of the output now, whoever else still holds the pipes.
+        c.attached.clear();
         self.broadcast(proto::Event {
             container_id: id.to_string(),
             exit: Some(exit),
@@ -553,6 +564,7 @@ fn drain(c: &mut Ctr) {
                     if let Some(l) = c.log.as_mut() {
                         let _ = l.write(s, &buf[..n]);
                     }
+                    fan_out(&mut c.attached, s, &buf[..n]);
                 }
                 _ => break,
             }

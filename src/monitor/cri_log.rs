@@ -22,7 +22,8 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn tag(self) -> &'static str {
+    /// "stdout" or "stderr", as the log and the streaming protocols name it.
+    pub fn name(self) -> &'static str {
         match self {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
@@ -124,7 +125,7 @@ fn emit(out: &mut Vec<u8>, ts: &str, stream: Stream, line: &[u8]) {
 fn record(out: &mut Vec<u8>, ts: &str, stream: Stream, tag: &str, content: &[u8]) {
     out.extend_from_slice(ts.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(stream.tag().as_bytes());
+    out.extend_from_slice(stream.name().as_bytes());
     out.push(b' ');
     out.extend_from_slice(tag.as_bytes());
     out.push(b' ');

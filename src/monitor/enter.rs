@@ -1,4 +1,4 @@
-//! Starting a process in a running container (ExecSync), done by berth rather than by
+//! Starting a process in a running container (ExecSync and streamed exec), done by berth rather than by
 //! libcontainer's tenant builder, which drops the container's seccomp filter for exec'd
 //! processes. Run in a helper: it joins the container init's cgroups and namespaces, forks the
 //! process into its PID namespace, and that process takes the container's limits, identity,
@@ -26,6 +26,30 @@ pub(super) struct Command {
     pub additional_gids: Vec<u32>,
 }
 
+impl Command {
+    /// The command of an exec request.
+    pub fn of(e: &super::proto::Exec) -> Command {
+        Command {
+            args: e.args.clone(),
+            env: e.env.clone(),
+            cwd: e.cwd.clone(),
+            uid: e.uid,
+            gid: e.gid,
+            additional_gids: e.additional_gids.clone(),
+        }
+    }
+}
+
+/// Where the process's 0-2 come from.
+pub(super) enum Stdio {
+    /// These descriptors.
+    Fds([RawFd; 3]),
+    /// A new terminal of the container's own devpts (so `tty` and job control work inside
+    /// it): its master is sent over the unix socket `to` with SCM_RIGHTS, and the process
+    /// gets the other end as its controlling terminal.
+    Terminal { to: RawFd },
+}
+
 /// The namespaces an exec'd process shares with the container's init, with their
 /// /proc/PID/ns names.
 const NAMESPACES: [(&str, CloneFlags); 8] = [
@@ -41,7 +65,7 @@ const NAMESPACES: [(&str, CloneFlags); 8] = [
 
 /// Starts `cmd` in container `lc_dir` (its libcontainer state directory) with `stdio` as its
 /// 0, 1 and 2; its pid. Called in a helper: it changes this process's namespaces.
-pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: [RawFd; 3]) -> Result<i32, String> {
+pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: Stdio) -> Result<i32, String> {
     let container = Container::load(lc_dir.to_path_buf()).map_err(|e| e.to_string())?;
     let init = container
         .pid()
@@ -61,6 +85,13 @@ pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: [RawFd; 3]) -> Result
     nix::sched::setns(&pidfd, flags)
         .map_err(|e| format!("joining the container's namespaces: {e}"))?;
     drop(pidfd);
+    let (stdio, terminal) = match stdio {
+        Stdio::Fds(fds) => (fds, None),
+        Stdio::Terminal { to } => {
+            let slave = open_terminal(to)?;
+            ([slave.as_raw_fd(); 3], Some(slave))
+        }
+    };
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the helper is single-threaded, so the child's copy of its memory is consistent;
@@ -69,7 +100,14 @@ pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: [RawFd; 3]) -> Result
         ForkResult::Child => {
             drop(err_r);
             // Until the descriptors are in place the pipe is at its own number; then at 3.
-            let (e, at) = match only_stdio(stdio, err_w.as_raw_fd()) {
+            let ready = only_stdio(stdio, err_w.as_raw_fd()).and_then(|()| {
+                if terminal.is_some() {
+                    take_terminal()
+                } else {
+                    Ok(())
+                }
+            });
+            let (e, at) = match ready {
                 Err(e) => (e, err_w.as_raw_fd()),
                 Ok(()) => match setup(&spec, cmd) {
                     Ok(never) => match never {},
@@ -84,6 +122,7 @@ pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: [RawFd; 3]) -> Result
         }
         ForkResult::Parent { child } => {
             drop(err_w);
+            drop(terminal);
             let mut msg = String::new();
             let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
             if msg.is_empty() {
@@ -146,6 +185,74 @@ fn namespaces_to_join(init: i32) -> Result<CloneFlags, String> {
         }
     }
     Ok(flags)
+}
+
+/// Opens a new terminal in the container's devpts (this process is in its mount namespace, so
+/// `/dev/ptmx` is the container's): the master goes over `to`, the slave is returned. The
+/// path is the container's to shape: no magic link is followed (one could lead out through a
+/// descriptor of this process), and what opens must be the ptmx device itself.
+fn open_terminal(to: RawFd) -> Result<OwnedFd, String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let master = rustix::fs::openat2(
+        rustix::fs::CWD,
+        "/dev/ptmx",
+        OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+        ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("opening the container's /dev/ptmx: {e}"))?;
+    let st = rustix::fs::fstat(&master).map_err(|e| format!("/dev/ptmx: {e}"))?;
+    let is_ptmx = st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && rustix::fs::major(st.st_rdev) == 5
+        && rustix::fs::minor(st.st_rdev) == 2;
+    if !is_ptmx {
+        return Err("the container's /dev/ptmx is not the pty multiplexer".into());
+    }
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads the int it is given; TIOCGPTPEER makes a new descriptor.
+    let slave = unsafe {
+        if libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) != 0 {
+            return Err(format!(
+                "unlocking the terminal: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    if slave < 0 {
+        return Err(format!(
+            "opening the terminal: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: TIOCGPTPEER just made this descriptor for this process.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    let fds = [master.as_raw_fd()];
+    let msg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(
+        to,
+        &[std::io::IoSlice::new(b"t")],
+        &msg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("handing over the terminal: {e}"))?;
+    Ok(slave)
+}
+
+/// In the forked child, whose 0-2 are a terminal's slave: a new session with it as the
+/// controlling terminal.
+fn take_terminal() -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    // SAFETY: TIOCSCTTY on descriptor 0 takes an int argument and touches no memory.
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        return Err(format!("TIOCSCTTY: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Puts `stdio` at 0-2 and closes every other descriptor but `err` (close-on-exec).
@@ -281,6 +388,8 @@ fn execute(cmd: &Command) -> Result<std::convert::Infallible, String> {
             .map(|d| format!("{}/{name}", if d.is_empty() { "." } else { d }))
             .collect()
     };
+    // The monitor blocks SIGCHLD and SIGPIPE for its signalfd; a mask survives exec.
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     let mut last = nix::errno::Errno::ENOENT;
     for c in candidates {
         let file = cstr(&c)?;

@@ -26,24 +26,7 @@ impl Monitor {
     /// Starts `e` in its container; the answer goes out when it is done.
     pub fn exec(&mut self, conn: u64, req: u64, e: proto::Exec) -> Result<(), Failure> {
         use proto::ErrorKind as K;
-        match self.ctrs.get(&e.container_id) {
-            None => {
-                return Err((
-                    K::NotFound,
-                    format!("container {} is not in this pod's monitor", e.container_id),
-                ));
-            }
-            Some(c) if c.status == CtrStatus::Exited => {
-                return Err((
-                    K::Invalid,
-                    format!("container {} is not running", e.container_id),
-                ));
-            }
-            Some(_) => {}
-        }
-        if e.args.is_empty() {
-            return Err((K::Invalid, "exec needs a command".into()));
-        }
+        self.can_exec(&e)?;
         let (out_r, out_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
         let (err_r, err_w) = pipe().map_err(|err| (K::Failed, format!("pipe: {err}")))?;
         let built = self.start_exec(&e, out_w, err_w);
@@ -98,6 +81,30 @@ impl Monitor {
         Ok(())
     }
 
+    /// Whether `e` can run: its container runs here, and it names a command.
+    pub fn can_exec(&self, e: &proto::Exec) -> Result<(), Failure> {
+        use proto::ErrorKind as K;
+        match self.ctrs.get(&e.container_id) {
+            None => {
+                return Err((
+                    K::NotFound,
+                    format!("container {} is not in this pod's monitor", e.container_id),
+                ));
+            }
+            Some(c) if c.status == CtrStatus::Exited => {
+                return Err((
+                    K::Invalid,
+                    format!("container {} is not running", e.container_id),
+                ));
+            }
+            Some(_) => {}
+        }
+        if e.args.is_empty() {
+            return Err((K::Invalid, "exec needs a command".into()));
+        }
+        Ok(())
+    }
+
     /// The exec'd process, started by `enter` in a helper (stdin /dev/null, output to the
     /// pipes given); its pid.
     fn start_exec(&self, e: &proto::Exec, out_w: OwnedFd, err_w: OwnedFd) -> Result<i32, String> {
@@ -105,16 +112,9 @@ impl Monitor {
         let stdio = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         let lc_dir = self.lc_root.join(lc_id(&e.container_id));
         let title = format!("berth-exec {}", e.container_id);
-        let cmd = enter::Command {
-            args: e.args.clone(),
-            env: e.env.clone(),
-            cwd: e.cwd.clone(),
-            uid: e.uid,
-            gid: e.gid,
-            additional_gids: e.additional_gids.clone(),
-        };
+        let cmd = enter::Command::of(e);
         in_helper(&title, &stdio, (self.procfs, e.shielded), move || {
-            let r = enter::exec_in(&lc_dir, &cmd, stdio);
+            let r = enter::exec_in(&lc_dir, &cmd, enter::Stdio::Fds(stdio));
             drop((null, out_w, err_w));
             r
         })

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -63,6 +63,11 @@ pub(super) fn receive_pty_master(console: &UnixListener) -> std::io::Result<File
     // libcontainer connected during create and sent the fd before create returned: the
     // connection and the message are queued already.
     let (stream, _) = console.accept()?;
+    receive_fd(&stream)
+}
+
+/// Takes the first descriptor of the next message on `stream` (SCM_RIGHTS).
+pub(super) fn receive_fd(stream: &UnixStream) -> std::io::Result<File> {
     let mut buf = [0u8; 64];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
     let mut cmsg = nix::cmsg_space!(RawFd);
@@ -80,7 +85,7 @@ pub(super) fn receive_pty_master(console: &UnixListener) -> std::io::Result<File
             return Ok(unsafe { File::from_raw_fd(*fd) });
         }
     }
-    Err(std::io::Error::other("no terminal was sent"))
+    Err(std::io::Error::other("no descriptor was sent"))
 }
 
 /// Binds the monitor's socket at `path` (replacing a stale one): done in the zygote, before

@@ -7,8 +7,8 @@
 //! CRI log files, and runs ExecSync processes. It outlives berthd: berthd reconnects after a
 //! restart and asks for the state of every container. Its parts: `process` (its life),
 //! `event_loop` (sources and timers), `state` (what it holds), `conn` (berthd's connections),
-//! `containers`, `exec`, `enter` (a process into a running container), `helper` (where
-//! libcontainer runs), `io`.
+//! `containers`, `exec`, `session` (streamed exec and attach), `enter` (a process into a
+//! running container), `helper` (where libcontainer runs), `io`.
 
 pub mod client;
 mod conn;
@@ -17,11 +17,14 @@ pub mod cri_log;
 mod enter;
 mod event_loop;
 mod exec;
+mod fanout;
 mod helper;
 mod io;
 mod process;
 pub mod proto;
+mod session;
 mod state;
+pub mod stream;
 
 pub use containers::lc_id;
 pub use io::bind;

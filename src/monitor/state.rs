@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +33,8 @@ pub(super) struct Monitor {
     /// ExecSync processes running.
     pub execs: HashMap<u64, ExecOp>,
     pub next_exec: u64,
+    /// Streamed execs running: the connection and request their exit is answered on.
+    pub streams: HashMap<u64, (u64, u64)>,
     /// Containers whose start-status pipe is still open.
     pub starts: Vec<PendingStart>,
     /// berthd has said hello.
@@ -65,6 +67,7 @@ impl Monitor {
             pids: HashMap::new(),
             execs: HashMap::new(),
             next_exec: 0,
+            streams: HashMap::new(),
             starts: Vec::new(),
             greeted: false,
             shutdown: false,
@@ -92,6 +95,8 @@ pub(super) struct Conn {
     pub stream: UnixStream,
     pub rbuf: Vec<u8>,
     pub wbuf: Vec<u8>,
+    /// Descriptors to pass (SCM_RIGHTS) with the next bytes written.
+    pub fds: Vec<OwnedFd>,
     pub closed: bool,
 }
 
@@ -113,15 +118,28 @@ pub(super) struct Ctr {
     pub log: Option<LogWriter>,
     pub stdout: Option<File>,
     pub stderr: Option<File>,
-    /// Kept for attach; holding it open keeps the container's stdin open.
-    pub _stdin: Option<File>,
+    /// The container's stdin (a pipe's write end, or with a terminal its master): handed to
+    /// attach sessions; holding it keeps the stdin open.
+    pub stdin: Option<File>,
+    pub tty: bool,
+    /// The stdin closes when the first attach session that took it ends.
+    pub stdin_once: bool,
+    /// Attach sessions its output is copied to.
+    pub attached: Vec<Attachment>,
     pub start_error: Option<String>,
+}
+
+/// One attach session's output pipes (write ends, non-blocking).
+pub(super) struct Attachment {
+    pub out: Option<File>,
+    pub err: Option<File>,
 }
 
 /// Who a reaped pid belonged to.
 pub(super) enum Owner {
     Container(String),
     Exec(u64),
+    Stream(u64),
 }
 
 /// A container's start-status pipe: watched from Create on (an end of file before Start means

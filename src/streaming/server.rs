@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::tokens::{Session, TokenError, Tokens};
-use super::{portforward, tunnel};
+use super::{portforward, remotecommand, tunnel};
 
 /// Tokens and the base URL they are handed out under.
 #[derive(Default)]
@@ -45,6 +45,8 @@ impl Streaming {
         let base = self.base.get().ok_or(StreamingError::NotServing)?;
         let path = match &session {
             Session::PortForward { .. } => "portforward",
+            Session::Remote(r) if r.exec.is_some() => "exec",
+            Session::Remote(_) => "attach",
         };
         let token = self.tokens.mint(session)?;
         Ok(format!("{base}/{path}/{token}"))
@@ -85,6 +87,14 @@ impl Streaming {
                 "/portforward/{token}",
                 axum::routing::get(port_forward).post(port_forward),
             )
+            .route(
+                "/exec/{token}",
+                axum::routing::get(remote_command).post(remote_command),
+            )
+            .route(
+                "/attach/{token}",
+                axum::routing::get(remote_command).post(remote_command),
+            )
             .with_state(self.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app)
@@ -113,16 +123,57 @@ fn refuse(code: StatusCode, message: String) -> Response {
     (code, message).into_response()
 }
 
+fn unknown_token() -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        "unknown, used or expired streaming URL".into(),
+    )
+}
+
+/// Exec and attach: the SPDY upgrade to the first channel protocol of the client's that
+/// berth speaks.
+async fn remote_command(
+    State(s): State<Arc<Streaming>>,
+    Path(token): Path<String>,
+    mut req: Request,
+) -> Response {
+    let Some(Session::Remote(cmd)) = s.tokens.take(&token) else {
+        return unknown_token();
+    };
+    let timeouts = s.timeouts.get().copied().unwrap_or_default();
+    let headers = req.headers();
+    if !header_has(headers, "upgrade", "SPDY/3.1") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "exec and attach need Upgrade: SPDY/3.1".into(),
+        );
+    }
+    let offered = headers
+        .get_all("x-stream-protocol-version")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let Some(protocol) = remotecommand::negotiate(offered) else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no supported X-Stream-Protocol-Version: this server speaks {}",
+                remotecommand::PROTOCOLS.join(", ")
+            ),
+        );
+    };
+    let pod = cmd.pod_id.clone();
+    spdy_upgrade(&mut req, protocol, pod, move |io| {
+        remotecommand::serve(io, cmd, protocol, timeouts)
+    })
+}
+
 async fn port_forward(
     State(s): State<Arc<Streaming>>,
     Path(token): Path<String>,
     mut req: Request,
 ) -> Response {
     let Some(Session::PortForward { pod_id, netns }) = s.tokens.take(&token) else {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            "unknown, used or expired streaming URL".into(),
-        );
+        return unknown_token();
     };
     let timeouts = s.timeouts.get().copied().unwrap_or_default();
     if header_has(req.headers(), "upgrade", "websocket") {
@@ -144,14 +195,29 @@ async fn port_forward(
             ),
         );
     }
-    let upgrade = hyper::upgrade::on(&mut req);
+    let pod = pod_id.clone();
+    spdy_upgrade(&mut req, portforward::PROTOCOL, pod, move |io| {
+        portforward::serve(io, pod_id, netns, timeouts)
+    })
+}
+
+/// Answers 101 Switching Protocols to SPDY/3.1 speaking `protocol`, and runs `serve` on the
+/// upgraded connection once hyper hands it over.
+fn spdy_upgrade<F, Fut>(
+    req: &mut Request,
+    protocol: &'static str,
+    pod: String,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(io) => {
-                let io = hyper_util::rt::TokioIo::new(io);
-                portforward::serve(io, pod_id, netns, timeouts).await
-            }
-            Err(e) => tracing::debug!(pod = %pod_id, error = %e, "port-forward upgrade failed"),
+            Ok(io) => serve(hyper_util::rt::TokioIo::new(io)).await,
+            Err(e) => tracing::debug!(pod = %pod, error = %e, "SPDY upgrade failed"),
         }
     });
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
@@ -160,7 +226,7 @@ async fn port_forward(
     h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
     h.insert(
         "x-stream-protocol-version",
-        HeaderValue::from_static(portforward::PROTOCOL),
+        HeaderValue::from_static(protocol),
     );
     r
 }

@@ -23,6 +23,36 @@ pub enum Session {
         /// Its network namespace pin.
         netns: Option<PathBuf>,
     },
+    /// Run a command in a container, or attach to its own stdio.
+    Remote(RemoteCommand),
+}
+
+/// An exec or attach a token allows, as the CRI call validated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCommand {
+    /// The container's pod.
+    pub pod_id: String,
+    /// Its monitor's socket.
+    pub socket: PathBuf,
+    /// An exec's process (its container, command, identity), or `None` for an attach.
+    pub exec: Option<crate::monitor::proto::Exec>,
+    /// The container attached to.
+    pub container_id: String,
+    /// The streams the client gets.
+    pub io: Io,
+}
+
+/// Which streams a remote command has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Io {
+    /// The client writes the process's input.
+    pub stdin: bool,
+    /// The client reads its output.
+    pub stdout: bool,
+    /// The client reads its errors (never with a terminal: it has one output).
+    pub stderr: bool,
+    /// A terminal, resized by the client.
+    pub tty: bool,
 }
 
 /// The tokens waiting to be used.

@@ -8,6 +8,7 @@ pub mod churn;
 pub mod fake_http;
 pub mod node;
 pub mod proxy;
+pub mod spdy;
 pub mod token;
 pub mod world;
 

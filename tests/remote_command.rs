@@ -1,0 +1,334 @@
+//! Exec and Attach through berth's streaming server, driven by the tests' own SPDY client in
+//! the channel protocols kubelet speaks: output, errors and exit codes (a `Status` JSON from
+//! v4 on, text before), stdin piped in and closed, a terminal of the container's own with its
+//! window size set, an attach to a container's stdin and output, bad requests refused with
+//! clear errors, and a client that vanishes leaving neither a process in the container nor
+//! anything open in berthd.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use berth::streaming::spdy::Frame;
+use bytes::Bytes;
+use common::spdy::{self, Client, fd_count, syn};
+use common::world::*;
+use k8s_cri::v1 as cri;
+
+/// A session's streams by type, opened in the order given (ids 1, 3, 5, …).
+fn open(url: &str, protocol: &str, kinds: &[&str]) -> (Client, HashMap<String, u32>) {
+    let (status, client) = spdy::connect(url, &[protocol]);
+    let mut c = client.unwrap_or_else(|| panic!("no upgrade: {status}"));
+    assert_eq!(c.protocol, protocol);
+    let mut ids = HashMap::new();
+    for (i, k) in kinds.iter().enumerate() {
+        let id = 2 * i as u32 + 1;
+        c.send(syn(id, &[("streamtype", k)]));
+        ids.insert(k.to_string(), id);
+    }
+    (c, ids)
+}
+
+fn send(c: &mut Client, stream: u32, data: &[u8], fin: bool) {
+    c.send(Frame::Data {
+        stream,
+        fin,
+        data: Bytes::copy_from_slice(data),
+    });
+}
+
+/// What came on each stream until the error stream and every output ended (or the
+/// connection closed).
+fn collect(c: &mut Client, ids: &HashMap<String, u32>) -> HashMap<String, String> {
+    let names: HashMap<u32, String> = ids.iter().map(|(k, v)| (*v, k.clone())).collect();
+    let mut got: HashMap<String, String> = HashMap::new();
+    let mut open: Vec<u32> = ["error", "stdout", "stderr"]
+        .iter()
+        .filter_map(|k| ids.get(*k).copied())
+        .collect();
+    while !open.is_empty() {
+        match c.next() {
+            None => break,
+            Some(Frame::Data { stream, fin, data }) => {
+                let name = names.get(&stream).cloned().unwrap_or_default();
+                got.entry(name)
+                    .or_default()
+                    .push_str(&String::from_utf8_lossy(&data));
+                if fin {
+                    open.retain(|s| *s != stream);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    got
+}
+
+async fn exec_url(w: &mut World, id: &str, cmd: &[&str], io: (bool, bool, bool, bool)) -> String {
+    let (stdin, stdout, stderr, tty) = io;
+    w.rt.exec(cri::ExecRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin,
+        stdout,
+        stderr,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_output_input_exit_codes_and_a_terminal() {
+    let mut w = World::new().await;
+    let pod = w.pod("exec").await;
+    let ctr = w.run(&pod, container("box", &["sleep", "3600"])).await;
+
+    // Output on both streams and the exit code in a v4 Status.
+    let url = exec_url(
+        &mut w,
+        &ctr,
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+        (false, true, true, false),
+    )
+    .await;
+    let got = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(&url, "v4.channel.k8s.io", &["error", "stdout", "stderr"]);
+        collect(&mut c, &ids)
+    });
+    assert_eq!(
+        got.get("stdout").map(String::as_str),
+        Some("out\n"),
+        "{got:?}"
+    );
+    assert_eq!(
+        got.get("stderr").map(String::as_str),
+        Some("err\n"),
+        "{got:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&got["error"]).unwrap();
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["reason"], "ExitCode");
+    assert_eq!(status["details"]["causes"][0]["message"], "3");
+
+    // stdin piped in and closed: cat sees its end and exits 0.
+    let url = exec_url(&mut w, &ctr, &["cat"], (true, true, false, false)).await;
+    let got = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(&url, "v4.channel.k8s.io", &["error", "stdin", "stdout"]);
+        send(&mut c, ids["stdin"], b"hello\n", false);
+        send(&mut c, ids["stdin"], b"world\n", true);
+        collect(&mut c, &ids)
+    });
+    assert_eq!(
+        got.get("stdout").map(String::as_str),
+        Some("hello\nworld\n"),
+        "{got:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&got["error"]).unwrap();
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // Before v4 the error stream carries the message only.
+    let url = exec_url(
+        &mut w,
+        &ctr,
+        &["sh", "-c", "exit 5"],
+        (false, true, false, false),
+    )
+    .await;
+    let got = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(&url, "v2.channel.k8s.io", &["error", "stdout"]);
+        collect(&mut c, &ids)
+    });
+    assert!(got["error"].contains("exited with 5"), "{got:?}");
+
+    // A terminal of the container's own devpts, with the window size the client sets.
+    let url = exec_url(
+        &mut w,
+        &ctr,
+        &["sh", "-c", "read go; stty size; tty"],
+        (true, true, false, true),
+    )
+    .await;
+    let got = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(
+            &url,
+            "v4.channel.k8s.io",
+            &["error", "stdin", "stdout", "resize"],
+        );
+        send(
+            &mut c,
+            ids["resize"],
+            br#"{"Width":123,"Height":45}"#,
+            false,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        send(&mut c, ids["stdin"], b"go\n", false);
+        collect(&mut c, &ids)
+    });
+    let out = got.get("stdout").cloned().unwrap_or_default();
+    assert!(out.contains("45 123"), "{got:?}");
+    assert!(out.contains("/dev/pts/0"), "{got:?}");
+    let status: serde_json::Value = serde_json::from_str(&got["error"]).unwrap();
+    assert_eq!(status["status"], "Success", "{status}");
+
+    // A command that does not exist: the reason, as an error Status.
+    let url = exec_url(
+        &mut w,
+        &ctr,
+        &["no-such-command"],
+        (false, true, false, false),
+    )
+    .await;
+    let got = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(&url, "v4.channel.k8s.io", &["error", "stdout"]);
+        collect(&mut c, &ids)
+    });
+    assert!(got["error"].contains("no-such-command"), "{got:?}");
+
+    // A client that vanishes: its terminal's hangup ends the process; berthd keeps nothing.
+    let berthd = w.env.berthd.pid();
+    let fds_before = fd_count(berthd);
+    let url = exec_url(&mut w, &ctr, &["sleep", "4242"], (true, true, false, true)).await;
+    w.env.netns.run_in(move || {
+        let (c, _ids) = open(
+            &url,
+            "v4.channel.k8s.io",
+            &["error", "stdin", "stdout", "resize"],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        drop(c);
+    });
+    let mut gone = false;
+    for _ in 0..100 {
+        let (_, ps) = w.sh(&ctr, "ps").await;
+        if !ps.contains("4242") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the exec'd process outlived its client");
+    eventually("berthd closed the vanished session", || {
+        fd_count(berthd) <= fds_before
+    })
+    .await;
+
+    // A used URL is a 404.
+    let url = exec_url(&mut w, &ctr, &["true"], (false, true, false, false)).await;
+    let (first, second) = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(&url, "v4.channel.k8s.io", &["error", "stdout"]);
+        let first = collect(&mut c, &ids);
+        (first, spdy::connect(&url, &["v4.channel.k8s.io"]).0)
+    });
+    assert!(first["error"].contains("Success"), "{first:?}");
+    assert!(second.contains(" 404 "), "{second}");
+
+    w.stop(&ctr, 0).await;
+    w.remove(&ctr).await;
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attach_reaches_a_containers_stdin_and_output() {
+    let mut w = World::new().await;
+    let pod = w.pod("attach").await;
+    let mut cfg = container("echo", &["sh", "-c", "while read l; do echo got $l; done"]);
+    cfg.stdin = true;
+    let ctr = w.run(&pod, cfg).await;
+    let url =
+        w.rt.attach(cri::AttachRequest {
+            container_id: ctr.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.contains("/attach/"), "{url}");
+    let out = w.env.netns.run_in(move || {
+        let (mut c, ids) = open(
+            &url,
+            "v4.channel.k8s.io",
+            &["error", "stdin", "stdout", "stderr"],
+        );
+        send(&mut c, ids["stdin"], b"one\n", false);
+        let mut out = String::new();
+        while !out.contains("got one") {
+            match c.next() {
+                Some(Frame::Data { stream, data, .. }) if stream == ids["stdout"] => {
+                    out.push_str(&String::from_utf8_lossy(&data))
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        out
+    });
+    assert_eq!(out, "got one\n");
+
+    // Bad requests get clear errors.
+    let no_stdin = w.run(&pod, container("quiet", &["sleep", "3600"])).await;
+    let attach = |id: &str, stdin, tty, stderr| cri::AttachRequest {
+        container_id: id.into(),
+        stdin,
+        tty,
+        stdout: true,
+        stderr,
+    };
+    let e =
+        w.rt.attach(attach(&no_stdin, true, false, true))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stdin"), "{e:?}");
+    let e =
+        w.rt.attach(attach(&no_stdin, false, true, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let exec = |cmd: &[&str], tty, stderr, stdout| cri::ExecRequest {
+        container_id: no_stdin.clone(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin: false,
+        stdout,
+        stderr,
+    };
+    let e =
+        w.rt.exec(exec(&["true"], true, true, true))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("tty"), "{e:?}");
+    let e = w.rt.exec(exec(&[], false, false, true)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e =
+        w.rt.exec(exec(&["true"], false, false, false))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    w.stop(&no_stdin, 0).await;
+    let e =
+        w.rt.exec(exec(&["true"], false, false, true))
+            .await
+            .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let mut missing = exec(&["true"], false, false, true);
+    missing.container_id = "no-such-container".into();
+    let e = w.rt.exec(missing).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    w.stop(&ctr, 0).await;
+    w.remove(&ctr).await;
+    w.remove(&no_stdin).await;
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+}
