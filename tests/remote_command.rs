@@ -1,6 +1,7 @@
 //! Exec and Attach through berth's streaming server, driven by the tests' own SPDY client in
 //! the channel protocols kubelet speaks: output, errors and exit codes (a `Status` JSON from
-//! v4 on, text before), stdin piped in and closed, a terminal of the container's own with its
+//! v4 on, text before), over SPDY and over WebSocket (binary and base64), stdin piped in and
+//! closed, a terminal of the container's own with its
 //! window size set, an attach to a container's stdin and output, bad requests refused with
 //! clear errors, and a client that vanishes leaving neither a process in the container nor
 //! anything open in berthd.
@@ -79,6 +80,63 @@ async fn exec_url(w: &mut World, id: &str, cmd: &[&str], io: (bool, bool, bool, 
     .unwrap()
     .into_inner()
     .url
+}
+
+/// Runs a WebSocket exec session at `url` in `protocol`: sends `input` messages (channel byte
+/// first; text protocols get them encoded), and returns every message received as (channel,
+/// bytes) until the server closes.
+fn ws_session(url: &str, protocol: &str, input: Vec<Vec<u8>>) -> Vec<(u8, Vec<u8>)> {
+    use base64::Engine;
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    spdy::block_on(async {
+        let req = spdy::ws_request(url, protocol);
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.headers()["sec-websocket-protocol"], protocol);
+        let text = protocol.contains("base64");
+        for m in input {
+            let msg = if text {
+                let mut t = String::from(char::from(b'0' + m[0]));
+                t.push_str(&b64.encode(&m[1..]));
+                Message::Text(t.into())
+            } else {
+                Message::Binary(m.into())
+            };
+            ws.send(msg).await.unwrap();
+        }
+        let mut got = Vec::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(20));
+        tokio::pin!(deadline);
+        loop {
+            let m = tokio::select! {
+                m = ws.next() => m,
+                _ = &mut deadline => panic!("the session did not end: {got:?}"),
+            };
+            match m {
+                Some(Ok(Message::Binary(b))) => got.push((b[0], b[1..].to_vec())),
+                Some(Ok(Message::Text(t))) => {
+                    let t = t.as_bytes();
+                    got.push((t[0] - b'0', b64.decode(&t[1..]).unwrap()));
+                }
+                Some(Ok(Message::Close(f))) => {
+                    // client-go takes any close but a normal one for an error.
+                    assert_eq!(f.map(|f| u16::from(f.code)), Some(1000), "{got:?}");
+                    break;
+                }
+                None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+        got
+    })
+}
+
+fn channel(got: &[(u8, Vec<u8>)], ch: u8) -> String {
+    got.iter()
+        .filter(|(c, _)| *c == ch)
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,6 +274,33 @@ async fn exec_streams_output_input_exit_codes_and_a_terminal() {
         fd_count(berthd) <= fds_before
     })
     .await;
+
+    // Over WebSocket, v5: stdin in, closed with the close signal, output and status back; the
+    // first message is the empty one on stdout that says the session is up.
+    let url = exec_url(&mut w, &ctr, &["cat"], (true, true, false, false)).await;
+    let got = w.env.netns.run_in(move || {
+        let input = vec![b"\x00over ws\n".to_vec(), vec![255, 0]];
+        ws_session(&url, "v5.channel.k8s.io", input)
+    });
+    assert_eq!(got.first(), Some(&(1, Vec::new())), "{got:?}");
+    assert_eq!(channel(&got, 1), "over ws\n", "{got:?}");
+    let status: serde_json::Value = serde_json::from_str(&channel(&got, 3)).unwrap();
+    assert_eq!(status["status"], "Success", "{status}");
+    // v4 in base64 text messages: the exit code in the Status.
+    let url = exec_url(
+        &mut w,
+        &ctr,
+        &["sh", "-c", "echo b64; exit 4"],
+        (false, true, false, false),
+    )
+    .await;
+    let got = w
+        .env
+        .netns
+        .run_in(move || ws_session(&url, "v4.base64.channel.k8s.io", Vec::new()));
+    assert_eq!(channel(&got, 1), "b64\n", "{got:?}");
+    let status: serde_json::Value = serde_json::from_str(&channel(&got, 3)).unwrap();
+    assert_eq!(status["details"]["causes"][0]["message"], "4", "{status}");
 
     // A used URL is a 404.
     let url = exec_url(&mut w, &ctr, &["true"], (false, true, false, false)).await;

@@ -76,20 +76,9 @@ fn drain(c: &mut Client, error: u32, data: u32) -> (Vec<u8>, Vec<u8>) {
 /// `SPDY/3.1+portforward.k8s.io`, SPDY bytes in binary messages), as client-go's tunneling
 /// dialer does; returns the body.
 fn ws_download(url: &str) -> Vec<u8> {
-    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut req = url
-            .replace("http://", "ws://")
-            .into_client_request()
-            .unwrap();
-        req.headers_mut().insert(
-            "sec-websocket-protocol",
-            "SPDY/3.1+portforward.k8s.io".parse().unwrap(),
-        );
+    use tokio_tungstenite::tungstenite::Message;
+    spdy::block_on(async {
+        let req = spdy::ws_request(url, "SPDY/3.1+portforward.k8s.io");
         let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
         assert_eq!(
             resp.headers()["sec-websocket-protocol"],

@@ -405,7 +405,7 @@ def seccomp_default():
                                             f"io.kubernetes.pod.name=confined-{NODE}")["containers"]]
         assert len(ids) == 1, f"{ctr} containers of confined: {ids}"
         for who in ["1", "self"]:
-            # -s: ExecSync (streaming exec is issue 14's).
+            # -s: ExecSync (scenario 12 streams).
             r = crictl("exec", "-s", ids[0], "cat", f"/proc/{who}/status")
             assert r.returncode == 0, r.stderr.strip().splitlines()[-1:]
             line = next(x for x in r.stdout.splitlines() if x.startswith("Seccomp:"))
@@ -479,6 +479,54 @@ def port_forward():
             fwd.wait(10)
             out.close()
     return "; ".join(seen)
+
+
+@scenario("12 crictl exec (SPDY, WebSocket) streams output, stdin, exit codes, a terminal; attach")
+def crictl_exec_attach():
+    ids = [c["id"] for c in crictl_json("ps", "--name", "nginx", "--label",
+                                        f"io.kubernetes.pod.name=web-{NODE}")["containers"]]
+    assert len(ids) == 1, f"nginx containers of web: {ids}"
+    ctr = ids[0]
+    r = crictl("exec", ctr, "sh", "-c", "echo out; echo err >&2; exit 3")
+    # crictl exits 1 and names the code it decoded from berth's Status.
+    assert r.returncode != 0 and r.stdout == "out\n", r
+    assert "\nerr\n" in r.stderr and "command terminated with exit code 3" in r.stderr, r
+    for transport in ["spdy", "websocket"]:
+        r = subprocess.run([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "exec", "-i",
+                            "--transport", transport, ctr, "cat"],
+                           input=f"piped in over {transport}\n", capture_output=True, text=True,
+                           timeout=30)
+        assert (r.returncode, r.stdout) == (0, f"piped in over {transport}\n"), r
+    r = crictl("exec", "--transport", "websocket", ctr, "sh", "-c", "exit 4")
+    assert "command terminated with exit code 4" in r.stderr, r
+    # -t needs a terminal on crictl's side too: script(1) gives it one.
+    cmd = f"{CRICTL} --runtime-endpoint unix://{SOCK} exec -it {ctr} sh -c 'tty; stty size'"
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "/dev/pts/" in r.stdout, r
+    # Attach to a container reading its stdin: a line in, its answer out.
+    write_manifest("talk", {"terminationGracePeriodSeconds": 1, "containers": [{
+        "name": "c", "image": BUSYBOX, "stdin": True,
+        "command": ["sh", "-c", "while read l; do echo heard $l; done"]}]})
+    until("talk runs", lambda: running("talk", "c"))
+    talk = [c["id"] for c in crictl_json("ps", "--name", "c", "--label",
+                                         f"io.kubernetes.pod.name=talk-{NODE}")["containers"]]
+    att = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "attach", "-i",
+                            talk[0]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, text=True)
+    try:
+        time.sleep(2)
+        att.stdin.write("hello\n")
+        att.stdin.flush()
+        line = att.stdout.readline()
+    finally:
+        att.kill()
+        att.wait(10)
+    assert line.strip() == "heard hello", line
+    os.remove(f"{MANIFESTS}/talk.json")
+    until("talk is gone", lambda: pod("talk") is None, timeout=90)
+    return ("exit code 3 with out/err, stdin piped over SPDY and WebSocket, tty /dev/pts, "
+            "attach answered")
 
 
 def container_events(pod_name):
@@ -657,7 +705,7 @@ def main():
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
-                  crictl_stats_events, port_forward]:
+                  crictl_stats_events, port_forward, crictl_exec_attach]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "

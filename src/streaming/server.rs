@@ -9,8 +9,9 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use super::tokens::RemoteCommand;
 use super::tokens::{Session, TokenError, Tokens};
-use super::{portforward, remotecommand, tunnel};
+use super::{portforward, remotecommand, tunnel, wschannel};
 
 /// Tokens and the base URL they are handed out under.
 #[derive(Default)]
@@ -141,11 +142,14 @@ async fn remote_command(
         return unknown_token();
     };
     let timeouts = s.timeouts.get().copied().unwrap_or_default();
+    if header_has(req.headers(), "upgrade", "websocket") {
+        return remote_command_ws(req, cmd, timeouts).await;
+    }
     let headers = req.headers();
     if !header_has(headers, "upgrade", "SPDY/3.1") {
         return refuse(
             StatusCode::BAD_REQUEST,
-            "exec and attach need Upgrade: SPDY/3.1".into(),
+            "exec and attach need Upgrade: SPDY/3.1 or websocket".into(),
         );
     }
     let offered = headers
@@ -229,6 +233,35 @@ where
         HeaderValue::from_static(protocol),
     );
     r
+}
+
+/// Exec and attach over WebSocket: the first of berth's channel protocols the client offers.
+async fn remote_command_ws(
+    req: Request,
+    cmd: RemoteCommand,
+    timeouts: portforward::Timeouts,
+) -> Response {
+    use axum::extract::FromRequestParts;
+    use axum::extract::ws::WebSocketUpgrade;
+    let (mut parts, _body) = req.into_parts();
+    let Some(protocol) = wschannel::PROTOCOLS
+        .iter()
+        .find(|p| header_has(&parts.headers, "sec-websocket-protocol", p))
+    else {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "no supported Sec-WebSocket-Protocol: this server speaks {}",
+                wschannel::PROTOCOLS.join(", ")
+            ),
+        );
+    };
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    ws.protocols([*protocol])
+        .on_upgrade(move |socket| wschannel::serve(socket, cmd, protocol, timeouts))
 }
 
 /// Port-forward tunnelled over WebSocket: the same SPDY session inside binary messages.

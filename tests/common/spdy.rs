@@ -111,3 +111,27 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap()
         .count()
 }
+
+/// Runs `f` on a runtime of its own (the tests' network-namespace threads have none).
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// The WebSocket upgrade request for streaming `url` offering `protocol`.
+pub fn ws_request(
+    url: &str,
+    protocol: &str,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocol.parse().unwrap());
+    req
+}
