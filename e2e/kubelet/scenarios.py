@@ -9,17 +9,21 @@ With --bench N it only measures static pod start (manifest written -> container 
 kubelet reports it) for N pods and prints median and p90; with --containerd as well, the
 runtime is Debian's containerd (with the CNI bridge plugin) instead of berthd, for comparison.
 """
+import base64
 import gzip
 import json
 import shutil
 import os
 import re
 import signal
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 WORK, BERTHD, KUBELET, CRICTL, TAG = sys.argv[1:6]
@@ -511,22 +515,99 @@ def crictl_exec_attach():
     until("talk runs", lambda: running("talk", "c"))
     talk = [c["id"] for c in crictl_json("ps", "--name", "c", "--label",
                                          f"io.kubernetes.pod.name=talk-{NODE}")["containers"]]
-    att = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "attach", "-i",
-                            talk[0]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, text=True)
-    try:
-        time.sleep(2)
-        att.stdin.write("hello\n")
-        att.stdin.flush()
-        line = att.stdout.readline()
-    finally:
-        att.kill()
-        att.wait(10)
-    assert line.strip() == "heard hello", line
+    for transport in ["spdy", "websocket"]:
+        att = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{SOCK}", "attach", "-i",
+                                "--transport", transport, talk[0]], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            time.sleep(2)
+            att.stdin.write(f"{transport}\n")
+            att.stdin.flush()
+            line = att.stdout.readline()
+        finally:
+            att.kill()
+            att.wait(10)
+        assert line.strip() == f"heard {transport}", f"attach over {transport}: {line!r}"
     os.remove(f"{MANIFESTS}/talk.json")
     until("talk is gone", lambda: pod("talk") is None, timeout=90)
     return ("exit code 3 with out/err, stdin piped over SPDY and WebSocket, tty /dev/pts, "
-            "attach answered")
+            "attach answered over both")
+
+
+def kubelet_websocket(path, protocol):
+    """A WebSocket session with kubelet's own server (HTTPS on 10250, its self-signed
+    certificate, anonymous): the messages received, each as (first byte, the rest), until the
+    close, and the close code. Written here (the handshake and the frames) to need nothing
+    beyond Python's standard library."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 10250), timeout=20))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:10250\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+               f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        assert chunk, f"kubelet closed during the handshake: {buf!r}"
+        buf += chunk
+    head, buf = buf.split(b"\r\n\r\n", 1)
+    assert b" 101 " in head.split(b"\r\n")[0], head.decode(errors="replace")
+
+    def take(n):
+        nonlocal buf
+        while len(buf) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise EOFError("the connection ended inside a frame")
+            buf += chunk
+        out, buf = buf[:n], buf[n:]
+        return out
+
+    messages, partial, close = [], b"", None
+    try:
+        while True:
+            b0, b1 = take(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(take(2), "big")
+            elif n == 127:
+                n = int.from_bytes(take(8), "big")
+            mask = take(4) if b1 & 0x80 else None
+            payload = take(n)
+            if mask:
+                payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+            opcode = b0 & 0x0F
+            if opcode == 8:
+                close = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                break
+            if opcode in (0, 1, 2):
+                partial += payload
+                if b0 & 0x80:
+                    if partial:
+                        messages.append((partial[0], partial[1:]))
+                    partial = b""
+    except EOFError:
+        pass
+    s.close()
+    return messages, close
+
+
+@scenario("13 kubelet's own /exec (kubectl exec's path) reaches the container through berth, WebSocket v5")
+def kubelet_exec():
+    query = urllib.parse.urlencode([("command", "sh"), ("command", "-c"),
+                                    ("command", "echo via kubelet; exit 7"), ("output", "1"),
+                                    ("error", "1")])
+    msgs, close = kubelet_websocket(f"/exec/default/web-{NODE}/nginx?{query}",
+                                    "v5.channel.k8s.io")
+    out = b"".join(m for ch, m in msgs if ch == 1)
+    status = json.loads(b"".join(m for ch, m in msgs if ch == 3) or b"{}")
+    assert out == b"via kubelet\n", msgs
+    assert status.get("reason") == "NonZeroExitCode", status
+    assert status["details"]["causes"][0]["message"] == "7", status
+    assert close == 1000, f"close code {close}"
+    return f"stdout {out!r}, exit code 7 in the Status, close {close}"
 
 
 def container_events(pod_name):
@@ -705,7 +786,7 @@ def main():
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
-                  crictl_stats_events, port_forward, crictl_exec_attach]:
+                  crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "
