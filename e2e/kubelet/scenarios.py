@@ -773,6 +773,42 @@ def bench_port_forward(mib=100, rounds=3):
     until("pf is gone", lambda: pod("pf") is None, timeout=120)
 
 
+def bench_exec(rounds=30):
+    """Round trip of `crictl exec CID true` (Exec, the streaming server, a process in the
+    container, its exit) and of `crictl exec -s CID true` (ExecSync), `rounds` each; medians.
+    Each figure includes crictl's own start (~20 ms here, the same for either runtime)."""
+    write_manifest("ex", {"terminationGracePeriodSeconds": 1, "containers": [{
+        "name": "c", "image": BUSYBOX, "command": ["sleep", "3600"]}]})
+    until("ex runs", lambda: running("ex", "c"))
+    cid = [c["id"] for c in crictl_json("ps", "--name", "c", "--label",
+                                        f"io.kubernetes.pod.name=ex-{NODE}")["containers"]][0]
+    seen = {}
+    for name, args in [("exec", ["exec", cid, "true"]), ("exec -s", ["exec", "-s", cid, "true"])]:
+        times = []
+        for _ in range(rounds):
+            t = time.time()
+            r = crictl(*args)
+            times.append((time.time() - t) * 1000)
+            assert r.returncode == 0, r.stderr
+        seen[name] = times
+    log(f"bench: crictl exec CID true, {rounds} rounds: median "
+        f"{statistics.median(seen['exec']):.1f} ms (p90 {sorted(seen['exec'])[rounds * 9 // 10]:.1f}); "
+        f"crictl exec -s (ExecSync): median {statistics.median(seen['exec -s']):.1f} ms; "
+        f"crictl version alone: {crictl_alone():.1f} ms")
+    os.remove(f"{MANIFESTS}/ex.json")
+    until("ex is gone", lambda: pod("ex") is None, timeout=120)
+
+
+def crictl_alone(rounds=10):
+    """The median time of `crictl version`: crictl's own start and one trivial call."""
+    times = []
+    for _ in range(rounds):
+        t = time.time()
+        crictl("version")
+        times.append((time.time() - t) * 1000)
+    return statistics.median(times)
+
+
 def main():
     # kubelet makes /var/lib/kubelet/device-plugins whatever its root dir: removed at the end
     # when this run made it.
@@ -783,6 +819,7 @@ def main():
         if BENCH:
             bench(BENCH)
             bench_port_forward()
+            bench_exec()
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,

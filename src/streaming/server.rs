@@ -98,6 +98,12 @@ impl Streaming {
             )
             .with_state(self.clone());
         let task = tokio::spawn(async move {
+            // Small frames (replies, an exit status) must not wait for the client's delayed
+            // ACK: without TCP_NODELAY each exec took ~40 ms longer.
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown)
                 .await
