@@ -144,6 +144,12 @@ async fn exec_streams_output_input_exit_codes_and_a_terminal() {
     let mut w = World::new().await;
     let pod = w.pod("exec").await;
     let ctr = w.run(&pod, container("box", &["sleep", "3600"])).await;
+    // Neither the container nor what runs in it inherits the monitor's blocked signals
+    // (SIGCHLD, SIGPIPE for its signalfd): a blocked mask survives exec.
+    let (_, blocked) = w
+        .sh(&ctr, "grep SigBlk /proc/1/status /proc/self/status")
+        .await;
+    assert_eq!(blocked.matches("0000000000000000").count(), 2, "{blocked}");
 
     // Output on both streams and the exit code in a v4 Status.
     let url = exec_url(

@@ -131,6 +131,39 @@ fn ws_download(url: &str) -> Vec<u8> {
     })
 }
 
+/// Downloads `/f` through port-forward in WebSocket channels (`v4.channel.k8s.io`, the port
+/// in the URL): channel 0 carries the data both ways, 1 the errors, each opened with the port.
+fn ws_channels_download(url: &str) -> Vec<u8> {
+    use tokio_tungstenite::tungstenite::Message;
+    spdy::block_on(async {
+        let req = spdy::ws_request(url, "v4.channel.k8s.io");
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut get = vec![0u8];
+        get.extend_from_slice(b"GET /f HTTP/1.0\r\n\r\n");
+        ws.send(Message::Binary(get.into())).await.unwrap();
+        let (mut data, mut opened) = (Vec::new(), [false; 2]);
+        while let Some(Ok(m)) = ws.next().await {
+            let Message::Binary(b) = m else { continue };
+            let ch = usize::from(b[0]);
+            assert!(ch < 2, "channel {ch}");
+            if !opened[ch] {
+                assert_eq!(
+                    &b[1..],
+                    &8080u16.to_le_bytes(),
+                    "channel {ch} opens with the port"
+                );
+                opened[ch] = true;
+            } else if ch == 0 {
+                data.extend_from_slice(&b[1..]);
+            } else {
+                panic!("error: {}", String::from_utf8_lossy(&b[1..]));
+            }
+        }
+        let split = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        data.split_off(split + 4)
+    })
+}
+
 async fn forward_url(w: &mut World, pod: &str) -> String {
     w.rt.port_forward(cri::PortForwardRequest {
         pod_sandbox_id: pod.into(),
@@ -204,6 +237,26 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     let url = forward_url(&mut w, &pod.0).await;
     let body = w.env.netns.run_in(move || ws_download(&url));
     assert_eq!(hex::encode(Sha256::digest(&body)), sum);
+
+    // In WebSocket channels (kubelet's /portForward form): the port first on each channel,
+    // then the bytes; no ports in the URL is a 400.
+    let url = forward_url(&mut w, &pod.0).await;
+    let body = w
+        .env
+        .netns
+        .run_in(move || ws_channels_download(&format!("{url}?ports=8080")));
+    assert_eq!(hex::encode(Sha256::digest(&body)), sum);
+    let url = forward_url(&mut w, &pod.0).await;
+    let refused = w.env.netns.run_in(move || {
+        spdy::block_on(async {
+            let req = spdy::ws_request(&url, "v4.channel.k8s.io");
+            tokio_tungstenite::connect_async(req)
+                .await
+                .unwrap_err()
+                .to_string()
+        })
+    });
+    assert!(refused.contains("400"), "{refused}");
 
     // A client that vanishes mid-download: berthd keeps nothing of it.
     let url = forward_url(&mut w, &pod.0).await;

@@ -201,18 +201,18 @@ impl SnapshotStore {
             return;
         }
         for chain in pending {
-            let Some(mut m) = self.get(&chain) else {
+            // Under the lock, and only while the snapshot is still known: one removed during
+            // the syncfs (its image removed right after the pull) must not come back into
+            // the index, nor its record be written into a directory on its way out.
+            let mut known = self.known.write().expect("snapshots lock poisoned");
+            let Some(m) = known.get_mut(&chain) else {
                 continue;
             };
-            m.durable = true;
+            let mut durable = m.clone();
+            durable.durable = true;
             let path = self.dir.join(chain_hex(&chain)).join(META);
-            match store::write_json(&path, &m) {
-                Ok(()) => {
-                    self.known
-                        .write()
-                        .expect("snapshots lock poisoned")
-                        .insert(chain, m);
-                }
+            match store::write_json(&path, &durable) {
+                Ok(()) => *m = durable,
                 Err(e) => tracing::warn!(error = %e, "recording a snapshot as durable"),
             }
         }

@@ -2,8 +2,8 @@
 //! and `crictl exec -it` end here): `server` (HTTP, the upgrade), `tokens` (single-use URLs),
 //! `command` (an exec or attach session, whatever carries it), `remotecommand` (it over SPDY),
 //! `wschannel` (it over WebSocket), `fdio` (the monitor's descriptors as async I/O),
-//! `portforward` (SPDY `portforward.k8s.io`), `tunnel` (SPDY over WebSocket), `spdy` (the
-//! framing).
+//! `portforward` (SPDY `portforward.k8s.io`), `tunnel` (SPDY over WebSocket),
+//! `wsportforward` (port-forward in WebSocket channels, kubelet's form), `spdy` (the framing).
 
 pub mod command;
 pub mod fdio;
@@ -14,6 +14,7 @@ pub mod spdy;
 pub mod tokens;
 pub mod tunnel;
 pub mod wschannel;
+pub mod wsportforward;
 
 pub use server::{Streaming, StreamingError};
 pub use tokens::{Io, RemoteCommand, Session};

@@ -284,7 +284,10 @@ async fn forward(
 /// `None`), made on a thread of its own: setns changes only the calling thread, which then
 /// ends, so no thread of berthd's pools is ever left in a pod's namespace. A socket keeps the
 /// namespace it was made in.
-async fn connect_in(netns: Option<PathBuf>, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+pub(super) async fn connect_in(
+    netns: Option<PathBuf>,
+    port: u16,
+) -> std::io::Result<tokio::net::TcpStream> {
     let (done, result) = oneshot::channel();
     std::thread::Builder::new()
         .name("berth-portfwd".into())

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::tokens::RemoteCommand;
 use super::tokens::{Session, TokenError, Tokens};
-use super::{portforward, remotecommand, tunnel, wschannel};
+use super::{portforward, remotecommand, tunnel, wschannel, wsportforward};
 
 /// Tokens and the base URL they are handed out under.
 #[derive(Default)]
@@ -280,25 +280,50 @@ async fn port_forward_ws(
     use axum::extract::FromRequestParts;
     use axum::extract::ws::WebSocketUpgrade;
     let (mut parts, _body) = req.into_parts();
-    if !header_has(
-        &parts.headers,
-        "sec-websocket-protocol",
-        tunnel::PORT_FORWARD,
-    ) {
+    let offered = |p: &str| header_has(&parts.headers, "sec-websocket-protocol", p);
+    // The SPDY tunnel, else the channel form (what kubelet's /portForward passes on), which
+    // a client may also ask for by naming no protocol at all.
+    let chosen = if offered(tunnel::PORT_FORWARD) {
+        Some(tunnel::PORT_FORWARD)
+    } else {
+        wsportforward::PROTOCOLS.into_iter().find(|p| offered(p))
+    };
+    let named = parts.headers.contains_key("sec-websocket-protocol");
+    if chosen.is_none() && named {
         return refuse(
             StatusCode::FORBIDDEN,
             format!(
-                "no supported Sec-WebSocket-Protocol: this server speaks {}",
-                tunnel::PORT_FORWARD
+                "no supported Sec-WebSocket-Protocol: this server speaks {}, {}",
+                tunnel::PORT_FORWARD,
+                wsportforward::PROTOCOLS.join(", ")
             ),
         );
     }
+    let ports = if chosen == Some(tunnel::PORT_FORWARD) {
+        Vec::new()
+    } else {
+        match wsportforward::ports(parts.uri.query()) {
+            Ok(p) => p,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
+        }
+    };
     let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
-    ws.protocols([tunnel::PORT_FORWARD])
-        .on_upgrade(move |socket| {
-            portforward::serve(tunnel::bridge(socket), pod_id, netns, timeouts)
-        })
+    let ws = match chosen {
+        Some(p) => ws.protocols([p]),
+        None => ws,
+    };
+    ws.on_upgrade(move |socket| async move {
+        match chosen {
+            Some(tunnel::PORT_FORWARD) => {
+                portforward::serve(tunnel::bridge(socket), pod_id, netns, timeouts).await
+            }
+            p => {
+                let text = p.is_some_and(|p| p.contains("base64"));
+                wsportforward::serve(socket, pod_id, netns, ports, text).await
+            }
+        }
+    })
 }
