@@ -534,11 +534,11 @@ def crictl_exec_attach():
             "attach answered over both")
 
 
-def kubelet_websocket(path, protocol, send=()):
+def kubelet_websocket(path, protocol):
     """A WebSocket session with kubelet's own server (HTTPS on 10250, its self-signed
-    certificate, anonymous): `send` goes out as binary messages, then the messages received,
-    each as (first byte, the rest), until the close, and the close code. Written here (the
-    handshake and the frames) to need nothing beyond Python's standard library."""
+    certificate, anonymous): the messages received, each as (first byte, the rest), until the
+    close, and the close code. Written here (the handshake and the frames) to need nothing
+    beyond Python's standard library."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -554,11 +554,6 @@ def kubelet_websocket(path, protocol, send=()):
         buf += chunk
     head, buf = buf.split(b"\r\n\r\n", 1)
     assert b" 101 " in head.split(b"\r\n")[0], head.decode(errors="replace")
-    for m in send:
-        mask = os.urandom(4)
-        n = len(m)
-        size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
-        s.sendall(bytes([0x82]) + size + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(m)))
 
     def take(n):
         nonlocal buf

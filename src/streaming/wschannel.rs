@@ -29,6 +29,38 @@ pub const PROTOCOLS: [&str; 5] = [
 /// The v5 half-close signal.
 const CLOSE: u8 = 255;
 
+/// A message on `channel`: a binary one led by the channel byte, or (`text`, the base64
+/// forms) the channel as a digit and the data in base64.
+pub(super) fn encode(text: bool, channel: u8, data: &[u8]) -> Message {
+    if text {
+        let mut s = String::from(char::from(b'0' + channel));
+        s.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
+        Message::Text(s.into())
+    } else {
+        let mut b = Vec::with_capacity(data.len() + 1);
+        b.push(channel);
+        b.extend_from_slice(data);
+        Message::Binary(Bytes::from(b))
+    }
+}
+
+/// A data message from the client as its channel byte and payload; `None` for what carries
+/// none (pings, text in a binary protocol, undecodable base64, an empty message).
+pub(super) fn decode(text: bool, m: Message) -> Option<Vec<u8>> {
+    match m {
+        Message::Binary(b) if !b.is_empty() => Some(b.to_vec()),
+        Message::Text(t) if text => {
+            let (&digit, rest) = t.as_str().as_bytes().split_first()?;
+            let mut d = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
+            d.insert(0, digit.wrapping_sub(b'0'));
+            Some(d)
+        }
+        _ => None,
+    }
+}
+
 /// Serves one WebSocket session speaking `protocol` (one of `PROTOCOLS`).
 pub async fn serve(
     socket: WebSocket,
@@ -53,18 +85,7 @@ pub async fn serve(
         };
         let _ = sink.send(Message::Close(Some(normal))).await;
     });
-    let encode = move |channel: u8, data: &[u8]| -> Message {
-        if text {
-            let mut s = String::from(char::from(b'0' + channel));
-            s.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
-            Message::Text(s.into())
-        } else {
-            let mut b = Vec::with_capacity(data.len() + 1);
-            b.push(channel);
-            b.extend_from_slice(data);
-            Message::Binary(Bytes::from(b))
-        }
-    };
+    let encode = move |channel: u8, data: &[u8]| encode(text, channel, data);
     let io = cmd.io;
     let first = if io.stdout {
         1
@@ -113,24 +134,12 @@ pub async fn serve(
             _ = tokio::time::sleep_until((last + timeouts.idle).into()) => break,
         };
         last = Instant::now();
-        let data: Vec<u8> = match m {
+        let data = match m {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-            Some(Ok(Message::Binary(b))) => b.to_vec(),
-            Some(Ok(Message::Text(t))) if text => {
-                let t = t.as_str().as_bytes();
-                let Some((&digit, rest)) = t.split_first() else {
-                    continue;
-                };
-                let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
-                    tracing::debug!(pod = %cmd.pod_id, "undecodable base64 message; ignored");
-                    continue;
-                };
-                let mut d = vec![digit.wrapping_sub(b'0')];
-                d.extend(decoded);
-                d
-            }
-            // Pings are answered by the WebSocket layer.
-            Some(Ok(_)) => continue,
+            Some(Ok(m)) => match decode(text, m) {
+                Some(d) => d,
+                None => continue,
+            },
         };
         let Some((&channel, payload)) = data.split_first() else {
             continue;

@@ -8,13 +8,13 @@
 use std::path::PathBuf;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
-use base64::Engine;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::portforward::connect_in;
+use super::wschannel::{decode, encode};
 
 /// The subprotocols of this form, by preference (a client naming none gets binary).
 pub const PROTOCOLS: [&str; 2] = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
@@ -68,18 +68,7 @@ pub async fn serve(
         };
         let _ = sink.send(Message::Close(Some(normal))).await;
     });
-    let encode = move |channel: usize, data: &[u8]| -> Message {
-        if text {
-            let mut s = String::from(char::from(b'0' + channel as u8));
-            s.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
-            Message::Text(s.into())
-        } else {
-            let mut b = Vec::with_capacity(data.len() + 1);
-            b.push(channel as u8);
-            b.extend_from_slice(data);
-            Message::Binary(Bytes::from(b))
-        }
-    };
+    let encode = move |channel: usize, data: &[u8]| encode(text, channel as u8, data);
     let mut inbound = Vec::new();
     let mut forwards = tokio::task::JoinSet::new();
     for (i, port) in ports.iter().copied().enumerate() {
@@ -134,21 +123,12 @@ pub async fn serve(
                 if done.is_none() { break } else { continue }
             }
         };
-        let data: Vec<u8> = match m {
+        let data = match m {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
-            Some(Ok(Message::Binary(b))) => b.to_vec(),
-            Some(Ok(Message::Text(t))) if text => {
-                let t = t.as_str().as_bytes();
-                let Some((&digit, rest)) = t.split_first() else {
-                    continue;
-                };
-                let Ok(mut d) = base64::engine::general_purpose::STANDARD.decode(rest) else {
-                    continue;
-                };
-                d.insert(0, digit.wrapping_sub(b'0'));
-                d
-            }
-            Some(Ok(_)) => continue,
+            Some(Ok(m)) => match decode(text, m) {
+                Some(d) => d,
+                None => continue,
+            },
         };
         let Some((&ch, payload)) = data.split_first() else {
             continue;
