@@ -188,7 +188,7 @@ impl Runtime {
 
     /// A single-use URL forwarding ports of a ready pod: inside its network namespace, or
     /// the node's for a host-network pod.
-    pub fn port_forward_url(&self, pod_id: &str) -> Result<String> {
+    pub fn port_forward_url(&self, pod_id: &str, ports: Vec<u16>) -> Result<String> {
         use crate::sandbox::{NsMode, PodState};
         let r = self.pods.get(pod_id)?.record();
         if r.state != PodState::Ready {
@@ -202,6 +202,7 @@ impl Runtime {
         let session = crate::streaming::Session::PortForward {
             pod_id: r.id,
             netns,
+            ports,
         };
         self.streaming.url(session).map_err(streaming_err)
     }

@@ -165,9 +165,13 @@ fn ws_channels_download(url: &str) -> Vec<u8> {
 }
 
 async fn forward_url(w: &mut World, pod: &str) -> String {
+    forward_url_of(w, pod, vec![8080]).await
+}
+
+async fn forward_url_of(w: &mut World, pod: &str, port: Vec<i32>) -> String {
     w.rt.port_forward(cri::PortForwardRequest {
         pod_sandbox_id: pod.into(),
-        port: vec![8080],
+        port,
     })
     .await
     .unwrap()
@@ -239,14 +243,18 @@ async fn port_forward_carries_an_http_download_whole_and_reports_closed_ports() 
     assert_eq!(hex::encode(Sha256::digest(&body)), sum);
 
     // In WebSocket channels (kubelet's /portForward form): the port first on each channel,
-    // then the bytes; no ports in the URL is a 400.
-    let url = forward_url(&mut w, &pod.0).await;
+    // then the bytes. The ports come from the URL's query, else from the PortForward call;
+    // none in either is a 400.
+    let url = forward_url_of(&mut w, &pod.0, vec![]).await;
     let body = w
         .env
         .netns
-        .run_in(move || ws_channels_download(&format!("{url}?ports=8080")));
+        .run_in(move || ws_channels_download(&format!("{url}?port=8080")));
     assert_eq!(hex::encode(Sha256::digest(&body)), sum);
     let url = forward_url(&mut w, &pod.0).await;
+    let body = w.env.netns.run_in(move || ws_channels_download(&url));
+    assert_eq!(hex::encode(Sha256::digest(&body)), sum);
+    let url = forward_url_of(&mut w, &pod.0, vec![]).await;
     let refused = w.env.netns.run_in(move || {
         spdy::block_on(async {
             let req = spdy::ws_request(&url, "v4.channel.k8s.io");

@@ -108,6 +108,9 @@ state = "{WORK}/ctrd-state"
   address = "{SOCK}.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.k8s.io/pause:3.9"
+  # root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj below containerd's
+  # own (the sandbox's -998), and fails every start without this.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{cni}/net.d"
@@ -534,11 +537,12 @@ def crictl_exec_attach():
             "attach answered over both")
 
 
-def kubelet_websocket(path, protocol):
+def kubelet_websocket(path, protocol, send=()):
     """A WebSocket session with kubelet's own server (HTTPS on 10250, its self-signed
-    certificate, anonymous): the messages received, each as (first byte, the rest), until the
-    close, and the close code. Written here (the handshake and the frames) to need nothing
-    beyond Python's standard library."""
+    certificate, anonymous): `send` (binary messages) goes out after the handshake, then the
+    messages received, each as (first byte, the rest), until the close, and the close code.
+    Written here (the handshake and the frames) to need nothing beyond Python's standard
+    library."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -554,6 +558,12 @@ def kubelet_websocket(path, protocol):
         buf += chunk
     head, buf = buf.split(b"\r\n\r\n", 1)
     assert b" 101 " in head.split(b"\r\n")[0], head.decode(errors="replace")
+    for m in send:
+        # A client's frames are masked (RFC 6455 5.3); these are small (< 126 bytes).
+        assert len(m) < 126
+        mask = os.urandom(4)
+        s.sendall(bytes([0x82, 0x80 | len(m)]) + mask
+                  + bytes(c ^ mask[i % 4] for i, c in enumerate(m)))
 
     def take(n):
         nonlocal buf
@@ -608,6 +618,25 @@ def kubelet_exec():
     assert status["details"]["causes"][0]["message"] == "7", status
     assert close == 1000, f"close code {close}"
     return f"stdout {out!r}, exit code 7 in the Status, close {close}"
+
+
+@scenario("14 kubelet's own /portForward (kubectl port-forward's path) reaches nginx through berth, WebSocket")
+def kubelet_port_forward():
+    # Channel 0 carries port 80's data both ways, channel 1 its errors; each channel's first
+    # message is the port. HTTP/1.0: nginx closes after the page, which ends the session.
+    msgs, close = kubelet_websocket(f"/portForward/default/web-{NODE}?port=80",
+                                    "v4.channel.k8s.io",
+                                    send=[b"\x00GET / HTTP/1.0\r\nHost: x\r\n\r\n"])
+    port = (80).to_bytes(2, "little")
+    firsts = {}
+    for ch, m in msgs:
+        firsts.setdefault(ch, m)
+    assert firsts.get(0) == port and firsts.get(1) == port, f"first messages {firsts}"
+    data = b"".join(m for ch, m in msgs if ch == 0)[2:]
+    errors = b"".join(m for ch, m in msgs if ch == 1)[2:]
+    assert not errors, errors
+    assert data.startswith(b"HTTP/1.1 200") and b"nginx" in data.lower(), data[:300]
+    return f"{len(data)} bytes of HTTP answer on channel 0, close {close}"
 
 
 def container_events(pod_name):
@@ -823,7 +852,8 @@ def main():
             return 1 if results else 0
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
-                  crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec]:
+                  crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec,
+                  kubelet_port_forward]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "

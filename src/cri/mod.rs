@@ -285,7 +285,9 @@ impl RuntimeService for Cri {
                     "PortForward: port {p} is not a TCP port (1-65535)"
                 )));
             }
-            let url = self.rt.port_forward_url(&req.pod_sandbox_id)?;
+            // Checked above to be in range.
+            let ports = req.port.iter().map(|&p| p as u16).collect();
+            let url = self.rt.port_forward_url(&req.pod_sandbox_id, ports)?;
             Ok(cri::PortForwardResponse { url })
         })
         .await

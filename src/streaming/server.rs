@@ -182,12 +182,17 @@ async fn port_forward(
     Path(token): Path<String>,
     mut req: Request,
 ) -> Response {
-    let Some(Session::PortForward { pod_id, netns }) = s.tokens.take(&token) else {
+    let Some(Session::PortForward {
+        pod_id,
+        netns,
+        ports,
+    }) = s.tokens.take(&token)
+    else {
         return unknown_token();
     };
     let timeouts = s.timeouts.get().copied().unwrap_or_default();
     if header_has(req.headers(), "upgrade", "websocket") {
-        return port_forward_ws(req, pod_id, netns, timeouts).await;
+        return port_forward_ws(req, pod_id, netns, ports, timeouts).await;
     }
     let headers = req.headers();
     if !header_has(headers, "upgrade", "SPDY/3.1") {
@@ -275,6 +280,7 @@ async fn port_forward_ws(
     req: Request,
     pod_id: String,
     netns: Option<std::path::PathBuf>,
+    requested: Vec<u16>,
     timeouts: portforward::Timeouts,
 ) -> Response {
     use axum::extract::FromRequestParts;
@@ -302,7 +308,7 @@ async fn port_forward_ws(
     let ports = if chosen == Some(tunnel::PORT_FORWARD) {
         Vec::new()
     } else {
-        match wsportforward::ports(parts.uri.query()) {
+        match wsportforward::ports(parts.uri.query(), requested) {
             Ok(p) => p,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, e),
         }

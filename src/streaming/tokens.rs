@@ -22,6 +22,9 @@ pub enum Session {
         pod_id: String,
         /// Its network namespace pin.
         netns: Option<PathBuf>,
+        /// The ports the CRI call named: a WebSocket session whose URL names none forwards
+        /// these.
+        ports: Vec<u16>,
     },
     /// Run a command in a container, or attach to its own stdio.
     Remote(RemoteCommand),
@@ -113,6 +116,7 @@ mod tests {
         Session::PortForward {
             pod_id: "p".into(),
             netns: None,
+            ports: vec![80],
         }
     }
 

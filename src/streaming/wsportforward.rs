@@ -1,6 +1,7 @@
 //! Port-forward over WebSocket in the channel protocol kubelet's own `/portForward` endpoint
 //! passes on (`v4.channel.k8s.io`, `v4.base64.channel.k8s.io`, or none named): the ports come
-//! with the URL (`?ports=80,8080`); port i has channel 2i for data both ways and 2i+1 for its
+//! with the URL (`?port=80,8080`, as kubelet and client-go name them) or else from the
+//! PortForward call; port i has channel 2i for data both ways and 2i+1 for its
 //! errors, and each channel's first message from berth is the port, two bytes little-endian.
 //! One connection to localhost:port in the pod per port, for the life of the session, which
 //! ends when every port's connection has.
@@ -22,11 +23,12 @@ pub const PROTOCOLS: [&str; 2] = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io
 /// At most this many ports per session.
 const MAX_PORTS: usize = 64;
 
-/// The ports of a URL's query (`ports=80,8080`, the parameter repeatable).
-pub fn ports(query: Option<&str>) -> Result<Vec<u16>, String> {
+/// The ports of a URL's query (`port=80,8080`, the parameter repeatable), else `requested`
+/// (the ports the PortForward call named).
+pub fn ports(query: Option<&str>, requested: Vec<u16>) -> Result<Vec<u16>, String> {
     let mut out = Vec::new();
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        if k != "ports" {
+        if k != "port" {
             continue;
         }
         for p in v.split(',') {
@@ -37,7 +39,13 @@ pub fn ports(query: Option<&str>) -> Result<Vec<u16>, String> {
         }
     }
     if out.is_empty() {
-        return Err("a WebSocket port-forward needs the ports query parameter".into());
+        out = requested;
+    }
+    if out.is_empty() {
+        return Err(
+            "a WebSocket port-forward needs the port query parameter or ports in the PortForward call"
+                .into(),
+        );
     }
     if out.len() > MAX_PORTS {
         return Err(format!("at most {MAX_PORTS} ports per session"));
@@ -154,10 +162,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ports_come_from_the_query() {
-        assert_eq!(ports(Some("ports=80,8080&ports=9")), Ok(vec![80, 8080, 9]));
-        assert!(ports(Some("ports=0")).is_err());
-        assert!(ports(Some("ports=70000")).is_err());
-        assert!(ports(None).is_err());
+    fn ports_come_from_the_query_else_from_the_call() {
+        assert_eq!(
+            ports(Some("port=80,8080&port=9"), vec![1]),
+            Ok(vec![80, 8080, 9])
+        );
+        assert!(ports(Some("port=0"), vec![]).is_err());
+        assert!(ports(Some("port=70000"), vec![]).is_err());
+        assert_eq!(ports(None, vec![80]), Ok(vec![80]));
+        assert_eq!(ports(Some("other=1"), vec![81]), Ok(vec![81]));
+        assert!(ports(None, vec![]).is_err());
     }
 }
