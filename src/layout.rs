@@ -53,6 +53,16 @@ impl Layout {
         self.root.join("containers")
     }
 
+    /// `root/records/pods`: copies of the pod records, which outlive a reboot.
+    pub fn pod_copies(&self) -> PathBuf {
+        self.root.join("records").join("pods")
+    }
+
+    /// `root/records/containers`: copies of the container records, which outlive a reboot.
+    pub fn container_copies(&self) -> PathBuf {
+        self.root.join("records").join("containers")
+    }
+
     /// `state/pods`: pod records and files (`<id>/{pod.json,hosts,resolv.conf,hostname,shm}`).
     pub fn pods(&self) -> PathBuf {
         self.state.join("pods")
@@ -111,6 +121,8 @@ impl Layout {
             self.snapshots(),
             self.images(),
             self.layers(),
+            self.pod_copies(),
+            self.container_copies(),
             self.pods(),
             self.ns(),
             self.containers(),
@@ -156,7 +168,13 @@ impl Layout {
                 }
             }
         }
-        for d in [self.images(), self.ipam(), self.leases()] {
+        for d in [
+            self.images(),
+            self.ipam(),
+            self.leases(),
+            self.pod_copies(),
+            self.container_copies(),
+        ] {
             records.extend(std::fs::read_dir(&d)?.flatten().map(|e| e.path()));
         }
         for f in records {

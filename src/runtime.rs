@@ -107,9 +107,14 @@ impl Runtime {
             std::time::Duration::from_secs(config.unclaimed_timeout_seconds),
         )
         .await?;
-        let [pa, pf, pu, pr] = pods.reconciled.counts();
-        let [ca, cf, cu, cr] = containers.reconciled.counts();
+        // A pull killed after some of its layers were unpacked left them held by nothing
+        // (its hold lived in memory): collected now that every container's hold is known.
+        images.gc().await;
+        let [pa, pf, pu, pr, pt] = pods.reconciled.counts();
+        let [ca, cf, cu, cr, ct] = containers.reconciled.counts();
         tracing::info!(
+            pods_restored = pt,
+            containers_restored = ct,
             pods_adopted = pa,
             pods_stopped = pf,
             pods_undone = pu,

@@ -624,6 +624,7 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
             .await
             .unwrap();
         }
+        let snapshots_before = dir_names(&w.env.berthd.root.join("snapshots"));
         restart_with(&mut w, &format!("{step}=kill")).await;
         let mut images = w.env.berthd.images().await;
         let pull = |images: &mut k8s_cri::v1::image_service_client::ImageServiceClient<_>| {
@@ -704,6 +705,12 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
                 );
             }
             _ => {
+                // The layers the killed pull unpacked belonged to no image: collected at start.
+                assert_eq!(
+                    dir_names(&w.env.berthd.root.join("snapshots")),
+                    snapshots_before,
+                    "{step}: snapshots of the interrupted pull were kept"
+                );
                 pull(&mut images)
                     .await
                     .unwrap_or_else(|e| panic!("{step}: {e:?}"));
@@ -1069,4 +1076,117 @@ async fn a_full_disk_during_creation_fails_cleanly_and_leaves_nothing() {
     w.remove_pod(&pod.0).await;
     drop(w);
     drop(disk);
+}
+
+/// A reboot: every process gone, the state directory gone (it is on tmpfs), the root
+/// directory intact. berthd starts clean and still lists what was there: pods NotReady, their
+/// containers Exited — those the reboot ended with exit code 255 and reason NodeRestarted, one
+/// that had exited with its own code — the names free for kubelet's next attempt, and removing
+/// what is listed leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_reboot_pods_are_listed_not_ready_and_their_containers_exited() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    let node_before = common::node::snapshot(&w.env.berthd);
+    let pod = w.pod("survivor").await;
+    let long = w.run(&pod, container("long", &["sleep", "3600"])).await;
+    let short = w
+        .run(&pod, container("short", &["sh", "-c", "exit 3"]))
+        .await;
+    w.wait_state(&short, cri::ContainerState::ContainerExited)
+        .await;
+    let idle = w.create(&pod, container("idle", &["true"])).await.unwrap();
+    let stopped = w.pod("stopped").await;
+    w.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: stopped.0.clone(),
+    })
+    .await
+    .unwrap();
+
+    // The reboot, as far as a test can make one.
+    let b = &mut w.env.berthd;
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait_exit(Duration::from_secs(10));
+    common::kill_pod_processes(&b.state);
+    common::cleanup_cgroups(&b.cgroup_root);
+    common::unmount_under(&b.state);
+    std::fs::remove_dir_all(&b.state).unwrap();
+    std::fs::write(b.root.join("boot_id"), "an-earlier-boot\n").unwrap();
+    b.restart();
+    w.rt = w.env.berthd.runtime().await;
+    assert!(
+        w.env.berthd.log_text().contains("pods_restored=2"),
+        "{}",
+        w.env.berthd.log_text()
+    );
+
+    let pods =
+        w.rt.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .items;
+    let mut seen: Vec<(String, i32)> = pods
+        .iter()
+        .map(|p| (p.metadata.clone().unwrap().name, p.state))
+        .collect();
+    seen.sort();
+    let not_ready = cri::PodSandboxState::SandboxNotready as i32;
+    assert_eq!(
+        seen,
+        vec![
+            ("stopped".into(), not_ready),
+            ("survivor".into(), not_ready)
+        ]
+    );
+    assert_eq!(pod_state(&mut w.rt, &pod.0).await, not_ready);
+    for (id, code, reason) in [
+        (&long, 255, "NodeRestarted"),
+        (&idle, 255, "NodeRestarted"),
+        (&short, 3, "Error"),
+    ] {
+        let s = w.status(id).await;
+        assert_eq!(
+            (s.state, s.exit_code, s.reason.as_str()),
+            (cri::ContainerState::ContainerExited as i32, code, reason),
+            "{s:?}"
+        );
+        assert!(s.finished_at >= s.created_at, "{s:?}");
+    }
+
+    // kubelet's next attempt at the pod gets a new sandbox; its containers run.
+    let mut again = pod.1.clone();
+    again.metadata.as_mut().unwrap().attempt = 1;
+    let again = w.run_pod(again).await;
+    let id = w.run(&again, container("long", &["sleep", "3600"])).await;
+    assert_eq!(w.out(&id, &["echo", "ok"]).await, "ok");
+
+    // A restart after that (same boot) restores nothing more and keeps what it has.
+    w.env.berthd.signal(nix::sys::signal::Signal::SIGKILL);
+    w.env.berthd.wait_exit(Duration::from_secs(10));
+    w.env.berthd.restart();
+    w.rt = w.env.berthd.runtime().await;
+    assert_eq!(w.status(&long).await.reason, "NodeRestarted");
+    assert_eq!(w.out(&id, &["echo", "still"]).await, "still");
+
+    for c in [&long, &short, &idle, &id] {
+        w.remove(c).await;
+    }
+    for p in [&pod.0, &stopped.0, &again.0] {
+        w.remove_pod(p).await;
+    }
+    assert_eq!(w.leftovers(), before);
+    common::node::assert_back_to(&w.env.berthd, &node_before).await;
+}
+
+/// The names in `dir`, sorted.
+#[cfg(feature = "failpoints")]
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }

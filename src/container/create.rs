@@ -435,6 +435,10 @@ impl Containers {
 
     pub(super) async fn remove_files(&self, id: &str) {
         self.forget_stats(id);
+        // The copy first: a copy never outlives its record.
+        if let Err(e) = self.copies.remove(id) {
+            tracing::warn!(container = id, error = %e, "removing the container record's copy");
+        }
         let dir = self.ctr_dir(id);
         rootfs::unmount(&dir.join("rootfs"));
         let _ = std::fs::remove_dir_all(&dir);

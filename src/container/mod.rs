@@ -351,6 +351,8 @@ pub struct Containers {
     samples: Mutex<StatSamples>,
     /// Lifecycle events of containers and pods, for GetContainerEvents.
     pub changes: crate::events::Hub<Event>,
+    /// The records' copies in `--root`, for after a reboot.
+    copies: store::Copies,
 }
 
 /// The previous stats samples (see `stats`): cpu times for rates, layer sizes to reuse.
@@ -404,6 +406,7 @@ impl Containers {
             own_oom: capabilities::own_oom_score_adj(),
             samples: Default::default(),
             changes: Default::default(),
+            copies: store::Copies::open(&layout.container_copies()),
         });
         c.reconcile().await?;
         c.follow_monitors(rx);
@@ -414,9 +417,17 @@ impl Containers {
         self.layout.containers().join(id)
     }
 
+    /// Writes the record, then its copy in `--root` (none while the container is being
+    /// created: a reboot then leaves nothing of it worth listing).
     fn persist(&self, r: &ContainerRecord) -> Result<()> {
         store::write_json_volatile(&self.ctr_dir(&r.id).join("container.json"), r)
-            .map_err(crate::error::from_store)
+            .map_err(crate::error::from_store)?;
+        if r.state != CtrState::Creating {
+            self.copies
+                .write(&r.id, r)
+                .map_err(crate::error::from_store)?;
+        }
+        Ok(())
     }
 
     /// The client of a pod's monitor.

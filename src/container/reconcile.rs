@@ -49,9 +49,54 @@ impl Containers {
         Ok(())
     }
 
+    /// After a reboot (or any loss of `--state`): each container whose copy in `--root` has
+    /// no record any more gets its record back, Exited: one that was created or running is
+    /// recorded as ended by the node's restart (exit code 255, reason `NodeRestarted`). Its
+    /// image is held again; its writable layer is still in `--root`. One that was still being
+    /// created is dropped.
+    fn restore_from_copies(&self) -> Result<()> {
+        let refuse = |e: store::StoreError| Error::Internal(store::refusal(&e));
+        for (id, mut r) in self.copies.read_all::<ContainerRecord>().map_err(refuse)? {
+            let dir = self.ctr_dir(&id);
+            if dir.join("container.json").exists() {
+                continue;
+            }
+            if r.id != id {
+                return Err(refuse(store::StoreError::Inconsistent {
+                    path: self.layout.container_copies().join(format!("{id}.json")),
+                    message: format!("it records container {}", r.id),
+                }));
+            }
+            if r.state == CtrState::Creating {
+                self.copies.remove(&id).map_err(refuse)?;
+                continue;
+            }
+            if matches!(r.state, CtrState::Created | CtrState::Running) {
+                tracing::info!(container = %id, "the node restarted while the container was there: listing it Exited");
+                r.state = CtrState::Exited;
+                r.finished_at = boot_time_ns().max(r.started_at).max(r.created_at);
+                r.exit_code = 255;
+                r.reason = "NodeRestarted".into();
+                r.message = "the node restarted; the container did not exit on its own".into();
+            }
+            r.pid = 0;
+            crate::layout::private_dir(&dir)
+                .map_err(|e| crate::error::from_io("restoring a container directory", e))?;
+            self.persist(&r)?;
+            if let Some(img) = self.images.find(&r.image_id)
+                && let Err(e) = self.images.hold(&id, &img)
+            {
+                tracing::warn!(container = %id, error = %e, "holding the image of a restored container");
+            }
+            store::Tally::add(&self.reconciled.restored);
+        }
+        Ok(())
+    }
+
     /// The container records; a directory without one is removed (it was made just before
     /// its record), an unreadable one is an error.
     fn read_records(&self) -> Result<Vec<ContainerRecord>> {
+        self.restore_from_copies()?;
         let mut records = Vec::new();
         let Ok(rd) = std::fs::read_dir(self.layout.containers()) else {
             return Ok(records);
@@ -210,4 +255,18 @@ impl Containers {
             }
         }
     }
+}
+
+/// When this boot began, ns since the epoch (`btime` of /proc/stat): a container the reboot
+/// ended had ended by then. Now if that cannot be read.
+fn boot_time_ns() -> i64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<i64>().ok())
+        })
+        .map(|secs| secs * 1_000_000_000)
+        .unwrap_or_else(now_ns)
 }

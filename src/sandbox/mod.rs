@@ -257,6 +257,8 @@ pub struct Sandboxes {
     pod_cgroups: cgroups::PodCgroups,
     /// What the reconcile at start did.
     pub reconciled: crate::store::Tally,
+    /// The records' copies in `--root`, for after a reboot.
+    copies: store::Copies,
 }
 
 fn now_ns() -> i64 {
@@ -288,9 +290,17 @@ impl Sandboxes {
         self.layout.ns().join(id)
     }
 
+    /// Writes the record, then its copy in `--root` (none while the pod is being created: a
+    /// reboot then leaves nothing of it worth listing).
     fn persist(&self, r: &PodRecord) -> Result<()> {
         store::write_json_volatile(&self.pod_dir(&r.id).join("pod.json"), r)
-            .map_err(crate::error::from_store)
+            .map_err(crate::error::from_store)?;
+        if r.state != PodState::Creating {
+            self.copies
+                .write(&r.id, r)
+                .map_err(crate::error::from_store)?;
+        }
+        Ok(())
     }
 
     /// A pod by id or unique id prefix.

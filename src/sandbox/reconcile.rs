@@ -14,6 +14,43 @@ use crate::layout::Layout;
 use crate::network::{Network, PodNet};
 use crate::store;
 
+/// After a reboot (or any loss of `--state`): each pod whose copy in `--root` has no record
+/// any more gets its record back as a stopped pod, nothing of it running or connected, so
+/// kubelet sees it NotReady and removes it. One that was still being created is dropped.
+fn restore_from_copies(layout: &Layout, copies: &store::Copies) -> Result<usize> {
+    let mut restored = 0;
+    let refuse = |e: store::StoreError| Error::Internal(store::refusal(&e));
+    for (id, mut r) in copies.read_all::<PodRecord>().map_err(refuse)? {
+        let dir = layout.pods().join(&id);
+        if dir.join("pod.json").exists() {
+            continue;
+        }
+        if r.id != id {
+            return Err(refuse(store::StoreError::Inconsistent {
+                path: layout.pod_copies().join(format!("{id}.json")),
+                message: format!("it records pod {}", r.id),
+            }));
+        }
+        if r.state == PodState::Creating {
+            copies.remove(&id).map_err(refuse)?;
+            continue;
+        }
+        if r.state == PodState::Ready {
+            tracing::info!(pod = %id, "the node restarted while the pod ran: listing it NotReady");
+        }
+        r.state = PodState::NotReady;
+        r.net = None;
+        r.init = None;
+        r.monitor = None;
+        r.shm = false;
+        crate::layout::private_dir(&dir).map_err(super::internal("restoring a pod directory"))?;
+        store::write_json_volatile(&dir.join("pod.json"), &r).map_err(crate::error::from_store)?;
+        copies.write(&id, &r).map_err(crate::error::from_store)?;
+        restored += 1;
+    }
+    Ok(restored)
+}
+
 /// The pod records under `layout`; pod directories without a readable record and pin
 /// directories of no pod are removed.
 fn read_records(layout: &Layout) -> Result<Vec<PodRecord>> {
@@ -69,6 +106,8 @@ impl Sandboxes {
             .map_err(internal("creating the pods directory"))?;
         namespaces::prepare_pin_root(&layout.ns())
             .map_err(internal("preparing the namespace pin directory"))?;
+        let copies = store::Copies::open(&layout.pod_copies());
+        let restored = restore_from_copies(layout, &copies)?;
         let records = read_records(layout)?;
         let live_nets: Vec<PodNet> = records
             .iter()
@@ -102,7 +141,11 @@ impl Sandboxes {
             pod_cgroups: super::cgroups::PodCgroups::load(layout.cgroups_record())
                 .map_err(|e| Error::Internal(store::refusal(&e)))?,
             reconciled: Default::default(),
+            copies,
         });
+        for _ in 0..restored {
+            store::Tally::add(&s.reconciled.restored);
+        }
         for r in records {
             s.adopt(r).await;
         }

@@ -29,8 +29,12 @@ impl Sandboxes {
         self.remove_resources(rec);
     }
 
-    /// Removes what remains of a stopped pod: pins, /dev/shm, cgroup, directories, record.
+    /// Removes what remains of a stopped pod: pins, /dev/shm, cgroup, directories, record
+    /// (its copy first: a copy never outlives its record).
     fn remove_resources(&self, rec: &PodRecord) {
+        if let Err(e) = self.copies.remove(&rec.id) {
+            tracing::warn!(pod = %rec.id, error = %e, "removing the pod record's copy");
+        }
         if let Some((pid, start)) = rec.monitor {
             init::kill_now(pid, start);
         }

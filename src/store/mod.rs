@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod copies;
+pub use copies::Copies;
+
 /// A failed read or write of a record.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +64,8 @@ pub struct Tally {
     pub undone: std::sync::atomic::AtomicUsize,
     /// Leftovers nothing referred to, removed.
     pub removed: std::sync::atomic::AtomicUsize,
+    /// Taken back from their copies in `--root` after the state was lost (a reboot), stopped.
+    pub restored: std::sync::atomic::AtomicUsize,
 }
 
 impl Tally {
@@ -70,13 +75,14 @@ impl Tally {
     }
 
     /// The counts, for a log line.
-    pub fn counts(&self) -> [usize; 4] {
+    pub fn counts(&self) -> [usize; 5] {
         use std::sync::atomic::Ordering::Relaxed;
         [
             self.adopted.load(Relaxed),
             self.finished.load(Relaxed),
             self.undone.load(Relaxed),
             self.removed.load(Relaxed),
+            self.restored.load(Relaxed),
         ]
     }
 }

@@ -256,6 +256,8 @@ impl World {
             ("state/containers", b.state.join("containers")),
             ("state/lc", b.state.join("lc")),
             ("root/containers", b.root.join("containers")),
+            ("root/records/pods", b.root.join("records/pods")),
+            ("root/records/containers", b.root.join("records/containers")),
         ] {
             if let Ok(rd) = std::fs::read_dir(path) {
                 v.extend(

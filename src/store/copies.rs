@@ -1,0 +1,107 @@
+//! Copies in `--root` of records that live in `--state`: the state directory is on tmpfs and
+//! gone after a reboot, with every process it described, yet kubelet must still see what was
+//! there (pods NotReady, containers Exited) rather than a node that forgot them. A copy is
+//! written (fsynced) after the record it mirrors, and removed before it, so a copy without its
+//! record means the state was lost, never that a removal was interrupted.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{StoreError, read_json, remove, write_json};
+
+/// A directory of copies, one `<id>.json` per object.
+#[derive(Debug, Clone)]
+pub struct Copies {
+    dir: PathBuf,
+}
+
+impl Copies {
+    /// The copies in `dir` (made by `Layout::prepare`), at start: the temporary files of
+    /// writes a kill interrupted are removed (the copy they were replacing stands).
+    pub fn open(dir: &Path) -> Copies {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Copies {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Replaces the copy of `id`, durably.
+    pub fn write<T: Serialize>(&self, id: &str, value: &T) -> Result<(), StoreError> {
+        write_json(&self.path(id), value)
+    }
+
+    /// Removes the copy of `id`; none is fine.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        remove(&self.path(id))
+    }
+
+    /// Every copy, by id; an unreadable one is an error naming its file. Leftover temporary
+    /// files of an interrupted write are not copies.
+    pub fn read_all<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>, StoreError> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "listing",
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".json")
+                .filter(|_| !name.starts_with('.'))
+            else {
+                continue;
+            };
+            if let Some(v) = read_json(&e.path())? {
+                out.push((id.to_string(), v));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_round_trip_leftover_temp_files_go_and_a_torn_copy_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".a.json.1-0.tmp"), "{").unwrap();
+        let c = Copies::open(dir.path());
+        assert!(!dir.path().join(".a.json.1-0.tmp").exists());
+        c.write("b", &2u32).unwrap();
+        c.write("a", &1u32).unwrap();
+        c.write("a", &3u32).unwrap();
+        std::fs::write(dir.path().join(".a.json.1-1.tmp"), "{").unwrap();
+        assert_eq!(
+            c.read_all::<u32>().unwrap(),
+            vec![("a".to_string(), 3), ("b".to_string(), 2)]
+        );
+        c.remove("a").unwrap();
+        c.remove("a").unwrap();
+        assert_eq!(c.read_all::<u32>().unwrap(), vec![("b".to_string(), 2)]);
+        std::fs::write(dir.path().join("c.json"), "{").unwrap();
+        let e = c.read_all::<u32>().unwrap_err().to_string();
+        assert!(e.contains("c.json"), "{e}");
+    }
+}
