@@ -417,17 +417,21 @@ impl Containers {
         self.layout.containers().join(id)
     }
 
-    /// Writes the record, then its copy in `--root` (none while the container is being
-    /// created: a reboot then leaves nothing of it worth listing).
+    /// Writes the record, then its copy in `--root` when the container is made and when it
+    /// has exited (a container still being created leaves nothing worth listing after a
+    /// reboot, and a restore makes a created and a running one the same ended one; its exit
+    /// code is what a later copy adds).
     fn persist(&self, r: &ContainerRecord) -> Result<()> {
         store::write_json_volatile(&self.ctr_dir(&r.id).join("container.json"), r)
             .map_err(crate::error::from_store)?;
-        if r.state != CtrState::Creating {
-            self.copies
-                .write(&r.id, r)
-                .map_err(crate::error::from_store)?;
-        }
-        Ok(())
+        let phase = match r.state {
+            CtrState::Creating => return Ok(()),
+            CtrState::Created | CtrState::Running => "made",
+            CtrState::Exited => "exited",
+        };
+        self.copies
+            .write(&r.id, phase, r)
+            .map_err(crate::error::from_store)
     }
 
     /// The client of a pod's monitor.

@@ -290,14 +290,15 @@ impl Sandboxes {
         self.layout.ns().join(id)
     }
 
-    /// Writes the record, then its copy in `--root` (none while the pod is being created: a
-    /// reboot then leaves nothing of it worth listing).
+    /// Writes the record, then, the first time it is not `Creating`, its copy in `--root`
+    /// (a pod still being created leaves nothing worth listing after a reboot, and a restore
+    /// makes a ready and a stopped pod the same stopped one).
     fn persist(&self, r: &PodRecord) -> Result<()> {
         store::write_json_volatile(&self.pod_dir(&r.id).join("pod.json"), r)
             .map_err(crate::error::from_store)?;
         if r.state != PodState::Creating {
             self.copies
-                .write(&r.id, r)
+                .write(&r.id, "made", r)
                 .map_err(crate::error::from_store)?;
         }
         Ok(())

@@ -45,7 +45,9 @@ fn restore_from_copies(layout: &Layout, copies: &store::Copies) -> Result<usize>
         r.shm = false;
         crate::layout::private_dir(&dir).map_err(super::internal("restoring a pod directory"))?;
         store::write_json_volatile(&dir.join("pod.json"), &r).map_err(crate::error::from_store)?;
-        copies.write(&id, &r).map_err(crate::error::from_store)?;
+        copies
+            .write(&id, "made", &r)
+            .map_err(crate::error::from_store)?;
         restored += 1;
     }
     Ok(restored)

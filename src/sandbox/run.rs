@@ -94,7 +94,14 @@ impl Sandboxes {
 
     /// A call that knows the pod's id used it (a container is made in it): it is claimed.
     pub fn claim(&self, pod: &Pod) {
-        self.names.claim(&pod.record().spec.name_key(), &pod.id);
+        // The key only: no copy of the whole record on every CreateContainer.
+        let key = pod
+            .record
+            .read()
+            .expect("pod record poisoned")
+            .spec
+            .name_key();
+        self.names.claim(&key, &pod.id);
     }
 
     async fn create(&self, id: &str, spec: PodSpec) -> Result<()> {
