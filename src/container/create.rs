@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, Propagation, image_file,
-    internal, log_path, mon_err, name_key, now_ns, rootfs, spec, user,
+    internal, mon_err, name_key, now_ns, rootfs, spec, user,
 };
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -560,4 +560,37 @@ fn host_mounts(mounts: &[MountSpec]) -> Result<Vec<(MountSpec, PathBuf)>> {
         out.push((m.clone(), resolved));
     }
     Ok(out)
+}
+
+/// `log_directory/log_path`, with the relative part checked.
+fn log_path(dir: &str, rel: &str) -> Result<Option<PathBuf>> {
+    if dir.is_empty() || rel.is_empty() {
+        return Ok(None);
+    }
+    let p = Path::new(rel);
+    if p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "log path {rel:?} must be relative to the pod's log directory without '..'"
+        )));
+    }
+    Ok(Some(Path::new(dir).join(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_paths_stay_in_the_log_directory() {
+        assert_eq!(
+            log_path("/var/log/pods/x", "c/0.log").unwrap(),
+            Some(PathBuf::from("/var/log/pods/x/c/0.log"))
+        );
+        assert!(log_path("/var/log/pods/x", "../escape.log").is_err());
+        assert!(log_path("/var/log/pods/x", "/abs.log").is_err());
+        assert_eq!(log_path("", "c/0.log").unwrap(), None);
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Containers, CtrState, EventKind, mon_err, name_key, now_ns, signal_number};
+use super::{Containers, CtrState, EventKind, mon_err, name_key, now_ns};
 use crate::error::{Error, Result};
 use crate::monitor::client::MonitorError;
 use crate::monitor::proto::{self, request};
@@ -195,5 +195,38 @@ impl Containers {
             .await
             .map(|_| ())
             .map_err(mon_err)
+    }
+}
+
+/// A signal by name (`SIGTERM`, `TERM`, `15`).
+pub fn signal_number(s: &str) -> Option<i32> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if let Ok(n) = s.parse::<i32>() {
+        return Some(n);
+    }
+    let name = if s.to_uppercase().starts_with("SIG") {
+        s.to_uppercase()
+    } else {
+        format!("SIG{}", s.to_uppercase())
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_by_name_or_number() {
+        assert_eq!(signal_number("SIGQUIT"), Some(libc::SIGQUIT));
+        assert_eq!(signal_number("term"), Some(libc::SIGTERM));
+        assert_eq!(signal_number("9"), Some(9));
+        assert_eq!(signal_number(""), None);
+        assert_eq!(signal_number("NOPE"), None);
     }
 }

@@ -24,7 +24,7 @@ mod update;
 pub mod user;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -598,65 +598,4 @@ pub fn shares_pid_namespace(spec: &ContainerSpec, pod: &crate::sandbox::PodRecor
         spec.security.pid_mode.unwrap_or(pod.spec.namespaces.pid),
         NsMode::Pod | NsMode::Target
     )
-}
-
-/// `log_directory/log_path`, with the relative part checked.
-fn log_path(dir: &str, rel: &str) -> Result<Option<PathBuf>> {
-    if dir.is_empty() || rel.is_empty() {
-        return Ok(None);
-    }
-    let p = Path::new(rel);
-    if p.is_absolute()
-        || p.components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(Error::InvalidArgument(format!(
-            "log path {rel:?} must be relative to the pod's log directory without '..'"
-        )));
-    }
-    Ok(Some(Path::new(dir).join(p)))
-}
-
-/// A signal by name (`SIGTERM`, `TERM`, `15`).
-pub fn signal_number(s: &str) -> Option<i32> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(n) = s.parse::<i32>() {
-        return Some(n);
-    }
-    let name = if s.to_uppercase().starts_with("SIG") {
-        s.to_uppercase()
-    } else {
-        format!("SIG{}", s.to_uppercase())
-    };
-    name.parse::<nix::sys::signal::Signal>()
-        .ok()
-        .map(|s| s as i32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_signals_by_name_or_number() {
-        assert_eq!(signal_number("SIGQUIT"), Some(libc::SIGQUIT));
-        assert_eq!(signal_number("term"), Some(libc::SIGTERM));
-        assert_eq!(signal_number("9"), Some(9));
-        assert_eq!(signal_number(""), None);
-        assert_eq!(signal_number("NOPE"), None);
-    }
-
-    #[test]
-    fn log_paths_stay_in_the_log_directory() {
-        assert_eq!(
-            log_path("/var/log/pods/x", "c/0.log").unwrap(),
-            Some(PathBuf::from("/var/log/pods/x/c/0.log"))
-        );
-        assert!(log_path("/var/log/pods/x", "../escape.log").is_err());
-        assert!(log_path("/var/log/pods/x", "/abs.log").is_err());
-        assert_eq!(log_path("", "c/0.log").unwrap(), None);
-    }
 }
