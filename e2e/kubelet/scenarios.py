@@ -822,16 +822,24 @@ def bench_exec(rounds=30):
         seen[name] = times
     # The same round trip without crictl's own start: kubelet's /exec (kubectl exec's path,
     # kubelet proxying to the runtime's streaming server), WebSocket v5, from this process.
+    # A runtime whose streaming server speaks only SPDY (containerd 1.6) refuses the
+    # WebSocket upgrade kubelet passes on: that is reported, and the crictl figures still are.
     times = []
-    for _ in range(rounds):
-        t = time.time()
-        msgs, close = kubelet_websocket(f"/exec/default/ex-{NODE}/c?command=true&output=1",
-                                        "v5.channel.k8s.io")
-        times.append((time.time() - t) * 1000)
-        status = json.loads(b"".join(m for ch, m in msgs if ch == 3) or b"{}")
-        assert status.get("status") == "Success", (status, close)
-    log(f"bench: kubelet /exec (WebSocket v5) true, {rounds} rounds: median "
-        f"{statistics.median(times):.1f} ms (p90 {sorted(times)[rounds * 9 // 10]:.1f})")
+    try:
+        for _ in range(rounds):
+            t = time.time()
+            msgs, close = kubelet_websocket(f"/exec/default/ex-{NODE}/c?command=true&output=1",
+                                            "v5.channel.k8s.io")
+            times.append((time.time() - t) * 1000)
+            status = json.loads(b"".join(m for ch, m in msgs if ch == 3) or b"{}")
+            assert status.get("status") == "Success", (status, close)
+        log(f"bench: kubelet /exec (WebSocket v5) true, {rounds} rounds: median "
+            f"{statistics.median(times):.1f} ms (p90 {sorted(times)[rounds * 9 // 10]:.1f})")
+    except AssertionError as e:
+        if not CONTAINERD:
+            raise
+        log(f"bench: kubelet /exec (WebSocket v5): refused by this runtime: "
+            f"{str(e).splitlines()[0]}")
     log(f"bench: crictl exec CID true, {rounds} rounds: median "
         f"{statistics.median(seen['exec']):.1f} ms (p90 {sorted(seen['exec'])[rounds * 9 // 10]:.1f}); "
         f"crictl exec -s (ExecSync): median {statistics.median(seen['exec -s']):.1f} ms; "

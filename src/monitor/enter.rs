@@ -141,8 +141,16 @@ fn join_cgroups(init: i32) -> Result<(), String> {
     let cgroups = crate::cgroup::Cgroups::detect();
     let text = std::fs::read_to_string(format!("/proc/{init}/cgroup"))
         .map_err(|e| format!("/proc/{init}/cgroup: {e}"))?;
+    // A move costs the kernel an RCU grace period (milliseconds) even when it changes nothing,
+    // so hierarchies where this process already is where the init is (the unmanaged ones, on
+    // a hybrid host) are left alone.
+    let mine = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
     let me = std::process::id().to_string();
     for line in text.lines() {
+        if mine.lines().any(|m| m == line) {
+            continue;
+        }
         let mut parts = line.splitn(3, ':');
         let (_, ctrls, path) = (parts.next(), parts.next().unwrap_or(""), parts.next());
         let Some(path) = path else { continue };

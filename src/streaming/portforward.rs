@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -25,7 +25,7 @@ pub const PROTOCOL: &str = "portforward.k8s.io";
 /// How long a connect inside the pod may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the pod's socket per DATA frame.
-const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = 64 * 1024;
 
 /// How long a session may stay silent, and how long a request's second stream may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +82,16 @@ where
         last_ms: AtomicU64::new(0),
     });
     let sent = activity.clone();
+    // Frames waiting together go out in one flush (one write to the client for many).
     let writer = tokio::spawn(async move {
         while let Some(f) = rx.recv().await {
-            if sink.send(f).await.is_err() {
+            let mut fed = sink.feed(f).await;
+            while fed.is_ok()
+                && let Ok(f) = rx.try_recv()
+            {
+                fed = sink.feed(f).await;
+            }
+            if fed.is_err() || sink.flush().await.is_err() {
                 break;
             }
             sent.touch();
@@ -259,12 +266,13 @@ async fn forward(
         let _ = wr.shutdown().await;
     };
     let to_client = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = BytesMut::new();
         loop {
-            match rd.read(&mut buf).await {
+            buf.reserve(CHUNK);
+            match rd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let chunk = Bytes::copy_from_slice(&buf[..n]);
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
                     if tx.send(data(f.data, false, chunk)).await.is_err() {
                         return;
                     }
