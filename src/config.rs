@@ -155,6 +155,12 @@ pub struct StreamingConfig {
     pub idle_timeout_seconds: u64,
     /// A port-forward request whose second stream does not come within this is refused.
     pub stream_creation_timeout_seconds: u64,
+    /// Serve HTTPS instead of plain HTTP.
+    pub tls: bool,
+    /// PEM certificate chain for TLS; empty with `tls` = a self-signed one made at start.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for StreamingConfig {
@@ -165,6 +171,9 @@ impl Default for StreamingConfig {
             // kubelet's defaults (streamingConnectionIdleTimeout, its stream creation timeout).
             idle_timeout_seconds: 4 * 3600,
             stream_creation_timeout_seconds: 30,
+            tls: false,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -247,6 +256,26 @@ impl Config {
                 "streaming.idle_timeout_seconds and stream_creation_timeout_seconds must be at least 1"
                     .into(),
             );
+        }
+        let s = &self.streaming;
+        match (&s.tls_cert_file, &s.tls_key_file) {
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid(
+                    "streaming.tls_cert_file and streaming.tls_key_file go together".into(),
+                );
+            }
+            (Some(_), Some(_)) if !s.tls => {
+                return invalid(
+                    "streaming.tls_cert_file is set but streaming.tls is false: set tls = true to serve HTTPS"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        for p in [&s.tls_cert_file, &s.tls_key_file].into_iter().flatten() {
+            if !p.is_absolute() {
+                return invalid(format!("{} must be an absolute path", p.display()));
+            }
         }
         if self.images.max_concurrent_downloads == 0 {
             return invalid("images.max_concurrent_downloads must be at least 1".into());
@@ -383,6 +412,12 @@ port = 0
 idle_timeout_seconds = 14400
 # A port-forward request whose data or error stream does not follow within this is refused.
 stream_creation_timeout_seconds = 30
+# HTTPS instead of HTTP. With a certificate and key (PEM files) the server presents them; without,
+# a self-signed certificate for the address is made at each start (crictl accepts it; kubelet
+# verifies the certificate, so give it one signed by a CA the node trusts).
+tls = false
+# tls_cert_file = "/etc/berth/streaming.crt"
+# tls_key_file = "/etc/berth/streaming.key"
 
 [metrics]
 # ip:port of berthd's own Prometheus metrics (GET /metrics); empty turns them off.
@@ -400,6 +435,25 @@ mod tests {
     #[test]
     fn default_toml_parses_to_the_built_in_defaults() {
         assert_eq!(parse(DEFAULT_TOML).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn streaming_tls_files_come_in_pairs_and_only_with_tls() {
+        let e = parse("[streaming]\ntls = true\ntls_cert_file = \"/etc/c.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("go together"), "{e}");
+        let e =
+            parse("[streaming]\ntls_cert_file = \"/etc/c.pem\"\ntls_key_file = \"/etc/k.pem\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("tls is false"), "{e}");
+        let e =
+            parse("[streaming]\ntls = true\ntls_cert_file = \"c.pem\"\ntls_key_file = \"/k\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("absolute"), "{e}");
+        assert!(parse("[streaming]\ntls = true\n").unwrap().streaming.tls);
     }
 
     #[test]

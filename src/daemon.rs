@@ -231,11 +231,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     tracing::info!(socket = %listen.display(), version = env!("CARGO_PKG_VERSION"), "berthd serving the CRI");
 
+    let tls = match (
+        &streaming_config.tls_cert_file,
+        &streaming_config.tls_key_file,
+    ) {
+        _ if !streaming_config.tls => None,
+        (Some(cert), Some(key)) => Some(crate::streaming::tls::Certificate::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => Some(crate::streaming::tls::Certificate::SelfSigned),
+    };
     let (_, streaming) = rt
         .streaming
         .serve(
             &streaming_config.address,
             streaming_config.port,
+            tls.as_ref(),
             crate::streaming::portforward::Timeouts {
                 idle: Duration::from_secs(streaming_config.idle_timeout_seconds),
                 creation: Duration::from_secs(streaming_config.stream_creation_timeout_seconds),

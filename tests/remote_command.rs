@@ -423,3 +423,159 @@ async fn attach_reaches_a_containers_stdin_and_output() {
     w.remove_pod(&pod.0).await;
     assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
 }
+
+/// A client TLS configuration trusting `roots`, or any certificate when `None` (for the
+/// self-signed one berthd makes at start, which nothing can know beforehand).
+fn tls_client(roots: Option<&[u8]>) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    #[derive(Debug)]
+    struct AnyCertificate(rustls::crypto::WebPkiSupportedAlgorithms);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(m, c, d, &self.0)
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(m, c, d, &self.0)
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.supported_schemes()
+        }
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let config = match roots {
+        Some(pem) => {
+            let mut store = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem) {
+                store.add(c.unwrap()).unwrap();
+            }
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(AnyCertificate(
+                provider.signature_verification_algorithms,
+            )))
+            .with_no_client_auth(),
+    };
+    std::sync::Arc::new(config)
+}
+
+/// Runs `echo tls` through `url` over TLS with `config`; stdout and the Status.
+fn exec_over_tls(url: String, config: std::sync::Arc<rustls::ClientConfig>) -> (String, String) {
+    let (status, client) = spdy::connect_with(&url, &["v4.channel.k8s.io"], Some(config));
+    let mut c = client.unwrap_or_else(|| panic!("no upgrade over TLS: {status}"));
+    let mut ids = HashMap::new();
+    for (i, k) in ["error", "stdout"].iter().enumerate() {
+        c.send(syn(2 * i as u32 + 1, &[("streamtype", k)]));
+        ids.insert(k.to_string(), 2 * i as u32 + 1);
+    }
+    let got = collect(&mut c, &ids);
+    (
+        got.get("stdout").cloned().unwrap_or_default(),
+        got.get("error").cloned().unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_over_tls_with_a_configured_certificate_or_a_self_signed_one() {
+    // A CA of the test's and a server certificate it signed for 127.0.0.1.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "berth test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let leaf = leaf.signed_by(&key, &issuer).unwrap();
+    let (cert_file, key_file) = (dir.path().join("s.crt"), dir.path().join("s.key"));
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let roots = ca_cert.pem().into_bytes();
+
+    let mut w = World::with(common::Options {
+        extra_config: format!(
+            "[streaming]\ntls = true\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            cert_file.display().to_string(),
+            key_file.display().to_string()
+        ),
+        ..Default::default()
+    })
+    .await;
+    let pod = w.pod("tls").await;
+    let ctr = w.run(&pod, container("box", &["sleep", "3600"])).await;
+    let url = exec_url(&mut w, &ctr, &["echo", "tls"], (false, true, false, false)).await;
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let config = tls_client(Some(&roots));
+    let (out, status) = w.env.netns.run_in(move || exec_over_tls(url, config));
+    assert_eq!(out, "tls\n");
+    assert!(status.contains("\"Success\""), "{status}");
+    // Plain HTTP to the TLS server gets no upgrade, and the token is not spent by it.
+    let url = exec_url(&mut w, &ctr, &["echo", "tls"], (false, true, false, false)).await;
+    let plain = url.replace("https://", "http://");
+    let status = w
+        .env
+        .netns
+        .run_in(move || spdy::connect(&plain, &["v4.channel.k8s.io"]).0);
+    assert!(!status.contains(" 101 "), "{status}");
+    let config = tls_client(Some(&roots));
+    let (out, _) = w.env.netns.run_in(move || exec_over_tls(url, config));
+    assert_eq!(out, "tls\n");
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+    drop(w);
+
+    // No files: a certificate of berthd's own making; a client that trusts only the test's CA
+    // refuses it, one that accepts any gets its exec.
+    let mut w = World::with(common::Options {
+        extra_config: "[streaming]\ntls = true\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let pod = w.pod("tls-self").await;
+    let ctr = w.run(&pod, container("box", &["sleep", "3600"])).await;
+    let url = exec_url(&mut w, &ctr, &["echo", "tls"], (false, true, false, false)).await;
+    assert!(url.starts_with("https://"), "{url}");
+    let strict = tls_client(Some(&roots));
+    let u = url.clone();
+    let status = w
+        .env
+        .netns
+        .run_in(move || spdy::connect_with(&u, &["v4.channel.k8s.io"], Some(strict)).0);
+    assert!(!status.contains(" 101 "), "{status}");
+    let config = tls_client(None);
+    let (out, status) = w.env.netns.run_in(move || exec_over_tls(url, config));
+    assert_eq!(out, "tls\n");
+    assert!(status.contains("\"Success\""), "{status}");
+    w.remove_pod(&pod.0).await;
+    assert!(w.leftovers().is_empty(), "{:?}", w.leftovers());
+}

@@ -3,7 +3,8 @@
 //! `command` (an exec or attach session, whatever carries it), `remotecommand` (it over SPDY),
 //! `wschannel` (it over WebSocket), `fdio` (the monitor's descriptors as async I/O),
 //! `portforward` (SPDY `portforward.k8s.io`), `tunnel` (SPDY over WebSocket),
-//! `wsportforward` (port-forward in WebSocket channels, kubelet's form), `spdy` (the framing).
+//! `wsportforward` (port-forward in WebSocket channels, kubelet's form), `spdy` (the framing),
+//! `tls` (HTTPS).
 
 pub mod command;
 pub mod fdio;
@@ -11,6 +12,7 @@ pub mod portforward;
 pub mod remotecommand;
 pub mod server;
 pub mod spdy;
+pub mod tls;
 pub mod tokens;
 pub mod tunnel;
 pub mod wschannel;

@@ -53,12 +53,13 @@ impl Streaming {
         Ok(format!("{base}/{path}/{token}"))
     }
 
-    /// Binds `address:port` (0 = any free port) and serves until `shutdown`; returns the
-    /// bound address.
+    /// Binds `address:port` (0 = any free port) and serves, over TLS when `tls` names a
+    /// certificate, until `shutdown`; returns the bound address.
     pub async fn serve<S>(
         self: &Arc<Self>,
         address: &str,
         port: u16,
+        tls: Option<&super::tls::Certificate>,
         timeouts: portforward::Timeouts,
         shutdown: S,
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), StreamingError>
@@ -77,9 +78,14 @@ impl Streaming {
             .await
             .map_err(|e| err(format!("binding: {e}")))?;
         let bound = listener.local_addr().map_err(|e| err(e.to_string()))?;
+        let tls = tls
+            .map(|c| super::tls::server_config(c, ip))
+            .transpose()
+            .map_err(|e| err(e.to_string()))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let base = match bound {
-            SocketAddr::V4(a) => format!("http://{a}"),
-            SocketAddr::V6(a) => format!("http://[{}]:{}", a.ip(), a.port()),
+            SocketAddr::V4(a) => format!("{scheme}://{a}"),
+            SocketAddr::V6(a) => format!("{scheme}://[{}]:{}", a.ip(), a.port()),
         };
         let _ = self.base.set(base);
         let _ = self.timeouts.set(timeouts);
@@ -97,23 +103,40 @@ impl Streaming {
                 axum::routing::get(remote_command).post(remote_command),
             )
             .with_state(self.clone());
+        let listener = match tls {
+            Some(config) => Listening::Tls(
+                super::tls::TlsListener::new(listener, config).map_err(|e| err(e.to_string()))?,
+            ),
+            None => Listening::Plain(listener),
+        };
         let task = tokio::spawn(async move {
             // Small frames (replies, an exit status) must not wait for the client's delayed
             // ACK: without TCP_NODELAY each exec took ~40 ms longer.
             use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
+            let served = match listener {
+                Listening::Tls(tls) => axum::serve(tls, app).with_graceful_shutdown(shutdown).await,
+                Listening::Plain(listener) => {
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::warn!(error = %e, "streaming server failed");
             }
         });
         tracing::info!(address = %bound, "streaming server listening");
         Ok((bound, task))
     }
+}
+
+/// The listening socket, bare or behind TLS.
+enum Listening {
+    Plain(tokio::net::TcpListener),
+    Tls(super::tls::TlsListener),
 }
 
 /// Whether a comma-separated header (any of its occurrences) holds `want`.

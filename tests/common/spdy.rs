@@ -8,9 +8,13 @@ use std::time::Duration;
 use berth::streaming::spdy::{Codec, Frame};
 use bytes::BytesMut;
 
+/// A byte stream to the server: TCP, or TLS over it.
+pub trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
 /// A SPDY client connection, upgraded from HTTP/1.1.
 pub struct Client {
-    pub tcp: TcpStream,
+    pub tcp: Box<dyn Conn>,
     codec: Codec,
     buf: BytesMut,
     /// The protocol the server chose.
@@ -33,7 +37,10 @@ pub fn syn(id: u32, headers: &[(&str, &str)]) -> Frame {
 
 /// `url`'s host:port and path.
 pub fn split(url: &str) -> (String, String) {
-    let rest = url.strip_prefix("http://").expect("an http URL");
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .expect("an http(s) URL");
     let (host, path) = rest.split_once('/').expect("a path");
     (host.to_string(), format!("/{path}"))
 }
@@ -41,23 +48,43 @@ pub fn split(url: &str) -> (String, String) {
 /// POSTs `url` with the SPDY upgrade offering `protocols`; the status line and, on 101, the
 /// client.
 pub fn connect(url: &str, protocols: &[&str]) -> (String, Option<Client>) {
+    connect_with(url, protocols, None)
+}
+
+/// `connect`, over TLS with `tls` when given.
+pub fn connect_with(
+    url: &str,
+    protocols: &[&str],
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> (String, Option<Client>) {
     let (host, path) = split(url);
-    let mut tcp = TcpStream::connect(&host).unwrap();
+    let tcp = TcpStream::connect(&host).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tcp: Box<dyn Conn> = match tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let ip = host.rsplit_once(':').unwrap().0;
+            let name = rustls::pki_types::ServerName::try_from(ip.to_string()).unwrap();
+            let conn = rustls::ClientConnection::new(config, name).unwrap();
+            Box::new(rustls::StreamOwned::new(conn, tcp))
+        }
+    };
     let offered: String = protocols
         .iter()
         .map(|p| format!("X-Stream-Protocol-Version: {p}\r\n"))
         .collect();
-    write!(
+    if let Err(e) = write!(
         tcp,
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
          {offered}Content-Length: 0\r\n\r\n"
-    )
-    .unwrap();
+    ) {
+        // A TLS handshake the client refused, for one.
+        return (format!("request not sent: {e}"), None);
+    }
     let mut head = Vec::new();
     let mut byte = [0u8];
     while !head.ends_with(b"\r\n\r\n") {
-        if tcp.read(&mut byte).unwrap() == 0 {
+        if !matches!(tcp.read(&mut byte), Ok(1)) {
             break;
         }
         head.push(byte[0]);
