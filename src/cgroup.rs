@@ -68,6 +68,18 @@ pub fn relative(parent: &str) -> Result<PathBuf, BadParent> {
 }
 
 impl Cgroups {
+    /// On a hybrid host, the controllers its cgroup2 mount has (`cgroup.controllers`), when
+    /// it has any; `None` on a pure v1 or a unified host.
+    pub fn hybrid_v2_controllers(&self) -> Option<String> {
+        if self.mode != Mode::Legacy {
+            return None;
+        }
+        let v2 = self.hierarchies.iter().find(|h| h.v2)?;
+        let ctrls = std::fs::read_to_string(v2.mount.join("cgroup.controllers")).ok()?;
+        let ctrls = ctrls.trim();
+        (!ctrls.is_empty()).then(|| ctrls.to_string())
+    }
+
     /// Whether the runtime can set limits of `controller` for containers: a v1 hierarchy of it
     /// (legacy and hybrid hosts: the runtime manages v1 there), or the v2 root enabling it.
     pub fn has_controller(&self, controller: &str) -> bool {

@@ -223,12 +223,17 @@ impl Config {
                 }
             }
         }
-        for name in self.runtimes.keys() {
+        for (name, h) in &self.runtimes {
             if name.is_empty() {
                 return invalid(
                     "runtimes: the empty handler name is the embedded runtime and cannot be redefined"
                         .into(),
                 );
+            }
+            if h.path.as_ref().is_none_or(|p| !p.is_absolute()) {
+                return invalid(format!(
+                    "runtimes.{name}.path must be the absolute path of an OCI runtime binary (e.g. /usr/sbin/runc)"
+                ));
             }
         }
         if crate::cgroup::relative(&self.cgroup_parent).is_err() {
@@ -398,8 +403,10 @@ mtu = 0
 # The nftables table (family ip) holding berth's NAT rules.
 nft_table = "berth"
 
-# Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime.
-# Not implemented yet: berth starts with them but refuses every pod that names one.
+# Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime:
+# an OCI runtime binary the pod's monitor drives with create/start/delete (runc). berthd checks
+# each at start (`--version`, and `features` for what Status claims) and refuses to start
+# without it.
 #
 # [runtimes.runc]
 # path = "/usr/bin/runc"

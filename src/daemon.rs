@@ -51,13 +51,13 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     /// The runtime core could not start.
-    #[error("{0}")]
+    #[error(transparent)]
     Runtime(#[from] crate::error::Error),
     /// The metrics endpoint could not be opened.
-    #[error("{0}")]
+    #[error(transparent)]
     Metrics(#[from] crate::telemetry::ServeError),
     /// The streaming server could not be opened.
-    #[error("{0}")]
+    #[error(transparent)]
     Streaming(#[from] crate::streaming::StreamingError),
     /// The gRPC server failed.
     #[error("serving the CRI: {0}")]

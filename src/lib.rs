@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod failpoint;
 pub mod fsutil;
+pub mod handlers;
 pub mod idmap;
 pub mod image;
 pub mod layout;

@@ -81,15 +81,20 @@ impl Runtime {
             tokio::task::block_in_place(|| ImageStore::open(&config))
                 .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?,
         );
-        for name in config.runtimes.keys() {
-            tracing::warn!(
-                handler = %name,
-                "runtime handler is configured, but OCI runtime binaries are not implemented yet: pods asking for it are refused"
+        let hybrid_v2 = crate::cgroup::Cgroups::detect().hybrid_v2_controllers();
+        let handlers = tokio::task::block_in_place(|| {
+            crate::handlers::Handlers::probe(&config.runtimes, hybrid_v2.as_deref())
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        for h in handlers.all().iter().filter(|h| h.binary.is_some()) {
+            tracing::info!(
+                handler = %h.name,
+                version = %h.version,
+                recursive_read_only = h.features.recursive_read_only,
+                user_namespaces = h.features.user_namespaces,
+                "runtime handler ready"
             );
         }
-        let handlers: Vec<String> = std::iter::once(String::new())
-            .chain(config.runtimes.keys().cloned())
-            .collect();
         let layout = crate::layout::Layout::new(&config.root, &config.state);
         let pods = Sandboxes::open(
             &layout,

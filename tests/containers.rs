@@ -568,21 +568,31 @@ async fn bad_requests_fail_by_name_and_leave_nothing() {
     assert_eq!(w.leftovers(), before);
 
     // A command that does not exist: Create works, Start fails naming it, the container ends
-    // Exited with a non-zero code.
-    let id = w
-        .create(&pod, container("nocmd", &["/no/such/command"]))
-        .await
-        .unwrap();
-    let e = w.start(&id).await.unwrap_err();
-    assert!(e.message().contains("/no/such/command"), "{}", e.message());
-    let s = w
-        .wait_state(&id, cri::ContainerState::ContainerExited)
-        .await;
-    assert_ne!(s.exit_code, 0);
-    assert_eq!(s.reason, "StartError");
-    assert!(s.message.contains("/no/such/command"));
-    w.remove(&id).await;
-    assert_eq!(w.leftovers(), before);
+    // Exited with a non-zero code. runc looks the command up at create: there Create fails
+    // naming it and leaves nothing.
+    if !common::handler().is_empty() {
+        let e = w
+            .create(&pod, container("nocmd", &["/no/such/command"]))
+            .await
+            .unwrap_err();
+        assert!(e.message().contains("/no/such/command"), "{}", e.message());
+        assert_eq!(w.leftovers(), before);
+    } else {
+        let id = w
+            .create(&pod, container("nocmd", &["/no/such/command"]))
+            .await
+            .unwrap();
+        let e = w.start(&id).await.unwrap_err();
+        assert!(e.message().contains("/no/such/command"), "{}", e.message());
+        let s = w
+            .wait_state(&id, cri::ContainerState::ContainerExited)
+            .await;
+        assert_ne!(s.exit_code, 0);
+        assert_eq!(s.reason, "StartError");
+        assert!(s.message.contains("/no/such/command"));
+        w.remove(&id).await;
+        assert_eq!(w.leftovers(), before);
+    }
 
     // A stopped pod takes no containers.
     w.rt.stop_pod_sandbox(cri::StopPodSandboxRequest {

@@ -276,3 +276,19 @@ fn a_metrics_address_that_is_not_ip_port_fails_naming_the_key() {
     assert!(err.contains("metrics.address \"localhost\""), "{err}");
     assert!(!dir.path().join("state").exists(), "state dir was created");
 }
+
+#[test]
+fn a_runtime_handler_without_a_usable_binary_stops_the_start_naming_it() {
+    let (out, dir) = run_with_config("[runtimes.kata]\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runtimes.kata.path"), "{err}");
+    assert!(!dir.path().join("state").exists(), "state dir was created");
+    let (out, _dir) = run_with_config("[runtimes.ghost]\npath = \"/nonexistent/ghost-runtime\"\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("runtimes.ghost") && err.contains("/nonexistent/ghost-runtime"),
+        "{err}"
+    );
+}

@@ -79,6 +79,7 @@ impl Containers {
             )));
         }
         check_privilege(&spec, &p)?;
+        self.check_handler(&spec, &p)?;
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
         crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
@@ -379,6 +380,7 @@ impl Containers {
                         .map(|p| p.to_string_lossy().into_owned())
                         .unwrap_or_default(),
                     shielded: super::shares_pid_namespace(&rec.spec, p),
+                    runtime: self.runtime_binary(p),
                 }),
                 Some(Duration::from_secs(60)),
             )
@@ -473,6 +475,38 @@ fn check_privilege(spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+impl Containers {
+    /// What the pod's runtime handler cannot do is refused, never dropped: a recursive
+    /// read-only mount with a runtime that would make it read-only only at the top.
+    fn check_handler(&self, spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
+        let Some(h) = self.pods.handlers.get(&p.spec.runtime_handler) else {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} runs with runtime handler {:?}, which is no longer configured",
+                p.id, p.spec.runtime_handler
+            )));
+        };
+        if let Some(m) = spec.mounts.iter().find(|m| m.recursive_read_only)
+            && !h.features.recursive_read_only
+        {
+            return Err(Error::InvalidArgument(format!(
+                "mount {}: recursive_read_only is not supported by runtime handler {:?} ({})",
+                m.container_path, h.name, h.version
+            )));
+        }
+        Ok(())
+    }
+
+    /// The OCI runtime binary of the pod's handler; empty for the embedded runtime.
+    fn runtime_binary(&self, p: &PodRecord) -> String {
+        self.pods
+            .handlers
+            .get(&p.spec.runtime_handler)
+            .and_then(|h| h.binary.as_ref())
+            .map(|b| b.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// The record of a container about to be made (state Creating).

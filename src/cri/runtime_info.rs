@@ -75,17 +75,24 @@ impl Cri {
         })
     }
 
-    /// The handlers berth serves: only "" (the embedded runtime). Handlers in the
-    /// configuration are not listed: pods naming them are refused until OCI runtime binaries
-    /// are driven for real, so a RuntimeClass asking for isolation never gets less.
+    /// The handlers berth serves, each with what it can do: the embedded runtime ("") and
+    /// each configured OCI runtime binary, its features as its `features` command said.
     fn runtime_handlers(&self) -> Vec<cri::RuntimeHandler> {
-        vec![cri::RuntimeHandler {
-            name: String::new(),
-            features: Some(cri::RuntimeHandlerFeatures {
-                recursive_read_only_mounts: true,
-                user_namespaces: false,
-            }),
-        }]
+        self.rt
+            .pods
+            .handlers
+            .all()
+            .iter()
+            .map(|h| cri::RuntimeHandler {
+                name: h.name.clone(),
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: h.features.recursive_read_only,
+                    // Not claimed yet for the embedded runtime: it refuses pods sharing a PID
+                    // namespace, and volumes, in a user namespace (`sandbox/namespaces.rs`).
+                    user_namespaces: h.binary.is_some() && h.features.user_namespaces,
+                }),
+            })
+            .collect()
     }
 
     pub(super) fn runtime_config(

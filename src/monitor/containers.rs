@@ -14,18 +14,16 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::cri_log::{LogWriter, Stream};
 use super::fanout::{end_stream, fan_out};
 use super::helper::in_helper;
-use super::io::{now_ns, pipe, read_some, receive_pty_master, set_nonblocking, write_exit_file};
+use super::io::{pipe, read_some, receive_pty_master, set_nonblocking};
+use super::oci_cli::{CliIo, OciCli};
 use super::proto;
 use super::state::{Ctr, CtrStatus, Failure, Monitor, Owner, PendingStart};
 
-/// The exit code a container gets when its process could not be started (as containerd).
-const START_ERROR_CODE: i32 = 128;
 /// How much of a stream one wakeup reads, so one chatty container cannot starve the rest.
 const PUMP_ROUNDS: usize = 16;
 
@@ -138,6 +136,9 @@ impl Monitor {
                     .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
             )
         };
+        if !c.runtime.is_empty() {
+            return self.create_with_cli(c, log);
+        }
         let (status_r, status_w) = pipe().map_err(|e| format!("status pipe: {e}"))?;
         let lcid = lc_id(&c.container_id).to_string();
         // What the container's processes may hold: the status pipe and their stdio.
@@ -177,8 +178,85 @@ impl Monitor {
                 return Err(e);
             }
         };
-        self.hold(c, pid, log, status_r, stdout, stderr, stdin);
+        self.hold(c, pid, log, Some(status_r), stdout, stderr, stdin);
         Ok(pid)
+    }
+
+    /// Creates a container with the OCI runtime binary `c.runtime` (see `oci_cli`). A
+    /// command that cannot be run fails here, as that runtime checks it at create.
+    fn create_with_cli(&mut self, c: proto::Create, log: Option<LogWriter>) -> Result<i32, String> {
+        let lcid = lc_id(&c.container_id).to_string();
+        let cli = OciCli {
+            binary: PathBuf::from(&c.runtime),
+            root: self.lc_root.join(&lcid),
+            id: lcid.clone(),
+        };
+        let mut keep = Vec::new();
+        let (cli_io, io) = if c.tty {
+            let (console, sock) = self.console_socket(&lcid)?;
+            (CliIo::Console(sock.clone()), Io::Terminal { console, sock })
+        } else {
+            let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
+            let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
+            let (stdin, stdin_fd) = stdin_pipe(c.stdin)?;
+            keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
+            let io = Io::Pipes {
+                out: out_r,
+                err: err_r,
+                stdin,
+            };
+            (CliIo::Fds([stdin_fd, out_w, err_w]), io)
+        };
+        let bundle = PathBuf::from(&c.bundle);
+        let title = format!("berth-create {}", c.container_id);
+        let creator = cli.clone();
+        let built = in_helper(&title, &keep, (self.procfs, c.shielded), move || {
+            creator.create(&bundle, cli_io)
+        });
+        let pid = built.inspect_err(|_| {
+            let _ = cli.delete();
+        })?;
+        let (stdout, stderr, stdin) = match finish_create(&c, pid, io) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = cli.delete();
+                return Err(e);
+            }
+        };
+        self.hold(c, pid, log, None, stdout, stderr, stdin);
+        Ok(pid)
+    }
+
+    /// A listening socket the runtime sends a new container's terminal master to.
+    fn console_socket(&self, lcid: &str) -> Result<(UnixListener, PathBuf), String> {
+        let sock = self.lc_root.join(format!("{lcid}.tty"));
+        let _ = std::fs::remove_file(&sock);
+        let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
+        Ok((console, sock))
+    }
+
+    /// The running container an exec enters.
+    pub(super) fn exec_target(&self, id: &str) -> Result<super::enter::Target, String> {
+        let c = self
+            .ctrs
+            .get(id)
+            .ok_or_else(|| format!("container {id} is not in this pod's monitor"))?;
+        Ok(super::enter::Target {
+            init: c.pid,
+            bundle: c.bundle.clone(),
+        })
+    }
+
+    /// The OCI runtime command line for container `id`, if it was made with a binary.
+    fn cli(&self, id: &str) -> Option<OciCli> {
+        let c = self.ctrs.get(id)?;
+        let lcid = lc_id(id).to_string();
+        Some(OciCli {
+            binary: c.runtime.clone()?,
+            root: self.lc_root.join(&lcid),
+            id: lcid,
+        })
     }
 
     /// The container's stdio: pipes (their write ends added to `keep`), or with a terminal the
@@ -192,9 +270,7 @@ impl Monitor {
         keep: &mut Vec<RawFd>,
     ) -> Result<(ContainerBuilder, Io), String> {
         if c.tty {
-            let sock = self.lc_root.join(format!("{lcid}.tty"));
-            let _ = std::fs::remove_file(&sock);
-            let console = UnixListener::bind(&sock).map_err(|e| format!("console socket: {e}"))?;
+            let (console, sock) = self.console_socket(lcid)?;
             Ok((
                 builder.with_console_socket(Some(&sock)),
                 Io::Terminal { console, sock },
@@ -202,14 +278,7 @@ impl Monitor {
         } else {
             let (out_r, out_w) = pipe().map_err(|e| format!("stdout pipe: {e}"))?;
             let (err_r, err_w) = pipe().map_err(|e| format!("stderr pipe: {e}"))?;
-            let (stdin_keep, stdin_fd): (Option<File>, OwnedFd) = if c.stdin {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                    .map_err(|e| format!("stdin pipe: {e}"))?;
-                (Some(File::from(w)), r)
-            } else {
-                let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
-                (None, OwnedFd::from(null))
-            };
+            let (stdin_keep, stdin_fd) = stdin_pipe(c.stdin)?;
             keep.extend([stdin_fd.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]);
             let b = builder
                 .with_stdin(stdin_fd)
@@ -231,7 +300,7 @@ impl Monitor {
         c: proto::Create,
         pid: i32,
         log: Option<LogWriter>,
-        status: File,
+        status: Option<File>,
         stdout: File,
         stderr: Option<File>,
         stdin: Option<File>,
@@ -243,13 +312,13 @@ impl Monitor {
             set_nonblocking(e);
             e.as_raw_fd()
         });
-        set_nonblocking(&status);
-        let status_fd = status.as_raw_fd();
         self.pids.insert(pid, Owner::Container(id.clone()));
         self.ctrs.insert(
             id.clone(),
             Ctr {
                 pid,
+                bundle: PathBuf::from(&c.bundle),
+                runtime: (!c.runtime.is_empty()).then(|| PathBuf::from(&c.runtime)),
                 cgroup_procs: PathBuf::from(&c.cgroup_procs),
                 status: CtrStatus::Created,
                 exit: None,
@@ -274,14 +343,19 @@ impl Monitor {
                 m.pump_ctr(&ctr, Stream::Stderr)
             });
         }
-        // The status pipe is watched from now on and answered at Start.
-        self.starts.push(PendingStart {
-            waiting: None,
-            ctr: id.clone(),
-            pipe: status,
-            msg: Vec::new(),
-        });
-        self.watch(status_fd, libc::POLLIN, move |m, _| m.start_ready(&id));
+        // The status pipe is watched from now on and answered at Start. A runtime binary's
+        // start answers for itself.
+        if let Some(status) = status {
+            set_nonblocking(&status);
+            let status_fd = status.as_raw_fd();
+            self.starts.push(PendingStart {
+                waiting: None,
+                ctr: id.clone(),
+                pipe: status,
+                msg: Vec::new(),
+            });
+            self.watch(status_fd, libc::POLLIN, move |m, _| m.start_ready(&id));
+        }
     }
 
     /// Tells the container's init to exec its command; the answer waits for the status pipe.
@@ -296,10 +370,14 @@ impl Monitor {
                 format!("container {id} is not in the created state"),
             ));
         }
-        let mut lc = Container::load(self.lc_root.join(lc_id(id)))
-            .map_err(|e| (K::Failed, format!("loading container state: {e}")))?;
-        lc.start()
-            .map_err(|e| (K::Failed, format!("starting container: {e}")))?;
+        if let Some(cli) = self.cli(id) {
+            cli.start().map_err(|e| (K::StartFailed, e))?;
+        } else {
+            let mut lc = Container::load(self.lc_root.join(lc_id(id)))
+                .map_err(|e| (K::Failed, format!("loading container state: {e}")))?;
+            lc.start()
+                .map_err(|e| (K::Failed, format!("starting container: {e}")))?;
+        }
         if let Some(c) = self.ctrs.get_mut(id) {
             c.status = CtrStatus::Running;
         }
@@ -313,7 +391,7 @@ impl Monitor {
 
     /// The status pipe has news: the init exec'd (end of file, nothing written), failed to
     /// (the message), or died before Start.
-    fn start_ready(&mut self, ctr: &str) {
+    pub(super) fn start_ready(&mut self, ctr: &str) {
         let Some(i) = self.starts.iter().position(|s| s.ctr == ctr) else {
             return;
         };
@@ -419,64 +497,6 @@ impl Monitor {
         }
     }
 
-    /// Reaps every exited child: containers (exit status to disk, then reported), exec'd
-    /// processes, and the orphans a subreaper inherits.
-    pub fn reap(&mut self) {
-        loop {
-            let st = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(st) => st,
-            };
-            let (pid, code, signal) = match st {
-                WaitStatus::Exited(p, c) => (p.as_raw(), c, 0),
-                WaitStatus::Signaled(p, s, _) => (p.as_raw(), 128 + s as i32, s as i32),
-                _ => continue,
-            };
-            match self.pids.remove(&pid) {
-                Some(Owner::Container(id)) => self.container_exited(&id, code, signal),
-                Some(Owner::Exec(eid)) => self.exec_exited(eid, code),
-                Some(Owner::Stream(sid)) => self.stream_exited(sid, code),
-                None => {}
-            }
-        }
-    }
-
-    fn container_exited(&mut self, id: &str, code: i32, signal: i32) {
-        // A failed exec writes its reason and exits at once: read the reason before the exit
-        // is recorded, whichever the poll reported first.
-        if self.starts.iter().any(|s| s.ctr == id) {
-            self.start_ready(id);
-        }
-        let Some(c) = self.ctrs.get_mut(id) else {
-            return;
-        };
-        let mut exit = proto::Exit {
-            code,
-            signal,
-            exited_at_ns: now_ns(),
-            message: String::new(),
-            start_failed: false,
-        };
-        if let Some(msg) = c.start_error.take() {
-            exit.code = START_ERROR_CODE;
-            exit.message = msg;
-            exit.start_failed = true;
-        }
-        // A container is over when its init is: what it left running in its cgroup goes too.
-        crate::cgroup::kill_procs(&c.cgroup_procs);
-        // On disk first: a berthd that restarts must find it even if it missed the event.
-        write_exit_file(&c.exit_file, &exit);
-        c.status = CtrStatus::Exited;
-        c.exit = Some(exit.clone());
-        drain(c);
-        // Attached clients see the end of the output now, whoever else still holds the pipes.
-        c.attached.clear();
-        self.broadcast(proto::Event {
-            container_id: id.to_string(),
-            exit: Some(exit),
-        });
-    }
-
     /// Forgets a container: its init killed first when `force`, libcontainer's state removed.
     pub fn delete(
         &mut self,
@@ -499,7 +519,10 @@ impl Monitor {
             let _ = nix::sys::signal::kill(Pid::from_raw(c.pid), Signal::SIGKILL);
         }
         let dir = self.lc_root.join(lc_id(id));
-        if dir.exists() {
+        if let Some(cli) = self.cli(id) {
+            cli.delete()
+                .map_err(|e| (K::Failed, format!("deleting container {id}: {e}")))?;
+        } else if dir.exists() {
             match Container::load(dir.clone()) {
                 Ok(mut lc) => {
                     if let Err(e) = lc.delete(true) {
@@ -524,6 +547,18 @@ impl Monitor {
     }
 }
 
+/// The container's stdin: a pipe (ours the write end) when it has one, else /dev/null.
+fn stdin_pipe(wanted: bool) -> Result<(Option<File>, OwnedFd), String> {
+    if wanted {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| format!("stdin pipe: {e}"))?;
+        Ok((Some(File::from(w)), r))
+    } else {
+        let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        Ok((None, OwnedFd::from(null)))
+    }
+}
+
 /// After the create: oom_score_adj set on the init, and the output it will write.
 fn finish_create(
     c: &proto::Create,
@@ -545,29 +580,6 @@ fn finish_create(
                 .map_err(|e| format!("receiving the container's terminal: {e}"))?;
             let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
             Ok((reader, None, Some(master)))
-        }
-    }
-}
-
-/// Logs what a dead container wrote before it died (writers in the same PID namespace are
-/// gone with it; output still buffered in the pipes goes to the log).
-fn drain(c: &mut Ctr) {
-    let mut buf = vec![0u8; 64 * 1024];
-    for s in [Stream::Stdout, Stream::Stderr] {
-        for _ in 0..64 {
-            let f = match s {
-                Stream::Stdout => &mut c.stdout,
-                Stream::Stderr => &mut c.stderr,
-            };
-            match f.as_mut().map(|f| read_some(f, &mut buf)) {
-                Some(Ok(Some(n))) if n > 0 => {
-                    if let Some(l) = c.log.as_mut() {
-                        let _ = l.write(s, &buf[..n]);
-                    }
-                    fan_out(&mut c.attached, s, &buf[..n]);
-                }
-                _ => break,
-            }
         }
     }
 }

@@ -8,9 +8,8 @@
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sched::CloneFlags;
 use nix::unistd::ForkResult;
@@ -63,15 +62,20 @@ const NAMESPACES: [(&str, CloneFlags); 8] = [
     ("time", CloneFlags::from_bits_retain(libc::CLONE_NEWTIME)),
 ];
 
-/// Starts `cmd` in container `lc_dir` (its libcontainer state directory) with `stdio` as its
-/// 0, 1 and 2; its pid. Called in a helper: it changes this process's namespaces.
-pub(super) fn exec_in(lc_dir: &Path, cmd: &Command, stdio: Stdio) -> Result<i32, String> {
-    let container = Container::load(lc_dir.to_path_buf()).map_err(|e| e.to_string())?;
-    let init = container
-        .pid()
-        .ok_or("the container has no init process")?
-        .as_raw();
-    let spec_path = container.bundle().join("config.json");
+/// The running container an exec enters.
+#[derive(Clone)]
+pub(super) struct Target {
+    /// Its init's pid (the monitor's child: it cannot be reused while the container runs).
+    pub init: i32,
+    /// Its OCI bundle (config.json there).
+    pub bundle: PathBuf,
+}
+
+/// Starts `cmd` in the container `t` with `stdio` as its 0, 1 and 2; its pid. Called in a
+/// helper: it changes this process's namespaces.
+pub(super) fn exec_in(t: &Target, cmd: &Command, stdio: Stdio) -> Result<i32, String> {
+    let init = t.init;
+    let spec_path = t.bundle.join("config.json");
     let spec = Spec::load(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     // Nothing of the pod may trace this process while it is still the monitor's binary.
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::containers::lc_id;
 use super::cri_log::Stream;
 use super::enter;
 use super::helper::in_helper;
@@ -110,11 +109,11 @@ impl Monitor {
     fn start_exec(&self, e: &proto::Exec, out_w: OwnedFd, err_w: OwnedFd) -> Result<i32, String> {
         let null = File::open("/dev/null").map_err(|err| format!("/dev/null: {err}"))?;
         let stdio = [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
-        let lc_dir = self.lc_root.join(lc_id(&e.container_id));
+        let target = self.exec_target(&e.container_id)?;
         let title = format!("berth-exec {}", e.container_id);
         let cmd = enter::Command::of(e);
         in_helper(&title, &stdio, (self.procfs, e.shielded), move || {
-            let r = enter::exec_in(&lc_dir, &cmd, enter::Stdio::Fds(stdio));
+            let r = enter::exec_in(&target, &cmd, enter::Stdio::Fds(stdio));
             drop((null, out_w, err_w));
             r
         })

@@ -2,12 +2,14 @@
 //! its wire format and the CRI log writer it uses.
 //!
 //! The monitor is one per pod, forked by the zygote, single-threaded. It is the parent (as
-//! child subreaper) of the pod's containers, which it creates with youki's libcontainer; it
+//! child subreaper) of the pod's containers, which it creates with youki's libcontainer (or,
+//! for a runtime handler naming a binary, with runc through `oci_cli`); it
 //! reaps them, writes each exit status to disk before reporting it, pumps their output into
 //! CRI log files, and runs ExecSync processes. It outlives berthd: berthd reconnects after a
 //! restart and asks for the state of every container. Its parts: `process` (its life),
 //! `event_loop` (sources and timers), `state` (what it holds), `conn` (berthd's connections),
-//! `containers`, `exec`, `session` (streamed exec and attach), `enter` (a process into a
+//! `containers`, `oci_cli` (a runtime binary's command line), `reap` (exits), `exec`,
+//! `session` (streamed exec and attach), `enter` (a process into a
 //! running container), `helper` (where libcontainer runs), `io`.
 
 pub mod client;
@@ -20,8 +22,10 @@ mod exec;
 mod fanout;
 mod helper;
 mod io;
+mod oci_cli;
 mod process;
 pub mod proto;
+mod reap;
 mod session;
 mod state;
 pub mod stream;

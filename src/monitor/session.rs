@@ -7,7 +7,6 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use super::containers::lc_id;
 use super::cri_log::Stream;
 use super::enter;
 use super::helper::in_helper;
@@ -32,7 +31,9 @@ impl Monitor {
             .exec
             .ok_or((K::Invalid, "exec stream without a command".into()))?;
         self.can_exec(&e)?;
-        let lc_dir = self.lc_root.join(lc_id(&e.container_id));
+        let target = self
+            .exec_target(&e.container_id)
+            .map_err(|m| (K::Invalid, m))?;
         let title = format!("berth-exec {}", e.container_id);
         let cmd = enter::Command::of(&e);
         let failed = |m: String| (K::Failed, m);
@@ -40,7 +41,7 @@ impl Monitor {
             let (ours, theirs) = UnixStream::pair().map_err(|e| failed(format!("socket: {e}")))?;
             let to = theirs.as_raw_fd();
             let pid = in_helper(&title, &[to], (self.procfs, e.shielded), move || {
-                enter::exec_in(&lc_dir, &cmd, enter::Stdio::Terminal { to })
+                enter::exec_in(&target, &cmd, enter::Stdio::Terminal { to })
             })
             .map_err(|m| (K::Invalid, m))?;
             drop(theirs);
@@ -71,7 +72,7 @@ impl Monitor {
                 child[2].as_raw_fd(),
             ];
             let pid = in_helper(&title, &stdio, (self.procfs, e.shielded), move || {
-                let r = enter::exec_in(&lc_dir, &cmd, enter::Stdio::Fds(stdio));
+                let r = enter::exec_in(&target, &cmd, enter::Stdio::Fds(stdio));
                 drop(child);
                 r
             })

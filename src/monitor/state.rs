@@ -110,6 +110,10 @@ pub(super) enum CtrStatus {
 /// A container the monitor holds.
 pub(super) struct Ctr {
     pub pid: i32,
+    /// Its OCI bundle (config.json there).
+    pub bundle: PathBuf,
+    /// The OCI runtime binary it was made with; `None`: the embedded runtime.
+    pub runtime: Option<PathBuf>,
     /// The container's cgroup.procs, for killing what its init leaves behind.
     pub cgroup_procs: PathBuf,
     pub status: CtrStatus,

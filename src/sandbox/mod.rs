@@ -250,7 +250,8 @@ pub struct Sandboxes {
     /// The host's cgroup hierarchies.
     pub cgroups: Cgroups,
     default_cgroup_parent: String,
-    handlers: Vec<String>,
+    /// The runtime handlers pods may name.
+    pub handlers: crate::handlers::Handlers,
     /// Forks the pods' inits and monitors.
     zygote: crate::zygote::Zygote,
     /// Cgroup directories berth made (and only these it removes) and the pods using them.

@@ -101,7 +101,7 @@ impl Sandboxes {
         net_cfg: &crate::network::NetworkConfig,
         default_cgroup_parent: &str,
         favor_dynmods: bool,
-        handlers: Vec<String>,
+        handlers: crate::handlers::Handlers,
         unclaimed_timeout: std::time::Duration,
     ) -> Result<Arc<Sandboxes>> {
         crate::layout::traversable_dir(&layout.pods())

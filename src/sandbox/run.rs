@@ -22,23 +22,25 @@ impl Sandboxes {
                 "pod metadata needs a name, a uid and a namespace".into(),
             ));
         }
-        if !spec.runtime_handler.is_empty() {
-            return Err(Error::InvalidArgument(
-                if self.handlers.contains(&spec.runtime_handler) {
-                    format!(
-                        "runtime handler {:?} is configured, but running pods with OCI runtime \
-                         binaries is not implemented yet: berth runs only its embedded runtime \
-                         (handler \"\")",
-                        spec.runtime_handler
-                    )
-                } else {
-                    format!(
-                        "unknown runtime handler {:?}: berth serves only its embedded runtime \
-                         (handler \"\")",
-                        spec.runtime_handler
-                    )
-                },
-            ));
+        let Some(handler) = self.handlers.get(&spec.runtime_handler) else {
+            let known: Vec<String> = self
+                .handlers
+                .all()
+                .iter()
+                .map(|h| format!("{:?}", h.name))
+                .collect();
+            return Err(Error::InvalidArgument(format!(
+                "unknown runtime handler {:?}: berth serves {}",
+                spec.runtime_handler,
+                known.join(", ")
+            )));
+        };
+        if spec.namespaces.user.is_some() && !handler.features.user_namespaces {
+            return Err(Error::InvalidArgument(format!(
+                "runtime handler {:?} ({}) cannot run pods with a user namespace of their own: \
+                 it has no idmapped mounts",
+                spec.runtime_handler, handler.version
+            )));
         }
         validate_names(spec)?;
         if spec.namespaces.network == NsMode::Target || spec.namespaces.ipc == NsMode::Target {

@@ -51,6 +51,24 @@ pub struct Berthd {
     own_netns: Option<Netns>,
 }
 
+/// The runtime handler the tests' pods name: `BERTH_TEST_HANDLER` (runc, say), or "" for the
+/// embedded runtime. hack/test runs the lifecycle tests once more under runc this way.
+pub fn handler() -> String {
+    std::env::var("BERTH_TEST_HANDLER").unwrap_or_default()
+}
+
+/// The configuration of `handler()`: its binary from `BERTH_TEST_HANDLER_PATH`, else
+/// /usr/sbin/<handler>.
+fn handler_config() -> String {
+    let h = handler();
+    if h.is_empty() {
+        return String::new();
+    }
+    let path =
+        std::env::var("BERTH_TEST_HANDLER_PATH").unwrap_or_else(|_| format!("/usr/sbin/{h}"));
+    format!("[runtimes.{h}]\npath = {path:?}\n")
+}
+
 /// Options for starting a berthd.
 #[derive(Default, Clone)]
 pub struct Options {
@@ -107,7 +125,11 @@ impl Berthd {
         );
         std::fs::write(
             &config,
-            format!("cgroup_parent = \"/{cgroup_root}\"\n{}", opts.extra_config),
+            format!(
+                "cgroup_parent = \"/{cgroup_root}\"\n{}\n{}",
+                opts.extra_config,
+                handler_config()
+            ),
         )
         .expect("writing config");
         let mut b = Berthd {

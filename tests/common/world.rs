@@ -62,7 +62,7 @@ impl World {
             .rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(c.clone()),
-                runtime_handler: String::new(),
+                runtime_handler: super::handler(),
             })
             .await
             .unwrap()
