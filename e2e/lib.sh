@@ -7,6 +7,8 @@
 e2e_world() {
     ns="berth-$1-$$"
     work=$(mktemp -d "/tmp/berth-$1.XXXXXX")
+    # Searchable by others, as /run is: the pods' own roots (user namespaces) go through it.
+    chmod 0711 "$work"
     cgroup_tag="berth-$1-$$"
     reg_pid=""
     e2e_pids=()

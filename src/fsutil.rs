@@ -58,6 +58,24 @@ pub fn mount_setattr(
     attrs: u64,
     userns: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> std::io::Result<()> {
+    setattr(mnt, attrs, userns, libc::AT_EMPTY_PATH)
+}
+
+/// `mount_setattr` on `mnt` and every mount below it (AT_RECURSIVE).
+pub fn mount_setattr_recursive(
+    mnt: std::os::fd::BorrowedFd<'_>,
+    attrs: u64,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    setattr(mnt, attrs, userns, libc::AT_EMPTY_PATH | libc::AT_RECURSIVE)
+}
+
+fn setattr(
+    mnt: std::os::fd::BorrowedFd<'_>,
+    attrs: u64,
+    userns: Option<std::os::fd::BorrowedFd<'_>>,
+    flags: libc::c_int,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let attr = MountAttr {
         attr_set: attrs,
@@ -72,7 +90,7 @@ pub fn mount_setattr(
             libc::SYS_mount_setattr,
             mnt.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
+            flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )

@@ -94,6 +94,12 @@ impl Layout {
         self.state.join("lc")
     }
 
+    /// `state/idmapped`: idmapped copies of volumes, attached while a user-namespaced
+    /// container is made (see `container::volumes_idmapped`).
+    pub fn idmapped(&self) -> PathBuf {
+        self.state.join("idmapped")
+    }
+
     /// `state/ipam`: address allocations.
     pub fn ipam(&self) -> PathBuf {
         self.state.join("ipam")
@@ -112,7 +118,7 @@ impl Layout {
     /// The directories of per-object directories a user-namespaced container's runtime
     /// steps go through (see `traversable_dir`).
     pub fn traversable_dirs(&self) -> Vec<PathBuf> {
-        vec![self.pods(), self.ns(), self.containers()]
+        vec![self.pods(), self.ns(), self.containers(), self.idmapped()]
     }
 
     fn data_dirs(&self) -> Vec<PathBuf> {

@@ -10,6 +10,7 @@ kubelet reports it) for N pods and prints median and p90; with --containerd as w
 runtime is Debian's containerd (with the CNI bridge plugin) instead of berthd, for comparison.
 """
 import base64
+import glob
 import gzip
 import json
 import shutil
@@ -639,6 +640,38 @@ def kubelet_port_forward():
     return f"{len(data)} bytes of HTTP answer on channel 0, close {close}"
 
 
+@scenario("15 a pod with hostUsers: false runs in a user namespace of kubelet's mapping, "
+          "sharing its PID namespace, its emptyDir idmapped")
+def user_namespace_pod():
+    write_manifest("userns", {
+        "hostUsers": False, "shareProcessNamespace": True, "terminationGracePeriodSeconds": 1,
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "containers": [
+            {"name": "a", "image": BUSYBOX, "command": ["sleep", "3600"],
+             "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+            {"name": "b", "image": BUSYBOX, "command": ["sleep", "3601"]}]})
+    until("userns runs", lambda: running("userns", "a") and running("userns", "b"))
+    ids = [c["id"] for c in crictl_json("ps", "--name", "^a$", "--label",
+                                        f"io.kubernetes.pod.name=userns-{NODE}")["containers"]]
+    assert len(ids) == 1, ids
+    r = crictl("exec", "-s", ids[0], "cat", "/proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    inside, host, length = (int(x) for x in r.stdout.split())
+    assert inside == 0 and host > 0 and length >= 65536, r.stdout
+    # Shared PID namespace: the other container's process is visible; /proc is mounted.
+    r = crictl("exec", "-s", ids[0], "ps")
+    assert "sleep 3601" in r.stdout, r.stdout
+    # The emptyDir is writable by the pod's root, and on the node it is the node's root's
+    # file (the idmapped mount maps back).
+    r = crictl("exec", "-s", ids[0], "sh", "-c", "echo hi > /scratch/f && stat -c %u /scratch/f")
+    assert r.returncode == 0 and r.stdout.strip() == "0", (r.stdout, r.stderr)
+    uid = [p for p in glob.glob(f"{WORK}/kubelet/pods/*/volumes/kubernetes.io~empty-dir/scratch/f")]
+    assert uid and os.stat(uid[0]).st_uid == 0, uid
+    os.remove(f"{MANIFESTS}/userns.json")
+    until("userns is gone", lambda: pod("userns") is None, timeout=120)
+    return f"uid_map 0 {host} {length}; the other container's sleep seen; emptyDir file uid 0 on the node"
+
+
 def container_events(pod_name):
     """The kinds of event crictl events printed for the containers (not the sandbox) of a pod,
     in order."""
@@ -873,7 +906,7 @@ def main():
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
                   crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec,
-                  kubelet_port_forward]:
+                  kubelet_port_forward, user_namespace_pod]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "

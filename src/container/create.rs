@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::{
-    ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, Propagation, image_file,
-    internal, mon_err, name_key, now_ns, rootfs, spec, user,
+    ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, image_file, internal,
+    mon_err, name_key, now_ns, rootfs, spec, user, volumes_idmapped,
 };
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -78,8 +78,7 @@ impl Containers {
                 p.id
             )));
         }
-        check_privilege(&spec, &p)?;
-        self.check_handler(&spec, &p)?;
+        self.check(&spec, &p)?;
         let id = crate::sandbox::new_id();
         let dir = self.ctr_dir(&id);
         crate::layout::private_dir(&dir).map_err(internal("creating the container directory"))?;
@@ -130,13 +129,6 @@ impl Containers {
     /// take back whatever exists (each of its steps is safe when its object is missing).
     async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
         let t0 = std::time::Instant::now();
-        if p.spec.namespaces.user.is_some() && !rec.spec.mounts.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "container {:?}: mounts (volumes) in a pod with its own user namespace are not \
-                 supported yet (they need idmapped mounts)",
-                rec.spec.name
-            )));
-        }
         let rootfs_dir = self.make_rootfs(&rec.id, image, p)?;
         crate::failpoint::hit("create:rootfs").await;
         let t_mount = t0.elapsed();
@@ -147,12 +139,28 @@ impl Containers {
             &rec.spec.resources.hugepage_limits,
             self.pods.cgroups.has_controller("hugetlb"),
         )?;
-        self.write_spec(rec, p, image, &rootfs_dir)?;
+        // A user-namespaced pod's volumes go to the runtime as idmapped copies, attached until
+        // the container holds them.
+        let (attached, mounts) = match p.spec.namespaces.user {
+            Some(_) if !rec.mounts.is_empty() => {
+                let (a, m) = volumes_idmapped::attach(
+                    &self.layout.idmapped(),
+                    &rec.id,
+                    &rec.mounts,
+                    &self.pods.ns_dir(&p.id).join("user"),
+                )
+                .map_err(Error::InvalidArgument)?;
+                (Some(a), m)
+            }
+            _ => (None, rec.mounts.clone()),
+        };
+        self.write_spec(rec, p, image, &rootfs_dir, &mounts)?;
         crate::failpoint::hit("create:spec").await;
         // The record written at the start already lets an undo reach the monitor: nothing
         // new is needed on disk before the container is made.
         let t_spec = t0.elapsed();
         let runtime_us = self.monitor_create(rec, p).await?;
+        drop(attached);
         crate::failpoint::hit("create:made").await;
         tracing::debug!(
             container = %rec.id,
@@ -286,6 +294,7 @@ impl Containers {
         p: &PodRecord,
         image: &Image,
         rootfs_dir: &Path,
+        mounts: &[(MountSpec, PathBuf)],
     ) -> Result<()> {
         let s = &rec.spec;
         let target_pid = match s.security.pid_mode {
@@ -316,7 +325,7 @@ impl Containers {
                 target_pid,
                 allowed_caps: &self.allowed_caps,
             },
-            &rec.mounts,
+            mounts,
         )
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         // The spec holds the container's environment: 0600, like every record.
@@ -443,6 +452,7 @@ impl Containers {
         }
         let dir = self.ctr_dir(id);
         rootfs::unmount(&dir.join("rootfs"));
+        volumes_idmapped::detach_left(&self.layout.idmapped(), Some(id));
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(self.layout.layers().join(id));
         // The monitor removes it at Delete; not when the monitor is gone.
@@ -450,62 +460,6 @@ impl Containers {
         if let Err(e) = self.images.release(id).await {
             tracing::warn!(container = id, error = %e, "releasing the image hold");
         }
-    }
-}
-
-/// Privilege is the pod's to grant: a container alone cannot take the node. Mounts that
-/// propagate back to the node need a privileged container, as Kubernetes has it.
-fn check_privilege(spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
-    if spec.security.privileged && !p.spec.security.privileged {
-        return Err(Error::InvalidArgument(format!(
-            "container {:?} asks for privileged, but pod sandbox {} is not privileged \
-             (linux.security_context.privileged of the pod)",
-            spec.name, p.id
-        )));
-    }
-    if let Some(m) = spec
-        .mounts
-        .iter()
-        .find(|m| m.propagation == Propagation::Bidirectional)
-        && !spec.security.privileged
-    {
-        return Err(Error::InvalidArgument(format!(
-            "mount {}: Bidirectional propagation needs a privileged container",
-            m.container_path
-        )));
-    }
-    Ok(())
-}
-
-impl Containers {
-    /// What the pod's runtime handler cannot do is refused, never dropped: a recursive
-    /// read-only mount with a runtime that would make it read-only only at the top.
-    fn check_handler(&self, spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
-        let Some(h) = self.pods.handlers.get(&p.spec.runtime_handler) else {
-            return Err(Error::FailedPrecondition(format!(
-                "pod sandbox {} runs with runtime handler {:?}, which is no longer configured",
-                p.id, p.spec.runtime_handler
-            )));
-        };
-        if let Some(m) = spec.mounts.iter().find(|m| m.recursive_read_only)
-            && !h.features.recursive_read_only
-        {
-            return Err(Error::InvalidArgument(format!(
-                "mount {}: recursive_read_only is not supported by runtime handler {:?} ({})",
-                m.container_path, h.name, h.version
-            )));
-        }
-        Ok(())
-    }
-
-    /// The OCI runtime binary of the pod's handler; empty for the embedded runtime.
-    fn runtime_binary(&self, p: &PodRecord) -> String {
-        self.pods
-            .handlers
-            .get(&p.spec.runtime_handler)
-            .and_then(|h| h.binary.as_ref())
-            .map(|b| b.to_string_lossy().into_owned())
-            .unwrap_or_default()
     }
 }
 

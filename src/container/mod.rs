@@ -6,10 +6,12 @@
 //! (and from the exit files they write first, when berthd was away).
 //!
 //! Here: the types, the store and lookups. `create` makes a container step by step and undoes
-//! it, `lifecycle` starts, stops and removes, `exec` runs ExecSync, `reconcile` adopts at start.
+//! it (`checks` first), `lifecycle` starts, stops and removes, `exec` runs ExecSync, `reconcile` adopts at start,
+//! `volumes_idmapped` hands volumes to user-namespaced pods.
 
 pub mod capabilities;
 mod cgroup_view;
+mod checks;
 mod create;
 mod exec;
 mod exits;
@@ -22,6 +24,7 @@ pub mod spec;
 pub mod stats;
 mod update;
 pub mod user;
+mod volumes_idmapped;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -68,6 +71,10 @@ pub struct MountSpec {
     pub recursive_read_only: bool,
     /// Propagation.
     pub propagation: Propagation,
+    /// The uid and gid mappings of an idmapped mount (kubelet gives a user-namespaced pod's
+    /// own with each of its volumes).
+    #[serde(default)]
+    pub idmap: Option<crate::sandbox::UserNs>,
 }
 
 /// A host device given to the container.

@@ -22,6 +22,12 @@ impl Containers {
     /// At start: adopts containers from the monitors, reads the exits that happened while
     /// berthd was away, undoes half-made containers and removes what nothing refers to.
     pub(super) async fn reconcile(&self) -> Result<()> {
+        // Volume copies a creation left attached when berthd died: the containers made hold
+        // their own binds of them.
+        let detached = super::volumes_idmapped::detach_left(&self.layout.idmapped(), None);
+        for _ in 0..detached {
+            store::Tally::add(&self.reconciled.removed);
+        }
         let records = self.read_records()?;
         let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
         let (held, unanswered) = self.held_by_monitors(&pods).await;

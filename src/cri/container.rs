@@ -14,12 +14,20 @@ use crate::container::{
 };
 
 fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
-    if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "mount {}: idmapped mounts need user namespaces, which berth does not support yet",
-            m.container_path
-        )));
-    }
+    let idmap = match (m.uid_mappings.as_slice(), m.gid_mappings.as_slice()) {
+        ([], []) => None,
+        ([u], [g]) => Some(crate::sandbox::UserNs {
+            uids: id_range(u),
+            gids: id_range(g),
+        }),
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "mount {}: an idmapped mount takes exactly one uid and one gid mapping \
+                 (uid_mappings, gid_mappings)",
+                m.container_path
+            )));
+        }
+    };
     if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
         return Err(Status::invalid_argument(format!(
             "mount {}: image volumes are not supported by berth yet",
@@ -56,7 +64,16 @@ fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
         readonly: m.readonly,
         recursive_read_only: m.recursive_read_only,
         propagation,
+        idmap,
     })
+}
+
+fn id_range(m: &cri::IdMapping) -> crate::sandbox::IdRange {
+    crate::sandbox::IdRange {
+        container: m.container_id,
+        host: m.host_id,
+        len: m.length,
+    }
 }
 
 /// The domain's view of a ContainerConfig.
@@ -269,6 +286,14 @@ fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
     serde_json::to_value(section).map_err(|e| bad(e.to_string()))
 }
 
+fn cri_id_range(r: &crate::sandbox::IdRange) -> cri::IdMapping {
+    cri::IdMapping {
+        container_id: r.container,
+        host_id: r.host,
+        length: r.len,
+    }
+}
+
 /// A mount as ContainerStatus reports it (its host path resolved).
 fn cri_mount(m: &MountSpec, src: &std::path::Path) -> cri::Mount {
     cri::Mount {
@@ -281,6 +306,8 @@ fn cri_mount(m: &MountSpec, src: &std::path::Path) -> cri::Mount {
             Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer,
             Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
         } as i32,
+        uid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.uids)).collect(),
+        gid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.gids)).collect(),
         ..Default::default()
     }
 }

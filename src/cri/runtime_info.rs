@@ -87,9 +87,7 @@ impl Cri {
                 name: h.name.clone(),
                 features: Some(cri::RuntimeHandlerFeatures {
                     recursive_read_only_mounts: h.features.recursive_read_only,
-                    // Not claimed yet for the embedded runtime: it refuses pods sharing a PID
-                    // namespace, and volumes, in a user namespace (`sandbox/namespaces.rs`).
-                    user_namespaces: h.binary.is_some() && h.features.user_namespaces,
+                    user_namespaces: h.features.user_namespaces,
                 }),
             })
             .collect()

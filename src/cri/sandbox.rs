@@ -83,14 +83,6 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
              namespace (namespace_options)",
         ));
     }
-    if user.is_some() && ns.pid == cri::NamespaceMode::Pod as i32 {
-        // The shared PID namespace is the pod init's, made outside the user namespace: a
-        // container could not mount its /proc there.
-        return Err(Status::invalid_argument(
-            "userns_options mode POD with a PID namespace shared by the pod (namespace_options \
-             pid POD) is not supported yet; use pid CONTAINER",
-        ));
-    }
     Ok(PodSpec {
         hostname: if c.hostname.is_empty() {
             default_hostname(&md.name)

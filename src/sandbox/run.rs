@@ -35,6 +35,9 @@ impl Sandboxes {
                 known.join(", ")
             )));
         };
+        if spec.namespaces.user.is_some() {
+            self.check_traversable_for_userns()?;
+        }
         if spec.namespaces.user.is_some() && !handler.features.user_namespaces {
             return Err(Error::InvalidArgument(format!(
                 "runtime handler {:?} ({}) cannot run pods with a user namespace of their own: \
@@ -305,11 +308,20 @@ impl Sandboxes {
         want: namespaces::Wanted,
     ) -> Result<init::Launched> {
         let ns_dir = self.ns_dir(&rec.id);
-        let pins = [("net", want.net), ("ipc", want.ipc), ("uts", want.uts)]
-            .into_iter()
-            .filter(|(_, own)| *own)
-            .map(|(kind, _)| (kind.to_string(), namespaces::pin_path(&ns_dir, kind)))
-            .collect();
+        let mut pins: Vec<(String, std::path::PathBuf)> =
+            [("net", want.net), ("ipc", want.ipc), ("uts", want.uts)]
+                .into_iter()
+                .filter(|(_, own)| *own)
+                .map(|(kind, _)| (kind.to_string(), namespaces::pin_path(&ns_dir, kind)))
+                .collect();
+        // A pod with a user namespace of its own gets a PID namespace owned by it (its
+        // containers mount /proc there); the init takes an id the namespace maps.
+        if let Some(u) = rec.spec.namespaces.user {
+            let id =
+                crate::zygote::pod_init::INIT_ID.min(u.uids.len.min(u.gids.len).saturating_sub(1));
+            pins.push(("user".into(), namespaces::pin_path(&ns_dir, "user")));
+            pins.push(("init-id".into(), id.to_string().into()));
+        }
         let l = init::launch(&self.zygote, &rec.id, pins)
             .await
             .map_err(internal("starting the pod's init"))?;
@@ -331,6 +343,30 @@ impl Sandboxes {
         self.pod_cgroups
             .make(&self.cgroups, &rec.id, &rec.cgroup)
             .map_err(Error::Internal)
+    }
+}
+
+impl Sandboxes {
+    /// The runtime opens the pod's namespace pins and its containers' files as the pod's root,
+    /// a node id of no privilege: every directory above the state directory must let others
+    /// through, or every container of a user-namespaced pod would fail with EACCES.
+    fn check_traversable_for_userns(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let state = self.layout.pods();
+        for dir in state.ancestors().skip(1) {
+            let Ok(m) = std::fs::metadata(dir) else {
+                continue;
+            };
+            if m.permissions().mode() & 0o001 == 0 {
+                return Err(Error::FailedPrecondition(format!(
+                    "pods with a user namespace of their own need every directory above berth's \
+                     state directory to be searchable by others, and {} is mode {:o}",
+                    dir.display(),
+                    m.permissions().mode() & 0o7777
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

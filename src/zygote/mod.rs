@@ -34,7 +34,9 @@ pub enum Request {
     PodInit {
         /// The pod (for the process title).
         pod_id: String,
-        /// The pod's namespaces to join: kind (`net`, `ipc`, `uts`) and pin path.
+        /// The pod's namespaces to join: kind (`net`, `ipc`, `uts`, and `user` for a pod
+        /// with a user namespace of its own, whose PID namespace it then owns) and pin path;
+        /// with `user`, kind `init-id` gives the uid/gid the init takes (its "path").
         pins: Vec<(String, PathBuf)>,
     },
     /// A pod's monitor, listening on `socket`, keeping libcontainer state under `lc_root`.
@@ -158,29 +160,36 @@ pub fn main() -> ! {
 }
 
 /// Forks a child in a new PID namespace (it is PID 1 there) that confines itself and runs the
-/// pod init; answers once the child reported that its confinement is complete.
+/// pod init; answers once the child reported that its confinement is complete. With a `user`
+/// pin the PID namespace is made inside that user namespace (`pod_init::run_in_user_namespace`).
 fn spawn_pod_init(
     pod_id: &str,
     pins: &[(String, PathBuf)],
     template: Option<&OwnedFd>,
 ) -> io::Result<i32> {
+    let user = pins
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, p)| p.clone());
+    if let Some(user) = user {
+        let id = pins
+            .iter()
+            .find(|(k, _)| k == "init-id")
+            .and_then(|(_, v)| v.to_str()?.parse().ok())
+            .unwrap_or(pod_init::INIT_ID);
+        let joined: Vec<(String, PathBuf)> = pins
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "init-id")
+            .cloned()
+            .collect();
+        return spawn_pod_init_in_user_ns(pod_id, &joined, &user, id, template);
+    }
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // The init is PID 1 of its namespace: signals without a handler would be dropped, so the
     // ones it waits for are blocked from its first instant (the mask is inherited).
     let waited = pod_init::waited_signals();
     let _ = waited.thread_block();
-    // SAFETY: raw clone(2) without CLONE_VM is fork with flags; the zygote has one thread, so
-    // the child's copy of its memory is consistent.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::CLONE_NEWPID | libc::SIGCHLD,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
+    let pid = pod_init::fork_with(libc::CLONE_NEWPID);
     if pid != 0 {
         let _ = waited.thread_unblock();
     }
@@ -192,17 +201,56 @@ fn spawn_pod_init(
         }
         pid => {
             drop(status_w);
-            let mut msg = Vec::new();
-            let _ = io::Read::read_to_end(&mut std::fs::File::from(status_r), &mut msg);
-            if msg == pod_init::CONFINED {
-                Ok(pid as i32)
-            } else {
-                // The child exits after reporting a failure (or died without a word).
-                let why = String::from_utf8_lossy(&msg);
-                Err(io::Error::other(format!(
-                    "the pod init could not confine itself: {}",
-                    if why.is_empty() { "it died" } else { &why }
-                )))
+            confined(status_r).map(|()| pid as i32)
+        }
+    }
+}
+
+/// Waits for an init's report: `CONFINED`, or why it could not.
+fn confined(status: OwnedFd) -> io::Result<()> {
+    let mut msg = Vec::new();
+    let _ = io::Read::read_to_end(&mut std::fs::File::from(status), &mut msg);
+    if msg == pod_init::CONFINED {
+        Ok(())
+    } else {
+        // The child exits after reporting a failure (or died without a word).
+        let why = String::from_utf8_lossy(&msg);
+        Err(io::Error::other(format!(
+            "the pod init could not confine itself: {}",
+            if why.is_empty() { "it died" } else { &why }
+        )))
+    }
+}
+
+/// The pod init of a pod with its own user namespace: a child joins that namespace and forks
+/// the init into a PID namespace owned by it (see `pod_init::run_in_user_namespace`).
+fn spawn_pod_init_in_user_ns(
+    pod_id: &str,
+    pins: &[(String, PathBuf)],
+    user: &std::path::Path,
+    id: u32,
+    template: Option<&OwnedFd>,
+) -> io::Result<i32> {
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let waited = pod_init::waited_signals();
+    let _ = waited.thread_block();
+    // SAFETY: the zygote has one thread, so the child's copy of its memory is consistent.
+    let forked = unsafe { nix::unistd::fork() };
+    let _ = waited.thread_unblock();
+    match forked? {
+        nix::unistd::ForkResult::Child => {
+            drop((status_r, pid_r));
+            pod_init::run_in_user_namespace(pod_id, pins, user, id, template, status_w, pid_w)
+        }
+        nix::unistd::ForkResult::Parent { .. } => {
+            drop((status_w, pid_w));
+            let mut pid = String::new();
+            let _ = io::Read::read_to_string(&mut std::fs::File::from(pid_r), &mut pid);
+            let outcome = confined(status_r);
+            match pid.trim().parse::<i32>() {
+                Ok(pid) => outcome.map(|()| pid),
+                Err(_) => outcome.and(Err(io::Error::other("the pod init was not forked"))),
             }
         }
     }

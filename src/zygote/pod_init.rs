@@ -43,7 +43,91 @@ pub fn run(
     status: OwnedFd,
 ) -> ! {
     crate::proctitle::set(c"berth-init", &format!("berth-init {pod_id}"));
-    match confine(pins, template, &status) {
+    let entered = enter(pins, template);
+    serve_confined(entered, status, INIT_ID)
+}
+
+/// An init for a pod with a user namespace of its own (`user`, its pin): its PID namespace
+/// must belong to that user namespace, or the pod's containers could not mount their /proc.
+/// A user namespace can only be joined by a process that has no PID namespace to make yet,
+/// so this child of the zygote makes the root and joins the namespaces (the mounts while it
+/// still has the node's privileges, then the user namespace), makes the PID namespace, and
+/// forks the init into it as the zygote's child (CLONE_PARENT). It writes the init's pid on
+/// `pid_out` and exits; the init runs as `id` (mapped in the user namespace).
+pub fn run_in_user_namespace(
+    pod_id: &str,
+    pins: &[(String, PathBuf)],
+    user: &std::path::Path,
+    id: u32,
+    template: Option<&OwnedFd>,
+    status: OwnedFd,
+    pid_out: OwnedFd,
+) -> ! {
+    // Titled while /proc is still there to find the argument area; the init inherits it.
+    crate::proctitle::set(c"berth-init", &format!("berth-init {pod_id}"));
+    // Ok(None) in the init, Ok(Some(pid)) in this process.
+    let made = (|| -> Result<Option<i32>, String> {
+        let open = |p: &std::path::Path| {
+            std::fs::File::open(p)
+                .map_err(|e| format!("opening namespace pin {}: {e}", p.display()))
+        };
+        // Opened before the root is emptied: the pins are not reachable after.
+        let user_ns = open(user)?;
+        let others = pins
+            .iter()
+            .map(|(kind, p)| Ok((ns_flag(kind)?, open(p)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        empty_root(template)?;
+        nix::sched::setns(user_ns.as_fd(), CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("joining the pod's user namespace: {e}"))?;
+        for (flag, f) in &others {
+            nix::sched::setns(f.as_fd(), *flag)
+                .map_err(|e| format!("joining the pod's namespace ({flag:?}): {e}"))?;
+        }
+        drop((user_ns, others));
+        nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+            .map_err(|e| format!("unshare(NEWPID) in the user namespace: {e}"))?;
+        let pid = fork_with(libc::CLONE_PARENT);
+        match pid {
+            -1 => Err(format!(
+                "forking the init: {}",
+                std::io::Error::last_os_error()
+            )),
+            0 => Ok(None),
+            pid => Ok(Some(pid as i32)),
+        }
+    })();
+    match made {
+        Ok(None) => {
+            // `pid_out` closes with every other file as the init lets go.
+            serve_confined(Ok(()), status, id)
+        }
+        Ok(Some(pid)) => report(&pid_out, pid.to_string().as_bytes()),
+        Err(e) => report(&status, e.as_bytes()),
+    }
+    exit(0)
+}
+
+/// fork(2) with clone flags (CLONE_NEWPID, CLONE_PARENT): the child's pid, 0 in the child,
+/// -1 on failure. Only for the zygote and its single-threaded children.
+pub fn fork_with(flags: libc::c_int) -> libc::c_long {
+    // SAFETY: raw clone(2) without CLONE_VM is fork with flags; the caller has one thread, so
+    // the child's copy of its memory is consistent.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    }
+}
+
+/// Finishes confining an init that has `entered` its namespaces and root, reports, and serves.
+fn serve_confined(entered: Result<(), String>, status: OwnedFd, id: u32) -> ! {
+    match entered.and_then(|()| let_go(&status, id)) {
         Ok(()) => {
             report(&status, CONFINED);
             // close(2) itself: std's drop of an OwnedFd also calls fcntl in debug builds,
@@ -61,33 +145,38 @@ pub fn run(
     serve()
 }
 
-/// Every step of letting go of the node, in the order each needs: the namespaces and the new
-/// root need capabilities, closing files comes before dropping them, the filter last.
-fn confine(
-    pins: &[(String, PathBuf)],
-    template: Option<&OwnedFd>,
-    status: &OwnedFd,
-) -> Result<(), String> {
+/// Letting go of the node, in the order each step needs: the namespaces and the new root
+/// need capabilities (`enter`), closing files comes before dropping them, the filter last
+/// (`let_go`).
+fn enter(pins: &[(String, PathBuf)], template: Option<&OwnedFd>) -> Result<(), String> {
+    join_namespaces(pins)?;
+    empty_root(template)
+}
+
+fn let_go(status: &OwnedFd, id: u32) -> Result<(), String> {
     let _ = waited_signals().thread_block();
     // SAFETY: SIG_IGN installs no handler code; this process has one thread.
     unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_IGN);
     }
-    join_namespaces(pins)?;
-    empty_root(template)?;
     close_files_but(status.as_raw_fd())?;
-    drop_privileges()?;
+    drop_privileges(id)?;
     install_filter()
+}
+
+/// The flag of a namespace kind an init joins.
+fn ns_flag(kind: &str) -> Result<CloneFlags, String> {
+    match kind {
+        "net" => Ok(CloneFlags::CLONE_NEWNET),
+        "ipc" => Ok(CloneFlags::CLONE_NEWIPC),
+        "uts" => Ok(CloneFlags::CLONE_NEWUTS),
+        other => Err(format!("unknown namespace kind {other:?}")),
+    }
 }
 
 fn join_namespaces(pins: &[(String, PathBuf)]) -> Result<(), String> {
     for (kind, path) in pins {
-        let flag = match kind.as_str() {
-            "net" => CloneFlags::CLONE_NEWNET,
-            "ipc" => CloneFlags::CLONE_NEWIPC,
-            "uts" => CloneFlags::CLONE_NEWUTS,
-            other => return Err(format!("unknown namespace kind {other:?}")),
-        };
+        let flag = ns_flag(kind)?;
         let f = std::fs::File::open(path)
             .map_err(|e| format!("opening namespace pin {}: {e}", path.display()))?;
         nix::sched::setns(f.as_fd(), flag)
@@ -246,9 +335,9 @@ fn close_files_but(keep: i32) -> Result<(), String> {
     close_range(keep + 1, u32::MAX)
 }
 
-/// No supplementary groups, uid/gid 65535, every capability set empty (bounding and ambient
-/// included), no_new_privs.
-fn drop_privileges() -> Result<(), String> {
+/// No supplementary groups, uid/gid `id` (65535 but in a user namespace that maps fewer),
+/// every capability set empty (bounding and ambient included), no_new_privs.
+fn drop_privileges(id: u32) -> Result<(), String> {
     use nix::unistd::{Gid, Uid};
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     // The bounding set needs CAP_SETPCAP to shrink: before the uid changes.
@@ -269,7 +358,7 @@ fn drop_privileges() -> Result<(), String> {
             0,
         );
     }
-    let (gid, uid) = (Gid::from_raw(INIT_ID), Uid::from_raw(INIT_ID));
+    let (gid, uid) = (Gid::from_raw(id), Uid::from_raw(id));
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid: {e}"))?;
     // Leaving uid 0 clears the permitted and effective sets.
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid: {e}"))?;
