@@ -152,3 +152,51 @@ async fn a_container_that_exits_by_itself_is_reported_stopped() {
     until(&mut late, &pod2.0, T::ContainerStartedEvent).await;
     w.remove_pod(&pod2.0).await;
 }
+
+/// Found in CI under load: a container that exits at once was reported Stopped before
+/// Started (its exit was handled before StartContainer heard back from the monitor). The
+/// window is held open with a pause after the monitor's answer.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_before_start_is_recorded_comes_after_started() {
+    let mut w = World::with(common::Options {
+        env: vec![("BERTH_FAILPOINTS".into(), "start:started=sleep(300)".into())],
+        ..Default::default()
+    })
+    .await;
+    let pod = w.pod("quick").await;
+    let mut s = subscribe(&mut w).await;
+    let ctr = w
+        .run(&pod, container("quick", &["sh", "-c", "exit 4"]))
+        .await;
+    let (seen, e) = until(&mut s, &ctr, T::ContainerStoppedEvent).await;
+    assert_eq!(
+        seen,
+        vec![
+            T::ContainerCreatedEvent as i32,
+            T::ContainerStartedEvent as i32,
+            T::ContainerStoppedEvent as i32
+        ]
+    );
+    let st = e.containers_statuses.iter().find(|c| c.id == ctr).unwrap();
+    assert_eq!(st.exit_code, 4);
+    assert!(
+        st.started_at > 0 && st.finished_at >= st.started_at,
+        "{st:?}"
+    );
+    // No second Started follows.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), async {
+            loop {
+                let e = next(&mut s).await;
+                if e.container_id == ctr {
+                    return e.container_event_type;
+                }
+            }
+        })
+        .await
+        .is_err(),
+        "another event for the container"
+    );
+    w.remove_pod(&pod.0).await;
+}

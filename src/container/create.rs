@@ -98,6 +98,8 @@ impl Containers {
             record: RwLock::new(rec.clone()),
             op: tokio::sync::Mutex::new(()),
             exited: watch::channel(false).0,
+            starting: Default::default(),
+            publishing: Default::default(),
         });
         // Registered while Creating (not listed), so an exit event racing the answer finds it.
         self.ctrs

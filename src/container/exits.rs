@@ -99,10 +99,18 @@ impl Containers {
                 })
                 .unwrap_or(false)
         };
-        let snapshot = {
+        let _order = ctr.publishing.lock().expect("container events poisoned");
+        let (snapshot, started) = {
             let mut r = ctr.record.write().expect("container record poisoned");
             if r.state == CtrState::Exited {
                 return;
+            }
+            // Exited before StartContainer heard back: it did start (unless it could not).
+            let started = r.state == CtrState::Created
+                && ctr.starting.load(std::sync::atomic::Ordering::SeqCst)
+                && !exit.start_failed;
+            if started && r.started_at == 0 {
+                r.started_at = exit.exited_at_ns;
             }
             apply_exit(&mut r, &exit);
             if oom {
@@ -112,10 +120,13 @@ impl Containers {
             if let Err(e) = self.persist(&r) {
                 tracing::warn!(container = %r.id, error = %e, "recording the exit");
             }
-            r.clone()
+            (r.clone(), started)
         };
         tracing::info!(container = %snapshot.id, exit_code = snapshot.exit_code, reason = %snapshot.reason, "container exited");
         let _ = ctr.exited.send(true);
+        if started {
+            self.publish(&snapshot.id, &snapshot.pod_id, EventKind::Started, None);
+        }
         self.publish(&snapshot.id, &snapshot.pod_id, EventKind::Stopped, None);
     }
 }

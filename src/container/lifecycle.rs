@@ -35,6 +35,8 @@ impl Containers {
             }
         }
         let mut exited = ctr.exited.subscribe();
+        // Until the outcome is recorded (an exit handled before that is of a started container).
+        let starting = Starting::begin(&ctr.starting);
         let r = self
             .monitor(&rec.pod_id)
             .call(
@@ -47,17 +49,25 @@ impl Containers {
         match r {
             Ok(_) => {
                 crate::failpoint::hit("start:started").await;
+                let _order = ctr.publishing.lock().expect("container events poisoned");
                 let mut r = ctr.record.write().expect("container record poisoned");
-                if r.state == CtrState::Created {
+                // An exit that came first was recorded, and published after a Started of its
+                // own (see `exits`).
+                let now_running = r.state == CtrState::Created;
+                if now_running {
                     r.state = CtrState::Running;
                     r.started_at = now_ns();
                 }
                 // Written under the record's lock: an exit recorded meanwhile is never
                 // overwritten by this older state.
-                self.persist(&r)?;
+                let persisted = self.persist(&r);
                 drop(r);
+                drop(starting);
+                persisted?;
                 tracing::info!(container = %rec.id, "container started");
-                self.publish(&rec.id, &rec.pod_id, EventKind::Started, None);
+                if now_running {
+                    self.publish(&rec.id, &rec.pod_id, EventKind::Started, None);
+                }
                 Ok(())
             }
             Err(MonitorError::Failed {
@@ -80,7 +90,25 @@ impl Containers {
             Err(e) => Err(mon_err(e)),
         }
     }
+}
 
+/// `Ctr::starting` set while it lives.
+struct Starting<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Starting<'a> {
+    fn begin(flag: &'a std::sync::atomic::AtomicBool) -> Starting<'a> {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        Starting(flag)
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Containers {
     /// StopContainer: the stop signal, then SIGKILL after `timeout`. Unknown or stopped: fine.
     pub async fn stop(&self, id: &str, timeout: Duration) -> Result<()> {
         let Some(ctr) = crate::error::optional(self.get(id))? else {

@@ -286,6 +286,12 @@ pub struct Ctr {
     record: RwLock<ContainerRecord>,
     op: tokio::sync::Mutex<()>,
     exited: watch::Sender<bool>,
+    /// A StartContainer is waiting for the monitor's answer: an exit reported meanwhile is
+    /// of a container that did start.
+    starting: std::sync::atomic::AtomicBool,
+    /// Held from a state change to its event, so events leave in the order of the changes
+    /// (a container that exits at once is Started, then Stopped).
+    publishing: std::sync::Mutex<()>,
 }
 
 impl Ctr {

@@ -217,6 +217,8 @@ impl Containers {
                 record: RwLock::new(r),
                 op: tokio::sync::Mutex::new(()),
                 exited: watch::channel(exited).0,
+                starting: Default::default(),
+                publishing: Default::default(),
             }),
         );
     }
