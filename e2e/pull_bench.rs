@@ -8,13 +8,14 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "containerd.rs"]
+mod containerd;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Berthd, Netns, Options, Registry, in_netns, mirror_config};
+use common::{Berthd, Netns, Options, Registry, mirror_config};
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use sha2::{Digest, Sha256};
@@ -36,84 +37,6 @@ async fn timed_pull(c: &mut ImageServiceClient<Channel>, image: &str) -> Duratio
     .await
     .unwrap_or_else(|e| panic!("pull {image}: {e}"));
     t.elapsed()
-}
-
-/// A containerd on its own root, state and socket, in the benchmark's namespace.
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl Containerd {
-    fn start(ns: &Netns, registry: &str) -> Containerd {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-bench-ctrd-")
-            .tempdir()
-            .unwrap();
-        let socket = dir.path().join("containerd.sock");
-        let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  address = ""
-[metrics]
-  address = ""
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{registry}/pause:3.9"
-  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
-    endpoint = ["http://{registry}"]
-"#,
-                root = dir.path().join("root").display(),
-                state = dir.path().join("state").display(),
-                sock = socket.display(),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log);
-        in_netns(&mut cmd, &ns.path);
-        let child = cmd.spawn().expect("starting containerd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "containerd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Containerd { child, dir, socket }
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-        let _ = self.dir.path();
-    }
-}
-
-fn which(bin: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {bin}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 fn median(v: &mut [Duration]) -> Duration {
@@ -248,7 +171,7 @@ async fn main() {
     let ns = Netns::new();
     let registry = Registry::start(&ns, 5000);
     let image = format!("{}/berth-test/big:latest", registry.addr);
-    let have_containerd = which("containerd");
+    let have_containerd = containerd::installed();
     if !have_containerd {
         eprintln!("containerd not installed: berth figures only (e2e/bench-pull installs it)");
     }
@@ -280,7 +203,7 @@ async fn main() {
             remove_tree(&b.root);
         }
         if have_containerd {
-            let c = Containerd::start(&ns, &registry.addr);
+            let c = containerd::Containerd::start(&ns, &registry.addr, "");
             let mut client = ImageServiceClient::new(common::connect(&c.socket).await);
             let d = timed_pull(&mut client, &image).await;
             eprintln!("run {run}: containerd {}", ms(d));
@@ -347,7 +270,7 @@ async fn main() {
         );
     }
     if have_containerd {
-        let cd = Containerd::start(&ns, &writable.addr);
+        let cd = containerd::Containerd::start(&ns, &writable.addr, "");
         let mut c = ImageServiceClient::new(common::connect(&cd.socket).await);
         for n in &names {
             timed_pull(&mut c, n).await;

@@ -40,5 +40,6 @@ BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev)
 RUN_PACKAGES=(iproute2 nftables util-linux)
 # What the test fixtures (offline images, a local registry) need.
 FIXTURE_PACKAGES=(python3 docker-registry zstd gcc libc6-dev apache2-utils)
-# The OCI runtime the tests run as a second runtime handler ([runtimes.runc]).
-HANDLER_PACKAGES=(runc)
+# The OCI runtime the tests run as a second runtime handler ([runtimes.runc]), and the CNI
+# plugins (with the iptables they call) the CNI-mode tests run.
+HANDLER_PACKAGES=(runc containernetworking-plugins iptables)

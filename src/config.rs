@@ -402,6 +402,18 @@ masquerade = true
 mtu = 0
 # The nftables table (family ip) holding berth's NAT rules.
 nft_table = "berth"
+# "builtin": the bridge above. "cni": the cluster's CNI plugin, from the first network
+# configuration in network.cni.conf_dir (lexical order); NetworkReady stays false until one
+# appears there, and the keys above are not used.
+mode = "builtin"
+
+[network.cni]
+conf_dir = "/etc/cni/net.d"
+bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+# What each pod was attached with, for its DEL even after the configuration changed;
+# default: <root>/cni/cache (it must outlive a reboot, as host-local's leases do).
+# cache_dir = "/var/lib/berth/cni/cache"
+plugin_timeout_seconds = 60
 
 # Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime:
 # an OCI runtime binary the pod's monitor drives with create/start/delete (runc). berthd checks

@@ -100,6 +100,12 @@ impl Layout {
         self.state.join("idmapped")
     }
 
+    /// `root/cni/cache`: what each pod was attached with in CNI mode (outlives a reboot, as
+    /// the plugins' own leases do).
+    pub fn cni_cache(&self) -> PathBuf {
+        self.root.join("cni").join("cache")
+    }
+
     /// `state/ipam`: address allocations.
     pub fn ipam(&self) -> PathBuf {
         self.state.join("ipam")

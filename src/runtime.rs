@@ -255,9 +255,9 @@ impl Runtime {
 
     /// Whether pods can get a network.
     pub fn network_condition(&self) -> Condition {
-        match self.pods.network.not_ready_reason() {
+        match self.pods.network.not_ready() {
             None => Condition::ready(),
-            Some(why) => Condition::not_ready("BridgeNetworkNotReady", why),
+            Some((reason, why)) => Condition::not_ready(reason, why),
         }
     }
 

@@ -380,6 +380,7 @@ mod tests {
             created_at: 1,
             cgroup: "/kubepods/p1".into(),
             net: None,
+            cni: None,
             init: None,
             monitor: None,
             shm: false,

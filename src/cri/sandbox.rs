@@ -184,8 +184,13 @@ pub(super) fn pod_status(r: &PodRecord) -> cri::PodSandboxStatus {
         state: state(r.state),
         created_at: r.created_at,
         network: Some(cri::PodSandboxNetworkStatus {
-            ip: r.net.as_ref().map(|n| n.ip.to_string()).unwrap_or_default(),
-            additional_ips: Vec::new(),
+            ip: r.ips().first().map(|ip| ip.to_string()).unwrap_or_default(),
+            additional_ips: r
+                .ips()
+                .iter()
+                .skip(1)
+                .map(|ip| cri::PodIp { ip: ip.to_string() })
+                .collect(),
         }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {

@@ -1,10 +1,12 @@
-//! The built-in pod network: a bridge, a veth pair per pod, host-local IPAM and nftables NAT.
+//! The pod network: built in (a bridge, a veth pair per pod, host-local IPAM and nftables NAT),
+//! or in CNI mode the cluster's plugins (`cni`).
 //!
 //! berthd sets the bridge up when it starts (creating it if missing). A failure there does not
 //! stop berthd: NetworkReady reports it, host-network pods still run, and every pod network
 //! attach tries the bridge again, so fixing the cause heals the node without a restart.
 
 pub mod cidr;
+pub mod cni;
 mod config;
 pub mod ipam;
 pub mod netlink;
@@ -18,7 +20,7 @@ use std::sync::RwLock;
 use serde::{Deserialize, Serialize};
 
 use cidr::Ipv4Cidr;
-pub use config::NetworkConfig;
+pub use config::{CniConfig, NetworkConfig, NetworkMode};
 use ipam::{Ipam, IpamError};
 use netlink::NetlinkError;
 use nft::{HostPort, Nft, NftError, Proto};
@@ -77,6 +79,9 @@ pub enum NetError {
     /// The hostPorts could not be added.
     #[error("network setup: {0}")]
     HostPorts(NftError),
+    /// The CNI plugins failed (CNI mode).
+    #[error("network setup: {0}")]
+    Cni(#[from] cni::CniError),
 }
 
 /// The veth name of a pod: derived from its id, so a restart can always find it.
@@ -104,14 +109,19 @@ pub struct Network {
     nft_lock: tokio::sync::Mutex<()>,
     /// Veth removals and address releases still running, by pod.
     pending: std::sync::Mutex<std::collections::HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// In CNI mode, the plugins (the bridge, IPAM and nftables above are then unused).
+    cni: Option<cni::Cni>,
 }
 
 impl Network {
     /// Opens the network: IPAM records in `ipam_dir`, a netlink socket in berthd's namespace,
-    /// then the bridge and the nftables table (with the hostPorts of `pods`, which exist).
+    /// then the bridge and the nftables table (with the hostPorts of `pods`, which exist); in
+    /// CNI mode, the CNI configuration directory (watched) and the cache in `cni_cache`
+    /// instead of the bridge and the table.
     pub async fn start(
         cfg: &NetworkConfig,
         ipam_dir: &Path,
+        cni_cache: &Path,
         pods: &[PodNet],
     ) -> Result<Network, String> {
         let ipam = Ipam::open(ipam_dir).map_err(|e| e.to_string())?;
@@ -130,7 +140,19 @@ impl Network {
             }),
             nft_lock: tokio::sync::Mutex::new(()),
             pending: Default::default(),
+            cni: match cfg.mode {
+                NetworkMode::Cni => Some(cni::Cni::open(
+                    &cfg.cni.conf_dir,
+                    &cfg.cni.bin_dirs,
+                    std::time::Duration::from_secs(cfg.cni.plugin_timeout_seconds),
+                    cni_cache,
+                )?),
+                NetworkMode::Builtin => None,
+            },
         };
+        if n.cni.is_some() {
+            return Ok(n);
+        }
         // Subnets of existing pods stay served (their pod CIDR may have come from kubelet).
         for p in pods {
             let s = Ipv4Cidr::new(p.ip, p.prefix_len).expect("recorded prefix is valid");
@@ -220,15 +242,44 @@ impl Network {
             .clone()
     }
 
-    /// NetworkReady: `None` when ready, else why not.
-    pub fn not_ready_reason(&self) -> Option<String> {
+    /// NetworkReady: `None` when ready, else the reason (a CamelCase word) and why not.
+    pub fn not_ready(&self) -> Option<(&'static str, String)> {
+        if let Some(c) = &self.cni {
+            return c.not_ready().map(|m| ("NetworkPluginNotReady", m));
+        }
         self.state
             .read()
             .expect("network state poisoned")
             .bridge
             .as_ref()
             .err()
-            .cloned()
+            .map(|e| ("BridgeNetworkNotReady", e.clone()))
+    }
+
+    /// Whether pods are connected by CNI plugins.
+    pub fn is_cni(&self) -> bool {
+        self.cni.is_some()
+    }
+
+    /// CNI mode: the pod's loopback up, then ADD through the plugins.
+    pub async fn attach_cni(
+        &self,
+        pod_handle: &rtnetlink::Handle,
+        pod: &cni::PodAttach,
+    ) -> Result<cni::CniNet, NetError> {
+        let c = self.cni.as_ref().expect("attach_cni in CNI mode");
+        netlink::loopback_up(pod_handle)
+            .await
+            .map_err(NetError::Link)?;
+        Ok(c.add(pod).await?)
+    }
+
+    /// CNI mode: DEL from the cache (nothing to do for a pod that is not attached).
+    pub async fn detach_cni(&self, pod_id: &str) -> Result<(), NetError> {
+        match &self.cni {
+            Some(c) => Ok(c.del(pod_id).await?),
+            None => Ok(()),
+        }
     }
 
     /// The subnet new pods get addresses from.
@@ -237,7 +288,12 @@ impl Network {
     }
 
     /// Switches new pods to `cidr` (kubelet's pod CIDR); the bridge serves it from now on.
+    /// In CNI mode it is offered to the plugins (capability `ipRanges`).
     pub async fn set_pod_cidr(&self, cidr: Ipv4Cidr, ports: &[HostPort]) {
+        if let Some(c) = &self.cni {
+            c.set_pod_cidr(cidr.to_string());
+            return;
+        }
         {
             let mut st = self.state.write().expect("network state poisoned");
             if st.subnet == cidr {
@@ -379,8 +435,13 @@ impl Network {
         self.ipam.release_owner(pod_id);
     }
 
-    /// After a restart: releases addresses and deletes veths of pods that are not `live`.
+    /// After a restart: releases addresses and deletes veths of pods that are not `live`; in
+    /// CNI mode, DEL for cached attachments of pods that are not, and GC.
     pub async fn reconcile(&self, live: &[String]) {
+        if let Some(c) = &self.cni {
+            c.reconcile(live).await;
+            return;
+        }
         for (ip, owner) in self.ipam.allocations() {
             if !live.contains(&owner) {
                 tracing::info!(%ip, pod = %owner, "releasing the address of a pod that is gone");

@@ -23,7 +23,8 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn nft(self) -> &'static str {
+    /// Its lowercase name (nftables, CNI portMappings).
+    pub fn name(self) -> &'static str {
         match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
@@ -34,7 +35,7 @@ impl Proto {
 
 impl std::fmt::Display for Proto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.nft())
+        f.write_str(self.name())
     }
 }
 

@@ -182,8 +182,11 @@ pub struct PodRecord {
     pub created_at: i64,
     /// The cgroup, relative to each hierarchy's root.
     pub cgroup: PathBuf,
-    /// Its network, while it has one.
+    /// Its network, while it has one (built-in mode).
     pub net: Option<PodNet>,
+    /// Its network from the CNI plugins, while it has one (CNI mode).
+    #[serde(default)]
+    pub cni: Option<crate::network::cni::CniNet>,
     /// The pod init (pid, start time), for PID namespace POD.
     pub init: Option<(i32, u64)>,
     /// The pod's monitor (pid, start time).
@@ -191,6 +194,25 @@ pub struct PodRecord {
     pub monitor: Option<(i32, u64)>,
     /// Whether it has its own /dev/shm mount.
     pub shm: bool,
+}
+
+impl PodRecord {
+    /// Every address of the pod, the first IPv4 first (what PodSandboxStatus reports).
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        match (&self.net, &self.cni) {
+            (Some(n), _) => vec![n.ip.into()],
+            (None, Some(c)) => c.ips.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The pod's IPv4 address, if it has one.
+    pub fn ipv4(&self) -> Option<Ipv4Addr> {
+        self.ips().into_iter().find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+    }
 }
 
 /// One pod: its record and a lock serializing operations on it.
@@ -361,7 +383,7 @@ impl Sandboxes {
 
     /// The pod's address, if it has one.
     pub fn ip(&self, id: &str) -> Option<Ipv4Addr> {
-        self.get(id).ok()?.record().net.map(|n| n.ip)
+        self.get(id).ok()?.record().ipv4()
     }
 
     /// Applies kubelet's pod CIDR to the network.

@@ -117,9 +117,18 @@ impl Sandboxes {
             .filter_map(|r| r.net.clone())
             .collect();
         let network = Arc::new(
-            Network::start(net_cfg, &layout.ipam(), &live_nets)
-                .await
-                .map_err(Error::Internal)?,
+            Network::start(
+                net_cfg,
+                &layout.ipam(),
+                &net_cfg
+                    .cni
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| layout.cni_cache()),
+                &live_nets,
+            )
+            .await
+            .map_err(Error::Internal)?,
         );
         let cgroups = Cgroups::detect();
         if favor_dynmods {
@@ -190,7 +199,7 @@ impl Sandboxes {
                 }
             }
             // Stopped, or being stopped when berthd died: finish whatever is left.
-            PodState::NotReady => stop = r.init.is_some() || r.net.is_some(),
+            PodState::NotReady => stop = r.init.is_some() || r.net.is_some() || r.cni.is_some(),
         }
         if !stop {
             store::Tally::add(&self.reconciled.adopted);
@@ -214,7 +223,9 @@ impl Sandboxes {
             tokio::spawn(async move {
                 let _op = pod.lock().await;
                 let mut rec = pod.record();
-                this.teardown(&mut rec).await;
+                if let Err(e) = this.teardown(&mut rec).await {
+                    tracing::warn!(pod = %rec.id, error = %e, "stopping a pod at start");
+                }
                 let _ = this.persist(&rec);
                 *pod.record.write().expect("pod record poisoned") = rec;
             });

@@ -123,6 +123,7 @@ impl Sandboxes {
             created_at: now_ns(),
             cgroup: cgroup_rel.clone(),
             net: None,
+            cni: None,
             init: None,
             monitor: None,
             shm: false,
@@ -151,7 +152,7 @@ impl Sandboxes {
                 if let Some(l) = launched {
                     l.confirm();
                 }
-                tracing::info!(pod = %id, name = %rec.spec.name, namespace = %rec.spec.namespace, ip = ?rec.net.as_ref().map(|n| n.ip), "pod sandbox ready");
+                tracing::info!(pod = %id, name = %rec.spec.name, namespace = %rec.spec.namespace, ips = ?rec.ips(), "pod sandbox ready");
                 let pod = Arc::new(Pod {
                     id: id.to_string(),
                     record: RwLock::new(rec),
@@ -186,7 +187,11 @@ impl Sandboxes {
             rec.shm = true;
         }
         if let (Some(netns), Some(handle)) = (&made.netns, &made.net_handle) {
-            rec.net = Some(self.attach_network(rec, netns.as_fd(), handle).await?);
+            if self.network.is_cni() {
+                rec.cni = Some(self.attach_cni(rec, handle).await?);
+            } else {
+                rec.net = Some(self.attach_network(rec, netns.as_fd(), handle).await?);
+            }
             crate::failpoint::hit("run:network").await;
         }
         drop(made);
@@ -259,6 +264,48 @@ impl Sandboxes {
             })
     }
 
+    /// The pod attached by the cluster's CNI plugins (its loopback by berth).
+    async fn attach_cni(
+        &self,
+        rec: &PodRecord,
+        handle: &rtnetlink::Handle,
+    ) -> Result<crate::network::cni::CniNet> {
+        use crate::network::NetError;
+        use crate::network::cni::{CniError, PodAttach};
+        let s = &rec.spec;
+        let attach = PodAttach {
+            pod_id: rec.id.clone(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            uid: s.uid.clone(),
+            netns: namespaces::pin_path(&self.ns_dir(&rec.id), "net"),
+            ports: s
+                .ports
+                .iter()
+                .filter(|p| p.host_port != 0)
+                .map(|p| crate::network::cni::PortMapping {
+                    host_port: p.host_port,
+                    container_port: p.container_port,
+                    protocol: p.proto.name(),
+                    host_ip: p.host_ip,
+                })
+                .collect(),
+            annotations: s.annotations.clone(),
+            dns: s
+                .dns
+                .as_ref()
+                .map(|d| (d.servers.clone(), d.searches.clone(), d.options.clone())),
+        };
+        self.network
+            .attach_cni(handle, &attach)
+            .await
+            .map_err(|e| match &e {
+                NetError::Cni(CniError::Invalid(_)) => Error::InvalidArgument(e.to_string()),
+                NetError::Cni(CniError::NotReady(_)) => Error::FailedPrecondition(e.to_string()),
+                _ => Error::Internal(e.to_string()),
+            })
+    }
+
     /// /etc/hostname, /etc/hosts and /etc/resolv.conf of the pod's containers.
     fn write_files(&self, rec: &PodRecord) -> Result<()> {
         let spec = &rec.spec;
@@ -272,7 +319,7 @@ impl Sandboxes {
         files::write_all(
             &self.pod_dir(&rec.id),
             &hostname,
-            rec.net.as_ref().map(|n| n.ip),
+            rec.ipv4(),
             spec.dns.as_ref(),
         )
         .map_err(internal(

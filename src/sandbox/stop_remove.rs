@@ -10,21 +10,36 @@ use crate::error::Result;
 impl Sandboxes {
     /// Stops what runs and what connects the pod: its init, its hostPorts, its network
     /// namespace (the kernel frees it, and the veth in it, in its own time; the address is
-    /// released once the veth is gone). Idempotent.
-    pub(super) async fn teardown(&self, rec: &mut PodRecord) {
+    /// released once the veth is gone). In CNI mode the plugins' DEL runs first, and if it
+    /// fails the namespace stays for a retry and the error is returned. Idempotent.
+    pub(super) async fn teardown(&self, rec: &mut PodRecord) -> Result<()> {
         if let Some((pid, start)) = rec.init.take() {
             init::kill(pid, start).await;
         }
-        if rec.net.is_some() || rec.state != PodState::NotReady {
+        if self.network.is_cni() {
+            if rec.cni.is_some() || rec.state != PodState::NotReady {
+                self.network.detach_cni(&rec.id).await.map_err(|e| {
+                    crate::error::Error::Internal(format!(
+                        "pod sandbox {}: network teardown: {e}",
+                        rec.id
+                    ))
+                })?;
+            }
+            rec.cni = None;
+        } else if rec.net.is_some() || rec.state != PodState::NotReady {
             self.network.detach(&rec.id, rec.net.as_ref()).await;
         }
         rec.net = None;
         namespaces::unpin(&namespaces::pin_path(&self.ns_dir(&rec.id), "net"));
+        Ok(())
     }
 
-    /// Undoes everything of a pod that failed to come up.
+    /// Undoes everything of a pod that failed to come up. A CNI DEL that fails here is
+    /// retried from the CNI cache at the next start.
     pub(super) async fn undo(&self, rec: &mut PodRecord) {
-        self.teardown(rec).await;
+        if let Err(e) = self.teardown(rec).await {
+            tracing::warn!(pod = %rec.id, error = %e, "undoing a pod");
+        }
         self.network.released(&rec.id).await;
         self.remove_resources(rec);
     }
@@ -55,7 +70,12 @@ impl Sandboxes {
         if rec.state == PodState::NotReady {
             return Ok(());
         }
-        self.teardown(&mut rec).await;
+        if let Err(e) = self.teardown(&mut rec).await {
+            // What was done (the init killed) is recorded; the pod stays Ready for a retry.
+            self.persist(&rec)?;
+            *pod.record.write().expect("pod record poisoned") = rec;
+            return Err(e);
+        }
         crate::failpoint::hit("stoppod:torn-down").await;
         rec.state = PodState::NotReady;
         self.persist(&rec)?;
@@ -72,7 +92,7 @@ impl Sandboxes {
         let _op = pod.lock().await;
         let mut rec = pod.record();
         if rec.state != PodState::NotReady {
-            self.teardown(&mut rec).await;
+            self.teardown(&mut rec).await?;
         }
         // The address comes free once the kernel has destroyed the namespace and its veth: in
         // the background, not on the caller's path.

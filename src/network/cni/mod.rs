@@ -1,0 +1,616 @@
+//! CNI mode: pods connected by the cluster's CNI plugins instead of the built-in bridge.
+//! `conf` picks the network configuration (the first file of the configuration directory,
+//! which `watch` follows), `exec` runs one plugin, `cache` keeps what each pod was attached
+//! with. Here: ADD through the list's plugins in order (each given the previous one's result),
+//! DEL in reverse order from the cache, CHECK, and, for lists of CNI 1.1, GC and STATUS.
+//! Loopback in the pod is berth's own; host-network pods never come here.
+
+mod cache;
+mod conf;
+mod exec;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rscni_types::types::{CNIResult, Cmd};
+use rscni_types::version::SpecVersion;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use cache::{Cache, Entry};
+use conf::Loaded;
+pub use exec::PluginError;
+
+/// The interface the plugins make in the pod.
+const IFNAME: &str = "eth0";
+
+/// What a pod brings to its attachment.
+#[derive(Debug, Clone, Default)]
+pub struct PodAttach {
+    /// The pod's id (`CNI_CONTAINERID`, `K8S_POD_INFRA_CONTAINER_ID`).
+    pub pod_id: String,
+    /// Its Kubernetes name, namespace and uid (`CNI_ARGS`).
+    pub name: String,
+    /// See `name`.
+    pub namespace: String,
+    /// See `name`.
+    pub uid: String,
+    /// Its network namespace pin.
+    pub netns: PathBuf,
+    /// Its hostPorts (capability `portMappings`).
+    pub ports: Vec<PortMapping>,
+    /// Its annotations (`kubernetes.io/ingress-bandwidth`, `egress-bandwidth`).
+    pub annotations: BTreeMap<String, String>,
+    /// Its DNS settings (capability `dns`): servers, searches, options.
+    pub dns: Option<(Vec<String>, Vec<String>, Vec<String>)>,
+}
+
+/// A hostPort as the `portMappings` capability carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortMapping {
+    /// The node's port.
+    pub host_port: u16,
+    /// The pod's port.
+    pub container_port: u16,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: &'static str,
+    /// Only this node address, if given.
+    pub host_ip: Option<std::net::Ipv4Addr>,
+}
+
+/// A pod's CNI network, recorded with the pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniNet {
+    /// Its addresses from the final result: the first IPv4 first.
+    pub ips: Vec<IpAddr>,
+}
+
+/// Why a CNI operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    /// No usable network configuration.
+    #[error("network plugin not ready: {0}")]
+    NotReady(String),
+    /// The request cannot be turned into plugin arguments.
+    #[error("{0}")]
+    Invalid(String),
+    /// A plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The result cannot be used.
+    #[error("CNI network {network}: {message}")]
+    Result {
+        /// The network's name.
+        network: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The cache could not be written or read.
+    #[error("CNI cache: {0}")]
+    Cache(#[from] crate::store::StoreError),
+}
+
+/// The CNI side of the node's network.
+pub struct Cni {
+    bin_dirs: Vec<PathBuf>,
+    timeout: Duration,
+    cache: Cache,
+    loaded: Arc<RwLock<Result<Loaded, String>>>,
+    watcher: tokio::task::JoinHandle<()>,
+    pod_cidr: RwLock<Option<String>>,
+}
+
+impl Drop for Cni {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl Cni {
+    /// Loads the network of `conf_dir` (if any yet) and watches the directory; plugins come
+    /// from `bin_dirs` and may each take `timeout`; the cache lives in `cache_dir`.
+    pub fn open(
+        conf_dir: &Path,
+        bin_dirs: &[PathBuf],
+        timeout: Duration,
+        cache_dir: &Path,
+    ) -> Result<Cni, String> {
+        let cache = Cache::open(cache_dir)
+            .map_err(|e| format!("CNI cache {}: {e}", cache_dir.display()))?;
+        let loaded = Arc::new(RwLock::new(conf::load(conf_dir)));
+        let (dir, shared) = (conf_dir.to_path_buf(), loaded.clone());
+        let watcher = watch::spawn(dir.clone(), move || {
+            let now = conf::load(&dir);
+            let mut cur = shared.write().expect("CNI configuration poisoned");
+            let before = cur.as_ref().map(|l| (l.file.clone(), l.raw.clone())).ok();
+            let after = now.as_ref().map(|l| (l.file.clone(), l.raw.clone())).ok();
+            if before != after {
+                match &now {
+                    Ok(l) => {
+                        tracing::info!(file = %l.file.display(), network = %l.name, "CNI network configuration loaded")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "no usable CNI network configuration"),
+                }
+            }
+            *cur = now;
+        });
+        Ok(Cni {
+            bin_dirs: bin_dirs.to_vec(),
+            timeout,
+            cache,
+            loaded,
+            watcher,
+            pod_cidr: RwLock::new(None),
+        })
+    }
+
+    fn current(&self) -> Result<Loaded, CniError> {
+        self.loaded
+            .read()
+            .expect("CNI configuration poisoned")
+            .clone()
+            .map_err(CniError::NotReady)
+    }
+
+    /// `None` when a network configuration is loaded, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.current().err().map(|e| match e {
+            CniError::NotReady(m) => m,
+            e => e.to_string(),
+        })
+    }
+
+    /// The pod CIDR kubelet gave (capability `ipRanges` from now on).
+    pub fn set_pod_cidr(&self, cidr: String) {
+        *self.pod_cidr.write().expect("pod CIDR poisoned") = Some(cidr);
+    }
+
+    /// ADD: the pod attached through every plugin of the network, recorded (configuration
+    /// first, then the result) before this returns. A failure runs DEL for what the chain
+    /// may have made and leaves no cache entry.
+    pub async fn add(&self, p: &PodAttach) -> Result<CniNet, CniError> {
+        let l = self.current()?;
+        let mut entry = Entry {
+            pod_id: p.pod_id.clone(),
+            netns: p.netns.clone(),
+            ifname: IFNAME.into(),
+            args: cni_args(p)?,
+            capability_args: self.capability_args(p)?,
+            config_file: l.file.clone(),
+            config: l.raw.clone(),
+            result: None,
+        };
+        self.cache.put(&entry)?;
+        let added = async {
+            let result = self.add_chain(&l, &entry).await?;
+            let net = addresses(&l.name, &result)?;
+            entry.result = Some(result);
+            self.cache.put(&entry)?;
+            Ok::<_, CniError>(net)
+        }
+        .await;
+        match added {
+            Ok(net) => Ok(net),
+            Err(e) => {
+                if let Err(d) = self.del_entry(&entry).await {
+                    tracing::warn!(pod = %p.pod_id, error = %d, "CNI DEL after a failed ADD");
+                }
+                let _ = self.cache.remove(&p.pod_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn add_chain(&self, l: &Loaded, e: &Entry) -> Result<Value, CniError> {
+        let mut prev: Option<Value> = None;
+        for plugin in l.plugins() {
+            let conf = plugin_conf(l, &plugin, prev.as_ref(), &e.capability_args);
+            let out = self.run(&plugin, "ADD", e, &conf).await?;
+            prev = Some(out.ok_or_else(|| PluginError {
+                plugin: plugin_type(&plugin),
+                command: "ADD".into(),
+                message: "it printed no result".into(),
+            })?);
+        }
+        prev.ok_or_else(|| CniError::Result {
+            network: l.name.clone(),
+            message: "no plugin ran".into(),
+        })
+    }
+
+    /// DEL from the cache: with the configuration and result the pod was attached with. A
+    /// pod with no entry is not attached (DEL is idempotent); the entry goes once DEL worked.
+    pub async fn del(&self, pod_id: &str) -> Result<(), CniError> {
+        let Some(entry) = self.cache.get(pod_id)? else {
+            return Ok(());
+        };
+        self.del_entry(&entry).await?;
+        self.cache.remove(pod_id)?;
+        Ok(())
+    }
+
+    /// DEL through the plugins in reverse order; every plugin is asked even if one fails
+    /// (each releases its own part), and the first failure is returned.
+    async fn del_entry(&self, e: &Entry) -> Result<(), CniError> {
+        let l = Loaded::from_cached(&e.config_file, e.config.clone()).map_err(|m| {
+            CniError::Result {
+                network: e.config_file.display().to_string(),
+                message: format!("the cached configuration: {m}"),
+            }
+        })?;
+        // prevResult for DEL exists from 0.4.0 on.
+        let prev = e
+            .result
+            .as_ref()
+            .filter(|_| l.version >= SpecVersion::new(0, 4, 0));
+        let mut first = None;
+        for plugin in l.plugins().iter().rev() {
+            let conf = plugin_conf(&l, plugin, prev, &e.capability_args);
+            if let Err(err) = self.run(plugin, "DEL", e, &conf).await {
+                tracing::warn!(pod = %e.pod_id, error = %err, "CNI DEL");
+                first.get_or_insert(err);
+            }
+        }
+        match first {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// CHECK of an attached pod, where its network's version has CHECK and allows it.
+    pub async fn check(&self, pod_id: &str) -> Result<(), CniError> {
+        let Some(e) = self.cache.get(pod_id)? else {
+            return Ok(());
+        };
+        let l = Loaded::from_cached(&e.config_file, e.config.clone()).map_err(|m| {
+            CniError::Result {
+                network: e.config_file.display().to_string(),
+                message: m,
+            }
+        })?;
+        if l.version.allows(Cmd::Check).is_err() || e.config["disableCheck"] == json!(true) {
+            return Ok(());
+        }
+        for plugin in l.plugins() {
+            let conf = plugin_conf(&l, &plugin, e.result.as_ref(), &e.capability_args);
+            self.run(&plugin, "CHECK", &e, &conf).await?;
+        }
+        Ok(())
+    }
+
+    /// After a restart: DEL for every cached attachment whose pod is not `live` (an ADD or
+    /// a DEL a crash interrupted, or a pod removed meanwhile), CHECK of the live ones, and,
+    /// where the network's version has it, GC with the live attachments as the valid ones.
+    pub async fn reconcile(&self, live: &[String]) {
+        let entries = match self.cache.all() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the CNI cache");
+                return;
+            }
+        };
+        let mut valid = Vec::new();
+        for e in entries {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::warn!(error = %err, "an unreadable CNI cache entry is left as it is");
+                    continue;
+                }
+            };
+            if live.contains(&e.pod_id) {
+                if let Err(err) = self.check(&e.pod_id).await {
+                    tracing::warn!(pod = %e.pod_id, error = %err, "CNI CHECK of a pod after the restart");
+                }
+                valid.push(json!({"containerID": e.pod_id, "ifname": e.ifname}));
+                continue;
+            }
+            tracing::info!(pod = %e.pod_id, "CNI DEL of an attachment whose pod is gone");
+            match self.del_entry(&e).await {
+                Ok(()) => {
+                    let _ = self.cache.remove(&e.pod_id);
+                }
+                Err(err) => tracing::warn!(pod = %e.pod_id, error = %err, "CNI DEL at start"),
+            }
+        }
+        self.gc(valid).await;
+    }
+
+    /// GC (CNI 1.1): each plugin frees what no valid attachment holds.
+    async fn gc(&self, valid: Vec<Value>) {
+        let Ok(l) = self.current() else { return };
+        if l.disable_gc || l.version.allows(Cmd::Gc).is_err() {
+            return;
+        }
+        let none = Entry {
+            pod_id: String::new(),
+            netns: PathBuf::new(),
+            ifname: IFNAME.into(),
+            args: String::new(),
+            capability_args: json!({}),
+            config_file: l.file.clone(),
+            config: l.raw.clone(),
+            result: None,
+        };
+        for plugin in l.plugins() {
+            let mut conf = plugin_conf(&l, &plugin, None, &json!({}));
+            conf["cni.dev/valid-attachments"] = Value::Array(valid.clone());
+            if let Err(e) = self.run(&plugin, "GC", &none, &conf).await {
+                tracing::warn!(error = %e, "CNI GC");
+            }
+        }
+    }
+
+    async fn run(
+        &self,
+        plugin: &Value,
+        command: &str,
+        e: &Entry,
+        conf: &Value,
+    ) -> Result<Option<Value>, PluginError> {
+        let inv = exec::Invocation {
+            command,
+            container_id: &e.pod_id,
+            netns: (!e.netns.as_os_str().is_empty()).then_some(e.netns.as_path()),
+            ifname: &e.ifname,
+            args: &e.args,
+        };
+        exec::run(
+            &self.bin_dirs,
+            &plugin_type(plugin),
+            &inv,
+            conf,
+            self.timeout,
+        )
+        .await
+    }
+
+    /// The capability arguments berth offers; each plugin gets those it declares.
+    fn capability_args(&self, p: &PodAttach) -> Result<Value, CniError> {
+        let mut caps = serde_json::Map::new();
+        let ports: Vec<Value> = p
+            .ports
+            .iter()
+            .filter(|m| m.host_port != 0)
+            .map(|m| {
+                json!({
+                    "hostPort": m.host_port,
+                    "containerPort": m.container_port,
+                    "protocol": m.protocol,
+                    "hostIP": m.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        caps.insert("portMappings".into(), Value::Array(ports));
+        if let Some(bw) = bandwidth(&p.annotations)? {
+            caps.insert("bandwidth".into(), bw);
+        }
+        if let Some(cidr) = self.pod_cidr.read().expect("pod CIDR poisoned").clone() {
+            caps.insert("ipRanges".into(), json!([[{"subnet": cidr}]]));
+        }
+        if let Some((servers, searches, options)) = &p.dns {
+            caps.insert(
+                "dns".into(),
+                json!({"servers": servers, "searches": searches, "options": options}),
+            );
+        }
+        Ok(Value::Object(caps))
+    }
+}
+
+/// A plugin's `type`.
+fn plugin_type(plugin: &Value) -> String {
+    plugin["type"].as_str().unwrap_or_default().to_string()
+}
+
+/// What a plugin reads on stdin: its own configuration with the list's name and version,
+/// the previous result, and the capability arguments it declared (`runtimeConfig`).
+fn plugin_conf(l: &Loaded, plugin: &Value, prev: Option<&Value>, caps: &Value) -> Value {
+    let mut conf = plugin.clone();
+    conf["name"] = json!(l.name);
+    conf["cniVersion"] = json!(l.version_string());
+    if let Some(prev) = prev {
+        conf["prevResult"] = prev.clone();
+    }
+    let mut runtime = serde_json::Map::new();
+    if let Some(declared) = plugin["capabilities"].as_object() {
+        for (cap, on) in declared {
+            if on == &json!(true)
+                && let Some(v) = caps.get(cap)
+            {
+                runtime.insert(cap.clone(), v.clone());
+            }
+        }
+    }
+    if !runtime.is_empty() {
+        conf["runtimeConfig"] = Value::Object(runtime);
+    }
+    conf
+}
+
+/// `CNI_ARGS` as Kubernetes runtimes pass them.
+fn cni_args(p: &PodAttach) -> Result<String, CniError> {
+    let pairs = [
+        ("K8S_POD_NAMESPACE", &p.namespace),
+        ("K8S_POD_NAME", &p.name),
+        ("K8S_POD_INFRA_CONTAINER_ID", &p.pod_id),
+        ("K8S_POD_UID", &p.uid),
+    ];
+    let mut out = String::from("IgnoreUnknown=1");
+    for (k, v) in pairs {
+        if v.contains([';', '=']) || v.chars().any(char::is_control) {
+            return Err(CniError::Invalid(format!(
+                "{k} {v:?} cannot be passed to CNI plugins (';', '=' or a control character)"
+            )));
+        }
+        out.push_str(&format!(";{k}={v}"));
+    }
+    Ok(out)
+}
+
+/// The pod's addresses from a final result, the first IPv4 first.
+fn addresses(network: &str, result: &Value) -> Result<CniNet, CniError> {
+    let r: CNIResult = serde_json::from_value(result.clone()).map_err(|e| CniError::Result {
+        network: network.into(),
+        message: format!("the final result cannot be read: {e}"),
+    })?;
+    let mut ips: Vec<IpAddr> = r.ips.iter().map(|i| i.address.addr()).collect();
+    if ips.is_empty() {
+        return Err(CniError::Result {
+            network: network.into(),
+            message: "the final result gives the pod no IP address".into(),
+        });
+    }
+    if let Some(i) = ips.iter().position(IpAddr::is_ipv4) {
+        let v4 = ips.remove(i);
+        ips.insert(0, v4);
+    }
+    Ok(CniNet { ips })
+}
+
+/// The `bandwidth` capability from the pod's annotations, in bits per second.
+fn bandwidth(annotations: &BTreeMap<String, String>) -> Result<Option<Value>, CniError> {
+    // No burst is asked for by Kubernetes: the largest the plugin takes, as other runtimes.
+    const BURST: u64 = i32::MAX as u64;
+    let mut bw = serde_json::Map::new();
+    for (key, rate, burst) in [
+        (
+            "kubernetes.io/ingress-bandwidth",
+            "ingressRate",
+            "ingressBurst",
+        ),
+        (
+            "kubernetes.io/egress-bandwidth",
+            "egressRate",
+            "egressBurst",
+        ),
+    ] {
+        if let Some(q) = annotations.get(key) {
+            let bits = quantity(q).ok_or_else(|| {
+                CniError::Invalid(format!(
+                    "annotation {key} {q:?} is not a quantity (for example 10M)"
+                ))
+            })?;
+            bw.insert(rate.into(), json!(bits));
+            bw.insert(burst.into(), json!(BURST));
+        }
+    }
+    Ok((!bw.is_empty()).then_some(Value::Object(bw)))
+}
+
+/// A Kubernetes quantity (`10M`, `1Gi`, `500k`, `1e6`) as a whole number.
+fn quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0f64.powi(2),
+        "Gi" => 1024.0f64.powi(3),
+        "Ti" => 1024.0f64.powi(4),
+        "Pi" => 1024.0f64.powi(5),
+        "Ei" => 1024.0f64.powi(6),
+        _ => return None,
+    };
+    let n: f64 = num.parse().ok()?;
+    let v = n * factor;
+    (v.is_finite() && v >= 1.0 && v < u64::MAX as f64).then_some(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_args_and_capabilities() {
+        assert_eq!(quantity("10M"), Some(10_000_000));
+        assert_eq!(quantity("1Gi"), Some(1 << 30));
+        assert_eq!(quantity("1.5k"), Some(1500));
+        assert_eq!(quantity("1e6"), Some(1_000_000));
+        assert_eq!(quantity("10 lots"), None);
+        assert_eq!(quantity("-1M"), None);
+        let mut a = BTreeMap::new();
+        a.insert(
+            "kubernetes.io/ingress-bandwidth".to_string(),
+            "1M".to_string(),
+        );
+        let bw = bandwidth(&a).unwrap().unwrap();
+        assert_eq!(bw["ingressRate"], 1_000_000);
+        assert!(bw.get("egressRate").is_none());
+        a.insert(
+            "kubernetes.io/egress-bandwidth".to_string(),
+            "fast".to_string(),
+        );
+        assert!(
+            bandwidth(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("egress-bandwidth")
+        );
+
+        let p = PodAttach {
+            pod_id: "abc".into(),
+            name: "web".into(),
+            namespace: "default".into(),
+            uid: "u-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            cni_args(&p).unwrap(),
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1"
+        );
+        let bad = PodAttach {
+            name: "a;b=c".into(),
+            ..p.clone()
+        };
+        assert!(cni_args(&bad).is_err());
+
+        let l = Loaded::from_cached(
+            Path::new("/x.conflist"),
+            json!({"cniVersion": "1.0.0", "name": "net", "plugins": [
+                {"type": "bridge"},
+                {"type": "portmap", "capabilities": {"portMappings": true, "bandwidth": false}}]}),
+        )
+        .unwrap();
+        let caps = json!({"portMappings": [{"hostPort": 80}], "bandwidth": {"ingressRate": 1}});
+        let plugins = l.plugins();
+        let first = plugin_conf(&l, &plugins[0], None, &caps);
+        assert_eq!(first["name"], "net");
+        assert!(first.get("runtimeConfig").is_none() && first.get("prevResult").is_none());
+        let prev = json!({"ips": [{"address": "10.1.0.5/24"}]});
+        let second = plugin_conf(&l, &plugins[1], Some(&prev), &caps);
+        assert_eq!(second["prevResult"], prev);
+        assert_eq!(
+            second["runtimeConfig"],
+            json!({"portMappings": [{"hostPort": 80}]})
+        );
+    }
+
+    #[test]
+    fn the_first_ipv4_address_leads() {
+        let r = json!({"cniVersion": "1.0.0", "ips": [
+            {"address": "fd00::5/64"}, {"address": "10.1.0.5/24", "gateway": "10.1.0.1"}]});
+        let n = addresses("net", &r).unwrap();
+        assert_eq!(
+            n.ips,
+            vec![
+                "10.1.0.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert!(addresses("net", &json!({"cniVersion": "1.0.0"})).is_err());
+    }
+}
