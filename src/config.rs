@@ -394,7 +394,8 @@ pull_progress_timeout_seconds = 60
 [network]
 # The bridge pods are attached to; created when missing. Its address is the subnet's first.
 bridge = "berth0"
-# Pod addresses come from here (UpdateRuntimeConfig's pod CIDR replaces it for new pods).
+# Pod addresses come from here (UpdateRuntimeConfig's pod CIDR replaces it for new pods). A
+# dual-stack node lists an IPv4 and an IPv6 subnet: subnet = ["10.88.0.0/16", "fd00:88::/64"].
 subnet = "10.88.0.0/16"
 # Masquerade pod traffic that leaves the subnet.
 masquerade = true
@@ -457,6 +458,26 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_subnet_is_a_list_of_one_ipv4_and_one_ipv6() {
+        let c = parse("[network]\nsubnet = [\"10.9.0.0/16\", \"fd00:9::/64\"]\n").unwrap();
+        assert_eq!(c.network.subnet.v4.to_string(), "10.9.0.0/16");
+        assert_eq!(c.network.subnet.v6.unwrap().to_string(), "fd00:9::/64");
+        for bad in [
+            "[\"fd00:9::/64\"]",
+            "[\"10.1.0.0/16\", \"10.2.0.0/16\"]",
+            "[\"10.1.0.0/16\", \"fd00::/127\"]",
+        ] {
+            let e = parse(&format!("[network]\nsubnet = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("network.subnet") || e.contains("subnet"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn streaming_tls_files_come_in_pairs_and_only_with_tls() {
         let e = parse("[streaming]\ntls = true\ntls_cert_file = \"/etc/c.pem\"\n")
             .unwrap_err()
@@ -492,7 +513,7 @@ mod tests {
             vec!["http://127.0.0.1:5000".to_string()]
         );
         assert_eq!(c.network.bridge, "br-test");
-        assert_eq!(c.network.subnet.to_string(), "10.200.0.0/24");
+        assert_eq!(c.network.subnet.v4.to_string(), "10.200.0.0/24");
     }
 
     #[test]

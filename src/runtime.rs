@@ -267,14 +267,24 @@ impl Runtime {
     }
 
     /// Records the pod CIDR kubelet assigned to this node (new pods get addresses from it); an
-    /// empty string leaves it unchanged.
+    /// empty string leaves it unchanged. A dual-stack node's is two, comma-separated: the IPv6
+    /// one becomes the subnet of new pods' IPv6 addresses.
     pub async fn update_pod_cidr(&self, cidr: &str) -> Result<()> {
         if cidr.is_empty() {
             return Ok(());
         }
-        let parsed: Ipv4Cidr = cidr
-            .parse()
-            .map_err(|e| Error::InvalidArgument(format!("pod CIDR: {e}")))?;
+        let parts: Vec<String> = cidr.split(',').map(|s| s.trim().to_string()).collect();
+        let both = crate::network::cidr::Subnets::parse(&parts)
+            .map_err(|e| Error::InvalidArgument(format!("pod CIDR {cidr:?}: {e}")))?;
+        if let Some(v6) = both.v6 {
+            if v6.prefix_len() > 125 {
+                return Err(Error::InvalidArgument(format!(
+                    "pod CIDR {v6} is too small to hold pods"
+                )));
+            }
+            self.pods.set_pod_cidr6(v6).await;
+        }
+        let parsed: Ipv4Cidr = both.v4;
         if parsed.prefix_len() > 30 {
             return Err(Error::InvalidArgument(format!(
                 "pod CIDR {parsed} is too small to hold pods"

@@ -112,7 +112,8 @@ impl Echo {
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(&ns).unwrap();
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let l = std::net::TcpListener::bind(("0.0.0.0", port)).unwrap();
+            // Both families (an IPv6 socket takes IPv4 too, as v4-mapped addresses).
+            let l = std::net::TcpListener::bind(("::", port)).unwrap();
             l.set_nonblocking(true).unwrap();
             tx.send(()).unwrap();
             while !s2.load(Ordering::Relaxed) {
@@ -312,6 +313,69 @@ async fn the_pod_ip_answers_from_the_node_side() {
     assert_eq!(tcp_ping(&node, &format!("{ip}:8080")).unwrap(), "ping");
     stop(&mut rt, &id).await;
     remove(&mut rt, &id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_pod_answers_on_both_families_and_so_do_its_host_ports() {
+    let b = Berthd::start_with(Options {
+        extra_config: "[network]\nsubnet = [\"10.124.0.0/24\", \"fd00:124::/64\"]\n".into(),
+        ..Default::default()
+    });
+    let mut rt = b.runtime().await;
+    let before = node::snapshot(&b);
+    let mut c = pod_config(&b, "dual");
+    c.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: 18090,
+        host_ip: String::new(),
+    }];
+    let id = run(&mut rt, c).await.unwrap();
+    let st = status(&mut rt, &id).await;
+    let ip = ip_of(&st);
+    let net = st.network.unwrap();
+    assert!(ip.starts_with("10.124.0."), "{ip}");
+    assert_eq!(net.additional_ips.len(), 1, "{net:?}");
+    let ip6 = net.additional_ips[0].ip.clone();
+    assert!(ip6.starts_with("fd00:124::"), "{ip6}");
+    let _echo = Echo::tcp(&netns_pin(&b, &id), 8080);
+    let node = b.netns.clone().unwrap();
+    assert_eq!(tcp_ping(&node, &format!("{ip}:8080")).unwrap(), "ping");
+    assert_eq!(tcp_ping(&node, &format!("[{ip6}]:8080")).unwrap(), "ping");
+    // The hostPort on both families, through the bridge's addresses (local on the node).
+    assert_eq!(tcp_ping(&node, "10.124.0.1:18090").unwrap(), "ping");
+    assert_eq!(tcp_ping(&node, "[fd00:124::1]:18090").unwrap(), "ping");
+    stop(&mut rt, &id).await;
+    remove(&mut rt, &id).await;
+    node::assert_back_to(&b, &before).await;
+    // Nothing of the IPv6 half either: no address leased, no hostPort element.
+    let leased: Vec<String> = std::fs::read_dir(b.state.join("ipam"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(':'))
+        .collect();
+    assert!(leased.is_empty(), "{leased:?}");
+    let mut cmd = std::process::Command::new("nft");
+    cmd.args(["list", "table", "ip6", "berth"]);
+    common::in_netns(&mut cmd, &node);
+    let table = String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned();
+    assert!(table.contains("map hostports"), "{table}");
+    assert!(!table.contains("elements"), "{table}");
+
+    // On a node without an IPv6 subnet, a hostPort on an IPv6 address is refused by name.
+    let b4 = Berthd::start();
+    let mut rt4 = b4.runtime().await;
+    let mut c = pod_config(&b4, "v6-port");
+    c.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 80,
+        host_port: 18091,
+        host_ip: "fd00::1".into(),
+    }];
+    let err = run(&mut rt4, c).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("fd00::1"), "{}", err.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

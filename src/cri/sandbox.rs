@@ -1,7 +1,6 @@
 //! RunPodSandbox, StopPodSandbox, RemovePodSandbox, PodSandboxStatus, ListPodSandbox.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
 
 use k8s_cri::v1 as cri;
 use tonic::Status;
@@ -42,8 +41,8 @@ fn port(p: &cri::PortMapping) -> Result<PortSpec, Status> {
     };
     let host_ip = match p.host_ip.as_str() {
         "" => None,
-        s => Some(s.parse::<Ipv4Addr>().map_err(|_| {
-            Status::invalid_argument(format!("port mapping host_ip {s:?} is not an IPv4 address"))
+        s => Some(s.parse::<std::net::IpAddr>().map_err(|_| {
+            Status::invalid_argument(format!("port mapping host_ip {s:?} is not an IP address"))
         })?),
     };
     Ok(PortSpec {

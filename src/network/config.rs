@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::cidr::Ipv4Cidr;
+use super::cidr::Subnets;
 
 /// Who connects pods: berth's own bridge, or the cluster's CNI plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -50,8 +50,9 @@ pub struct NetworkConfig {
     pub mode: NetworkMode,
     /// The bridge pods attach to; created when missing.
     pub bridge: String,
-    /// The pod subnet; the bridge takes its first address as the pods' gateway.
-    pub subnet: Ipv4Cidr,
+    /// The pod subnet (IPv4), or the IPv4 and IPv6 pair of a dual-stack node; the bridge takes
+    /// the first address of each as the pods' gateway.
+    pub subnet: Subnets,
     /// Masquerade traffic from pods that leaves the subnet.
     pub masquerade: bool,
     /// MTU of the bridge and the pods' interfaces (0 = kernel default).
@@ -66,7 +67,10 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         NetworkConfig {
             bridge: "berth0".into(),
-            subnet: "10.88.0.0/16".parse().expect("valid built-in subnet"),
+            subnet: Subnets {
+                v4: "10.88.0.0/16".parse().expect("valid built-in subnet"),
+                v6: None,
+            },
             masquerade: true,
             mtu: 0,
             nft_table: "berth".into(),
@@ -106,10 +110,17 @@ impl NetworkConfig {
         if self.cni.plugin_timeout_seconds == 0 {
             return Err("network.cni.plugin_timeout_seconds must be at least 1".into());
         }
-        if self.subnet.prefix_len() > 30 {
+        if self.subnet.v4.prefix_len() > 30 {
             return Err(format!(
                 "network.subnet {} leaves no room for pods (prefix must be /30 or shorter)",
-                self.subnet
+                self.subnet.v4
+            ));
+        }
+        if let Some(v6) = self.subnet.v6
+            && v6.prefix_len() > 125
+        {
+            return Err(format!(
+                "network.subnet {v6} leaves no room for pods (prefix must be /125 or shorter)"
             ));
         }
         Ok(())

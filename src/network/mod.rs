@@ -12,14 +12,14 @@ pub mod ipam;
 pub mod netlink;
 pub mod nft;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::RwLock;
 
 use serde::{Deserialize, Serialize};
 
-use cidr::Ipv4Cidr;
+use cidr::{Ipv4Cidr, Ipv6Cidr};
 pub use config::{CniConfig, NetworkConfig, NetworkMode};
 use ipam::{Ipam, IpamError};
 use netlink::NetlinkError;
@@ -45,8 +45,8 @@ pub struct PortSpec {
     pub container_port: u16,
     /// The node's port (0: no mapping on the node).
     pub host_port: u16,
-    /// Only this node address, if given.
-    pub host_ip: Option<Ipv4Addr>,
+    /// Only this node address, if given (its family picks the pod address it maps to).
+    pub host_ip: Option<IpAddr>,
 }
 
 /// What a pod's network is made of, recorded with the pod.
@@ -62,6 +62,9 @@ pub struct PodNet {
     pub veth: String,
     /// The hostPorts mapped to it.
     pub host_ports: Vec<HostPort>,
+    /// Its IPv6 address, prefix length and gateway, on a dual-stack node.
+    #[serde(default)]
+    pub ip6: Option<(Ipv6Addr, u8, Ipv6Addr)>,
 }
 
 /// Why a pod's network could not be set up, naming the step.
@@ -79,9 +82,36 @@ pub enum NetError {
     /// The hostPorts could not be added.
     #[error("network setup: {0}")]
     HostPorts(NftError),
+    /// A request the network cannot serve.
+    #[error("network setup: {0}")]
+    Invalid(String),
     /// The CNI plugins failed (CNI mode).
     #[error("network setup: {0}")]
     Cni(#[from] cni::CniError),
+}
+
+/// The hostPorts of a pod at `ip` (and `ip6` on a dual-stack node): a mapping without a node
+/// address goes to both families, one with an address to that address's family only.
+fn host_ports(ports: &[PortSpec], ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Vec<HostPort> {
+    let mut out = Vec::new();
+    for p in ports.iter().filter(|p| p.host_port != 0) {
+        let host_ip = p.host_ip.filter(|a| !a.is_unspecified());
+        let wants = |v6: bool| host_ip.is_none_or(|a| a.is_ipv6() == v6);
+        let targets = [
+            wants(false).then_some(IpAddr::V4(ip)),
+            ip6.filter(|_| wants(true)).map(IpAddr::V6),
+        ];
+        for pod_ip in targets.into_iter().flatten() {
+            out.push(HostPort {
+                proto: p.proto,
+                host_ip,
+                host_port: p.host_port,
+                pod_ip,
+                container_port: p.container_port,
+            });
+        }
+    }
+    out
 }
 
 /// The veth name of a pod: derived from its id, so a restart can always find it.
@@ -94,6 +124,8 @@ struct State {
     bridge: Result<u32, String>,
     /// Subnet new pods get addresses from.
     subnet: Ipv4Cidr,
+    /// The IPv6 subnet of a dual-stack node.
+    subnet6: Option<Ipv6Cidr>,
     /// Every subnet the bridge serves (the configured one and a pod CIDR from kubelet).
     subnets: Vec<Ipv4Cidr>,
 }
@@ -135,8 +167,9 @@ impl Network {
             host,
             state: RwLock::new(State {
                 bridge: Err("not set up yet".into()),
-                subnet: cfg.subnet,
-                subnets: vec![cfg.subnet],
+                subnet: cfg.subnet.v4,
+                subnet6: cfg.subnet.v6,
+                subnets: vec![cfg.subnet.v4],
             }),
             nft_lock: tokio::sync::Mutex::new(()),
             pending: Default::default(),
@@ -181,11 +214,15 @@ impl Network {
     async fn setup_bridge(&self) -> Result<u32, NetError> {
         let (gateways, bridge_name) = {
             let st = self.state.read().expect("network state poisoned");
-            let g: Vec<(Ipv4Addr, u8)> = st
+            let mut g: Vec<(IpAddr, u8)> = st
                 .subnets
                 .iter()
-                .map(|s| (s.gateway(), s.prefix_len()))
+                .map(|s| (IpAddr::V4(s.gateway()), s.prefix_len()))
                 .collect();
+            g.extend(
+                st.subnet6
+                    .map(|s| (IpAddr::V6(s.gateway()), s.prefix_len())),
+            );
             (g, self.cfg.bridge.clone())
         };
         let r = netlink::ensure_bridge(&self.host, &bridge_name, &gateways, self.cfg.mtu).await;
@@ -194,10 +231,13 @@ impl Network {
                 // Forwarding for pod traffic leaving the node and hostPorts from outside;
                 // route_localnet for 127.0.0.1:hostPort (the DNATed packet keeps its
                 // loopback source until masqueraded on the way out to the bridge).
-                let sysctls = [
+                let mut sysctls = vec![
                     ("net/ipv4/ip_forward".to_string(), "1"),
                     (format!("net/ipv4/conf/{bridge_name}/route_localnet"), "1"),
                 ];
+                if gateways.iter().any(|(g, _)| g.is_ipv6()) {
+                    sysctls.push(("net/ipv6/conf/all/forwarding".to_string(), "1"));
+                }
                 for (k, v) in sysctls {
                     if let Err(e) = std::fs::write(Path::new("/proc/sys").join(&k), v) {
                         tracing::warn!(sysctl = %k, error = %e, "could not set sysctl");
@@ -222,14 +262,18 @@ impl Network {
 
     async fn sync_table(&self, ports: &[HostPort]) -> Result<(), NftError> {
         let _l = self.nft_lock.lock().await;
-        let subnets = self
-            .state
-            .read()
-            .expect("network state poisoned")
-            .subnets
-            .clone();
+        let (subnets, subnet6) = {
+            let st = self.state.read().expect("network state poisoned");
+            (st.subnets.clone(), st.subnet6)
+        };
         self.nft
-            .sync(&self.cfg.bridge, &subnets, self.cfg.masquerade, ports)
+            .sync(
+                &self.cfg.bridge,
+                &subnets,
+                subnet6,
+                self.cfg.masquerade,
+                ports,
+            )
             .await
     }
 
@@ -326,24 +370,37 @@ impl Network {
             Err(_) => self.setup_bridge().await?,
         };
         let subnet = self.subnet();
+        let subnet6 = self.state.read().expect("network state poisoned").subnet6;
+        if subnet6.is_none()
+            && let Some(p) = ports
+                .iter()
+                .find(|p| p.host_ip.is_some_and(|a| a.is_ipv6()))
+        {
+            return Err(NetError::Invalid(format!(
+                "port mapping host_ip {} is IPv6, but this node has no IPv6 pod subnet \
+                 (network.subnet)",
+                p.host_ip.expect("found above")
+            )));
+        }
         let ip = self.ipam.allocate(&subnet, pod_id)?;
+        let ip6 = match subnet6 {
+            Some(s) => match self.ipam.allocate6(&s, pod_id) {
+                Ok(a) => Some((a, s.prefix_len(), s.gateway())),
+                Err(e) => {
+                    self.ipam.release(ip.into(), pod_id);
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         let veth = veth_name(pod_id);
         let net = PodNet {
             ip,
             prefix_len: subnet.prefix_len(),
             gateway: subnet.gateway(),
             veth: veth.clone(),
-            host_ports: ports
-                .iter()
-                .filter(|p| p.host_port != 0)
-                .map(|p| HostPort {
-                    proto: p.proto,
-                    host_ip: p.host_ip.filter(|ip| !ip.is_unspecified()),
-                    host_port: p.host_port,
-                    pod_ip: ip,
-                    container_port: p.container_port,
-                })
-                .collect(),
+            host_ports: host_ports(ports, ip, ip6.map(|(a, _, _)| a)),
+            ip6,
         };
         let r: Result<(), NetError> = async {
             netlink::loopback_up(pod_handle)
@@ -352,7 +409,7 @@ impl Network {
             netlink::create_veth(&self.host, &veth, bridge, netns, self.cfg.mtu)
                 .await
                 .map_err(NetError::Link)?;
-            netlink::configure_pod_eth0(pod_handle, ip, subnet.prefix_len(), subnet.gateway())
+            netlink::configure_pod_eth0(pod_handle, ip, subnet.prefix_len(), subnet.gateway(), ip6)
                 .await
                 .map_err(NetError::Link)?;
             if !net.host_ports.is_empty() {
@@ -368,7 +425,7 @@ impl Network {
         if let Err(e) = r {
             // Undo in reverse; hostPorts were all-or-nothing and are not there.
             let _ = netlink::delete_link(&self.host, &veth).await;
-            self.ipam.release(ip, pod_id);
+            self.ipam.release_owner(pod_id);
             return Err(e);
         }
         Ok(net)
@@ -433,6 +490,27 @@ impl Network {
             tracing::warn!(pod = pod_id, error = %e, "deleting the pod's veth");
         }
         self.ipam.release_owner(pod_id);
+    }
+
+    /// Gives new pods IPv6 addresses from `cidr` (the IPv6 half of kubelet's dual-stack pod
+    /// CIDR); the bridge serves it from now on. In CNI mode it is offered as a second range.
+    pub async fn set_pod_cidr6(&self, cidr: Ipv6Cidr, ports: &[HostPort]) {
+        if let Some(c) = &self.cni {
+            c.set_pod_cidr6(cidr.to_string());
+            return;
+        }
+        {
+            let mut st = self.state.write().expect("network state poisoned");
+            if st.subnet6 == Some(cidr) {
+                return;
+            }
+            st.subnet6 = Some(cidr);
+        }
+        if self.setup_bridge().await.is_ok()
+            && let Err(e) = self.sync_table(ports).await
+        {
+            tracing::warn!(error = %e, "updating nftables for the new IPv6 pod CIDR");
+        }
     }
 
     /// After a restart: releases addresses and deletes veths of pods that are not `live`; in

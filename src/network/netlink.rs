@@ -1,7 +1,7 @@
 //! rtnetlink operations of the pod network: the bridge, veth pairs created with their pod end
 //! already inside the pod's namespace and named `eth0`, addresses and routes.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use futures::TryStreamExt;
@@ -82,12 +82,13 @@ pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkFacts>, N
     }
 }
 
-/// Makes sure the bridge exists, is up and holds `gateways` (address/prefix each). A link of the
-/// same name that is not a bridge is an error: berth never repurposes someone else's link.
+/// Makes sure the bridge exists, is up and holds `gateways` (address/prefix each; IPv6 ones
+/// without duplicate address detection, so they serve at once). A link of the same name that
+/// is not a bridge is an error: berth never repurposes someone else's link.
 pub async fn ensure_bridge(
     h: &Handle,
     name: &str,
-    gateways: &[(Ipv4Addr, u8)],
+    gateways: &[(IpAddr, u8)],
     mtu: u32,
 ) -> Result<u32, NetlinkError> {
     let index = match link_by_name(h, name).await? {
@@ -146,13 +147,8 @@ pub async fn ensure_bridge(
         .await
         .map_err(nl_err(format!("listing addresses of {name}")))?;
     for (gw, prefix) in gateways {
-        if !existing.contains(&(IpAddr::V4(*gw), *prefix)) {
-            match h
-                .address()
-                .add(index, IpAddr::V4(*gw), *prefix)
-                .execute()
-                .await
-            {
+        if !existing.contains(&(*gw, *prefix)) {
+            match add_address(h, index, *gw, *prefix).await {
                 Ok(()) => {}
                 Err(rtnetlink::Error::NetlinkError(m)) if -m.raw_code() == libc::EEXIST => {}
                 Err(e) => return Err(nl_err(format!("adding {gw}/{prefix} to {name}"))(e)),
@@ -243,12 +239,29 @@ pub async fn loopback_up(h: &Handle) -> Result<(), NetlinkError> {
         .map_err(nl_err("setting lo up"))
 }
 
-/// Inside the pod: `eth0` gets `ip/prefix`, goes up, and the default route points at `gateway`.
+/// Adds `ip/prefix` to link `index`; an IPv6 address without duplicate address detection (the
+/// subnet's addresses are handed out by berth alone), so it serves at once.
+async fn add_address(
+    h: &Handle,
+    index: u32,
+    ip: IpAddr,
+    prefix: u8,
+) -> Result<(), rtnetlink::Error> {
+    let mut req = h.address().add(index, ip, prefix);
+    if ip.is_ipv6() {
+        req.message_mut().header.flags |= netlink_packet_route::address::AddressHeaderFlags::Nodad;
+    }
+    req.execute().await
+}
+
+/// Inside the pod: `eth0` gets `ip/prefix` (and `ip6` on a dual-stack node), goes up, and the
+/// default routes point at the gateways.
 pub async fn configure_pod_eth0(
     h: &Handle,
     ip: Ipv4Addr,
     prefix: u8,
     gateway: Ipv4Addr,
+    ip6: Option<(Ipv6Addr, u8, Ipv6Addr)>,
 ) -> Result<(), NetlinkError> {
     let eth0 = link_by_name(h, "eth0").await?.ok_or_else(|| NetlinkError {
         what: "configuring eth0".into(),
@@ -273,5 +286,20 @@ pub async fn configure_pod_eth0(
         )
         .execute()
         .await
-        .map_err(nl_err(format!("adding the default route via {gateway}")))
+        .map_err(nl_err(format!("adding the default route via {gateway}")))?;
+    if let Some((ip6, prefix6, gateway6)) = ip6 {
+        add_address(h, eth0.index, IpAddr::V6(ip6), prefix6)
+            .await
+            .map_err(nl_err(format!("adding {ip6}/{prefix6} to eth0")))?;
+        h.route()
+            .add(
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(gateway6)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding the default route via {gateway6}")))?;
+    }
+    Ok(())
 }

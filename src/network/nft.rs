@@ -1,14 +1,15 @@
 //! berth's nftables table: hostPort DNAT (from outside, from the node, from 127.0.0.1) and pod
-//! masquerade. Everything lives in one table of family `ip`; per-pod hostPorts are elements of
-//! two maps, so adding or removing a pod's ports never rewrites rules. Changes go through
+//! masquerade. Everything lives in one table of family `ip` (and, on a dual-stack node, one of
+//! family `ip6` beside it); per-pod hostPorts are elements of two maps, so adding or removing a
+//! pod's ports never rewrites rules. Changes go through
 //! `nft -f -`, whose input is one atomic transaction.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 
-use super::cidr::Ipv4Cidr;
+use super::cidr::{Ipv4Cidr, Ipv6Cidr};
 
 /// A transport protocol of a port mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -44,17 +45,22 @@ impl std::fmt::Display for Proto {
 pub struct HostPort {
     /// The protocol.
     pub proto: Proto,
-    /// Only traffic to this node address, if given.
-    pub host_ip: Option<Ipv4Addr>,
+    /// Only traffic to this node address, if given (of the pod address's family).
+    pub host_ip: Option<IpAddr>,
     /// The node's port.
     pub host_port: u16,
-    /// The pod's address.
-    pub pod_ip: Ipv4Addr,
+    /// The pod's address (IPv4, or IPv6 on a dual-stack node).
+    pub pod_ip: IpAddr,
     /// The pod's port.
     pub container_port: u16,
 }
 
 impl HostPort {
+    /// The table family its elements live in.
+    fn family(&self) -> &'static str {
+        if self.pod_ip.is_ipv4() { "ip" } else { "ip6" }
+    }
+
     fn key(&self) -> String {
         match self.host_ip {
             Some(ip) => format!("{ip} . {} . {}", self.proto, self.host_port),
@@ -73,6 +79,37 @@ impl HostPort {
     fn element(&self) -> String {
         format!("{} : {} . {}", self.key(), self.pod_ip, self.container_port)
     }
+}
+
+/// A NAT table of `family` (`ip`, `ip6`) named `t`: hostPort DNAT from prerouting and output
+/// for local destinations through two maps, and `post` as its postrouting rules.
+fn table(family: &str, addr: &str, t: &str, post: &str) -> String {
+    format!(
+        "table {family} {t} {{\n\
+         \x20 map hostports {{ type inet_proto . inet_service : {addr} . inet_service; }}\n\
+         \x20 map hostip_ports {{ type {addr} . inet_proto . inet_service : {addr} . inet_service; }}\n\
+         \x20 chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; fib daddr type local jump hostports; }}\n\
+         \x20 chain output {{ type nat hook output priority -100; policy accept; fib daddr type local jump hostports; }}\n\
+         \x20 chain hostports {{\n\
+         \x20   meta l4proto {{ tcp, udp, sctp }} dnat {family} to {family} daddr . meta l4proto . th dport map @hostip_ports\n\
+         \x20   meta l4proto {{ tcp, udp, sctp }} dnat {family} to meta l4proto . th dport map @hostports\n\
+         \x20 }}\n\
+         \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n\
+         }}\n"
+    )
+}
+
+/// Postrouting rules for pods of subnet `s`: hairpin (a pod reaching itself or a neighbour
+/// through a hostPort), and with `masquerade` their traffic leaving the subnet.
+fn pod_postrouting(family: &str, s: &str, bridge: &str, masquerade: bool) -> String {
+    let mut post =
+        format!("    {family} saddr {s} oifname \"{bridge}\" ct status dnat masquerade\n");
+    if masquerade {
+        post.push_str(&format!(
+            "    {family} saddr {s} {family} daddr != {s} oifname != \"{bridge}\" masquerade\n"
+        ));
+    }
+    post
 }
 
 /// A failed nft transaction.
@@ -138,44 +175,36 @@ impl Nft {
     }
 
     /// Replaces the whole table atomically: base chains for `bridge` and `subnets`, plus every
-    /// hostPort in `ports` (what the pods that exist hold).
+    /// hostPort in `ports` (what the pods that exist hold); on a dual-stack node (`subnet6`)
+    /// the `ip6` table of the same name likewise, else that table is removed.
     pub async fn sync(
         &self,
         bridge: &str,
         subnets: &[Ipv4Cidr],
+        subnet6: Option<Ipv6Cidr>,
         masquerade: bool,
         ports: &[HostPort],
     ) -> Result<(), NftError> {
         let t = &self.table;
+        // Loopback-sourced traffic DNATed to a pod (127.0.0.1:hostPort) needs a real source.
         let mut post = format!("    ip saddr 127.0.0.0/8 oifname \"{bridge}\" masquerade\n");
         for s in subnets {
-            // Hairpin: a pod reaching itself or a neighbour through a hostPort.
-            post.push_str(&format!(
-                "    ip saddr {s} oifname \"{bridge}\" ct status dnat masquerade\n"
-            ));
-            if masquerade {
-                post.push_str(&format!(
-                    "    ip saddr {s} ip daddr != {s} oifname != \"{bridge}\" masquerade\n"
-                ));
-            }
+            post.push_str(&pod_postrouting("ip", &s.to_string(), bridge, masquerade));
         }
-        let mut script = format!(
-            "table ip {t} {{}}\ndelete table ip {t}\n\
-             table ip {t} {{\n\
-             \x20 map hostports {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
-             \x20 map hostip_ports {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
-             \x20 chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; fib daddr type local jump hostports; }}\n\
-             \x20 chain output {{ type nat hook output priority -100; policy accept; fib daddr type local jump hostports; }}\n\
-             \x20 chain hostports {{\n\
-             \x20   meta l4proto {{ tcp, udp, sctp }} dnat ip to ip daddr . meta l4proto . th dport map @hostip_ports\n\
-             \x20   meta l4proto {{ tcp, udp, sctp }} dnat ip to meta l4proto . th dport map @hostports\n\
-             \x20 }}\n\
-             \x20 chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n\
-             }}\n"
-        );
+        let mut script = format!("table ip {t} {{}}\ndelete table ip {t}\n");
+        script.push_str(&table("ip", "ipv4_addr", t, &post));
+        script.push_str(&format!("table ip6 {t} {{}}\ndelete table ip6 {t}\n"));
+        if let Some(s) = subnet6 {
+            let post = pod_postrouting("ip6", &s.to_string(), bridge, masquerade);
+            script.push_str(&table("ip6", "ipv6_addr", t, &post));
+        }
         for p in ports {
+            if p.pod_ip.is_ipv6() && subnet6.is_none() {
+                continue;
+            }
             script.push_str(&format!(
-                "add element ip {t} {} {{ {} }}\n",
+                "add element {} {t} {} {{ {} }}\n",
+                p.family(),
                 p.map(),
                 p.element()
             ));
@@ -191,7 +220,14 @@ impl Nft {
         let t = &self.table;
         let script: String = ports
             .iter()
-            .map(|p| format!("create element ip {t} {} {{ {} }}\n", p.map(), p.element()))
+            .map(|p| {
+                format!(
+                    "create element {} {t} {} {{ {} }}\n",
+                    p.family(),
+                    p.map(),
+                    p.element()
+                )
+            })
             .collect();
         self.run("adding hostPorts", script).await
     }
@@ -204,7 +240,14 @@ impl Nft {
         let t = &self.table;
         let script: String = ports
             .iter()
-            .map(|p| format!("delete element ip {t} {} {{ {} }}\n", p.map(), p.key()))
+            .map(|p| {
+                format!(
+                    "delete element {} {t} {} {{ {} }}\n",
+                    p.family(),
+                    p.map(),
+                    p.key()
+                )
+            })
             .collect();
         if self.run("removing hostPorts", script).await.is_ok() {
             return;
@@ -214,7 +257,12 @@ impl Nft {
             let _ = self
                 .run(
                     "removing a hostPort",
-                    format!("delete element ip {t} {} {{ {} }}\n", p.map(), p.key()),
+                    format!(
+                        "delete element {} {t} {} {{ {} }}\n",
+                        p.family(),
+                        p.map(),
+                        p.key()
+                    ),
                 )
                 .await;
         }

@@ -200,7 +200,9 @@ impl PodRecord {
     /// Every address of the pod, the first IPv4 first (what PodSandboxStatus reports).
     pub fn ips(&self) -> Vec<std::net::IpAddr> {
         match (&self.net, &self.cni) {
-            (Some(n), _) => vec![n.ip.into()],
+            (Some(n), _) => std::iter::once(n.ip.into())
+                .chain(n.ip6.map(|(a, _, _)| a.into()))
+                .collect(),
             (None, Some(c)) => c.ips.clone(),
             (None, None) => Vec::new(),
         }
@@ -388,14 +390,22 @@ impl Sandboxes {
 
     /// Applies kubelet's pod CIDR to the network.
     pub async fn set_pod_cidr(&self, cidr: crate::network::cidr::Ipv4Cidr) {
-        let ports: Vec<crate::network::nft::HostPort> = self
-            .pods
+        self.network.set_pod_cidr(cidr, &self.host_ports()).await;
+    }
+
+    /// The hostPorts every pod holds.
+    fn host_ports(&self) -> Vec<crate::network::nft::HostPort> {
+        self.pods
             .read()
             .expect("pods poisoned")
             .values()
             .filter_map(|p| p.record().net)
             .flat_map(|n| n.host_ports)
-            .collect();
-        self.network.set_pod_cidr(cidr, &ports).await;
+            .collect()
+    }
+
+    /// Applies the IPv6 half of a dual-stack pod CIDR to the network.
+    pub async fn set_pod_cidr6(&self, cidr: crate::network::cidr::Ipv6Cidr) {
+        self.network.set_pod_cidr6(cidr, &self.host_ports()).await;
     }
 }

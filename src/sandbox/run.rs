@@ -260,6 +260,7 @@ impl Sandboxes {
                     "{e} (a host port of this pod is already mapped to another pod)"
                 )),
                 NetError::Bridge(_) => Error::Unavailable(e.to_string()),
+                NetError::Invalid(_) => Error::InvalidArgument(e.to_string()),
                 _ => Error::Internal(e.to_string()),
             })
     }

@@ -59,7 +59,7 @@ pub struct PortMapping {
     /// `tcp`, `udp` or `sctp`.
     pub protocol: &'static str,
     /// Only this node address, if given.
-    pub host_ip: Option<std::net::Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
 }
 
 /// A pod's CNI network, recorded with the pod.
@@ -102,6 +102,7 @@ pub struct Cni {
     loaded: Arc<RwLock<Result<Loaded, String>>>,
     watcher: tokio::task::JoinHandle<()>,
     pod_cidr: RwLock<Option<String>>,
+    pod_cidr6: RwLock<Option<String>>,
 }
 
 impl Drop for Cni {
@@ -145,6 +146,7 @@ impl Cni {
             loaded,
             watcher,
             pod_cidr: RwLock::new(None),
+            pod_cidr6: RwLock::new(None),
         })
     }
 
@@ -167,6 +169,11 @@ impl Cni {
     /// The pod CIDR kubelet gave (capability `ipRanges` from now on).
     pub fn set_pod_cidr(&self, cidr: String) {
         *self.pod_cidr.write().expect("pod CIDR poisoned") = Some(cidr);
+    }
+
+    /// The IPv6 half of a dual-stack pod CIDR (a second `ipRanges` range).
+    pub fn set_pod_cidr6(&self, cidr: String) {
+        *self.pod_cidr6.write().expect("pod CIDR poisoned") = Some(cidr);
     }
 
     /// ADD: the pod attached through every plugin of the network, recorded (configuration
@@ -389,8 +396,13 @@ impl Cni {
         if let Some(bw) = bandwidth(&p.annotations)? {
             caps.insert("bandwidth".into(), bw);
         }
-        if let Some(cidr) = self.pod_cidr.read().expect("pod CIDR poisoned").clone() {
-            caps.insert("ipRanges".into(), json!([[{"subnet": cidr}]]));
+        let ranges: Vec<Value> = [&self.pod_cidr, &self.pod_cidr6]
+            .into_iter()
+            .filter_map(|c| c.read().expect("pod CIDR poisoned").clone())
+            .map(|cidr| json!([{"subnet": cidr}]))
+            .collect();
+        if !ranges.is_empty() {
+            caps.insert("ipRanges".into(), Value::Array(ranges));
         }
         if let Some((servers, searches, options)) = &p.dns {
             caps.insert(
