@@ -403,6 +403,52 @@ async fn a_cni_1_1_network_is_garbage_collected_with_the_live_attachments() {
     w.remove_pod(&pod.0).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cni_1_1_plugin_that_reports_not_ready_keeps_network_ready_false() {
+    let cni = Cni::new();
+    let marker = cni.dir.path().join("fabric-down");
+    std::fs::write(&marker, "").unwrap();
+    cni.script(
+        "statuser",
+        &format!(
+            "import json, os, sys\nsys.stdin.read()\n\
+             if os.environ['CNI_COMMAND'] == 'STATUS' and os.path.exists({:?}):\n\
+             \x20   print(json.dumps({{'code': 50, 'msg': 'plugin not available', 'details': 'the fabric is down'}}))\n\
+             \x20   sys.exit(1)\n",
+            marker.display().to_string()
+        ),
+    );
+    let conf = serde_json::json!({"cniVersion": "1.1.0", "name": "statusnet",
+                                  "plugins": [{"type": "statuser"}]});
+    std::fs::write(cni.conf_dir().join("10-s.conflist"), conf.to_string()).unwrap();
+    let mut w = world(&cni).await;
+    let mut last = None;
+    for _ in 0..60 {
+        let c = network_ready(&mut w).await;
+        if !c.status && c.message.contains("the fabric is down") {
+            last = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = last.expect("NetworkReady never reported the plugin's STATUS");
+    assert_eq!(c.reason, "NetworkPluginNotReady");
+    assert!(c.message.contains("statuser"), "{c:?}");
+    std::fs::remove_file(&marker).unwrap();
+    let mut ready = false;
+    for _ in 0..60 {
+        if network_ready(&mut w).await.status {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready,
+        "NetworkReady did not turn true once STATUS succeeded"
+    );
+}
+
 /// Where the plugins live must exist for these tests to mean anything.
 #[test]
 fn the_debian_plugins_are_installed() {

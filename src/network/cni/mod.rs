@@ -27,6 +27,8 @@ pub use exec::PluginError;
 
 /// The interface the plugins make in the pod.
 const IFNAME: &str = "eth0";
+/// How often a CNI 1.1 network's plugins are asked for their STATUS.
+const STATUS_EVERY: Duration = Duration::from_secs(2);
 
 /// What a pod brings to its attachment.
 #[derive(Debug, Clone, Default)]
@@ -101,6 +103,9 @@ pub struct Cni {
     cache: Cache,
     loaded: Arc<RwLock<Result<Loaded, String>>>,
     watcher: tokio::task::JoinHandle<()>,
+    /// What the last STATUS round said (`None`: ready, or a network without STATUS).
+    status: Arc<RwLock<Option<String>>>,
+    status_task: tokio::task::JoinHandle<()>,
     pod_cidr: RwLock<Option<String>>,
     pod_cidr6: RwLock<Option<String>>,
 }
@@ -108,6 +113,7 @@ pub struct Cni {
 impl Drop for Cni {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.status_task.abort();
     }
 }
 
@@ -139,9 +145,18 @@ impl Cni {
             }
             *cur = now;
         });
+        let status = Arc::new(RwLock::new(None));
+        let status_task = tokio::spawn(ask_status(
+            loaded.clone(),
+            status.clone(),
+            bin_dirs.to_vec(),
+            timeout,
+        ));
         Ok(Cni {
             bin_dirs: bin_dirs.to_vec(),
             timeout,
+            status,
+            status_task,
             cache,
             loaded,
             watcher,
@@ -158,12 +173,16 @@ impl Cni {
             .map_err(CniError::NotReady)
     }
 
-    /// `None` when a network configuration is loaded, else why not.
+    /// `None` when a network configuration is loaded (and, for CNI 1.1, its plugins' last
+    /// STATUS succeeded), else why not.
     pub fn not_ready(&self) -> Option<String> {
-        self.current().err().map(|e| match e {
-            CniError::NotReady(m) => m,
-            e => e.to_string(),
-        })
+        if let Err(e) = self.current() {
+            return Some(match e {
+                CniError::NotReady(m) => m,
+                e => e.to_string(),
+            });
+        }
+        self.status.read().expect("CNI status poisoned").clone()
     }
 
     /// The pod CIDR kubelet gave (capability `ipRanges` from now on).
@@ -411,6 +430,40 @@ impl Cni {
             );
         }
         Ok(Value::Object(caps))
+    }
+}
+
+/// Asks the plugins of a CNI 1.1 network for their STATUS every `STATUS_EVERY`, recording the
+/// first failure (a plugin that cannot serve ADD yet: NetworkReady is false until it can).
+async fn ask_status(
+    loaded: Arc<RwLock<Result<Loaded, String>>>,
+    status: Arc<RwLock<Option<String>>>,
+    bin_dirs: Vec<PathBuf>,
+    timeout: Duration,
+) {
+    loop {
+        let l = loaded.read().expect("CNI configuration poisoned").clone();
+        let mut said = None;
+        if let Some(l) = l.ok().filter(|l| l.version.allows(Cmd::Status).is_ok()) {
+            let inv = exec::Invocation {
+                command: "STATUS",
+                container_id: "",
+                netns: None,
+                ifname: IFNAME,
+                args: "",
+            };
+            for plugin in l.plugins() {
+                let conf = plugin_conf(&l, &plugin, None, &json!({}));
+                if let Err(e) =
+                    exec::run(&bin_dirs, &plugin_type(&plugin), &inv, &conf, timeout).await
+                {
+                    said = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        *status.write().expect("CNI status poisoned") = said;
+        tokio::time::sleep(STATUS_EVERY).await;
     }
 }
 
