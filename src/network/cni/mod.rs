@@ -1,10 +1,11 @@
 //! CNI mode: pods connected by the cluster's CNI plugins instead of the built-in bridge.
 //! `conf` picks the network configuration (the first file of the configuration directory,
-//! which `watch` follows), `exec` runs one plugin, `cache` keeps what each pod was attached
-//! with. Here: ADD through the list's plugins in order (each given the previous one's result),
+//! which `watch` follows), `exec` runs one plugin, `args` builds what it is given and reads what
+//! it answers, `cache` keeps what each pod was attached with. Here: ADD through the list's plugins in order (each given the previous one's result),
 //! DEL in reverse order from the cache, CHECK, and, for lists of CNI 1.1, GC and STATUS.
 //! Loopback in the pod is berth's own; host-network pods never come here.
 
+mod args;
 mod cache;
 mod conf;
 mod exec;
@@ -16,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rscni_types::types::{CNIResult, Cmd};
+use args::{addresses, bandwidth, cni_args, plugin_conf, plugin_type};
+use rscni_types::types::Cmd;
 use rscni_types::version::SpecVersion;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -204,7 +206,7 @@ impl Cni {
             pod_id: p.pod_id.clone(),
             netns: p.netns.clone(),
             ifname: IFNAME.into(),
-            args: cni_args(p)?,
+            args: cni_args(&p.namespace, &p.name, &p.pod_id, &p.uid).map_err(CniError::Invalid)?,
             capability_args: self.capability_args(p)?,
             config_file: l.file.clone(),
             config: l.raw.clone(),
@@ -213,7 +215,12 @@ impl Cni {
         self.cache.put(&entry)?;
         let added = async {
             let result = self.add_chain(&l, &entry).await?;
-            let net = addresses(&l.name, &result)?;
+            let net = CniNet {
+                ips: addresses(&result).map_err(|message| CniError::Result {
+                    network: l.name.clone(),
+                    message,
+                })?,
+            };
             entry.result = Some(result);
             self.cache.put(&entry)?;
             Ok::<_, CniError>(net)
@@ -412,7 +419,7 @@ impl Cni {
             })
             .collect();
         caps.insert("portMappings".into(), Value::Array(ports));
-        if let Some(bw) = bandwidth(&p.annotations)? {
+        if let Some(bw) = bandwidth(&p.annotations).map_err(CniError::Invalid)? {
             caps.insert("bandwidth".into(), bw);
         }
         let ranges: Vec<Value> = [&self.pod_cidr, &self.pod_cidr6]
@@ -464,218 +471,5 @@ async fn ask_status(
         }
         *status.write().expect("CNI status poisoned") = said;
         tokio::time::sleep(STATUS_EVERY).await;
-    }
-}
-
-/// A plugin's `type`.
-fn plugin_type(plugin: &Value) -> String {
-    plugin["type"].as_str().unwrap_or_default().to_string()
-}
-
-/// What a plugin reads on stdin: its own configuration with the list's name and version,
-/// the previous result, and the capability arguments it declared (`runtimeConfig`).
-fn plugin_conf(l: &Loaded, plugin: &Value, prev: Option<&Value>, caps: &Value) -> Value {
-    let mut conf = plugin.clone();
-    conf["name"] = json!(l.name);
-    conf["cniVersion"] = json!(l.version_string());
-    if let Some(prev) = prev {
-        conf["prevResult"] = prev.clone();
-    }
-    let mut runtime = serde_json::Map::new();
-    if let Some(declared) = plugin["capabilities"].as_object() {
-        for (cap, on) in declared {
-            if on == &json!(true)
-                && let Some(v) = caps.get(cap)
-            {
-                runtime.insert(cap.clone(), v.clone());
-            }
-        }
-    }
-    if !runtime.is_empty() {
-        conf["runtimeConfig"] = Value::Object(runtime);
-    }
-    conf
-}
-
-/// `CNI_ARGS` as Kubernetes runtimes pass them.
-fn cni_args(p: &PodAttach) -> Result<String, CniError> {
-    let pairs = [
-        ("K8S_POD_NAMESPACE", &p.namespace),
-        ("K8S_POD_NAME", &p.name),
-        ("K8S_POD_INFRA_CONTAINER_ID", &p.pod_id),
-        ("K8S_POD_UID", &p.uid),
-    ];
-    let mut out = String::from("IgnoreUnknown=1");
-    for (k, v) in pairs {
-        if v.contains([';', '=']) || v.chars().any(char::is_control) {
-            return Err(CniError::Invalid(format!(
-                "{k} {v:?} cannot be passed to CNI plugins (';', '=' or a control character)"
-            )));
-        }
-        out.push_str(&format!(";{k}={v}"));
-    }
-    Ok(out)
-}
-
-/// The pod's addresses from a final result, the first IPv4 first.
-fn addresses(network: &str, result: &Value) -> Result<CniNet, CniError> {
-    let r: CNIResult = serde_json::from_value(result.clone()).map_err(|e| CniError::Result {
-        network: network.into(),
-        message: format!("the final result cannot be read: {e}"),
-    })?;
-    let mut ips: Vec<IpAddr> = r.ips.iter().map(|i| i.address.addr()).collect();
-    if ips.is_empty() {
-        return Err(CniError::Result {
-            network: network.into(),
-            message: "the final result gives the pod no IP address".into(),
-        });
-    }
-    if let Some(i) = ips.iter().position(IpAddr::is_ipv4) {
-        let v4 = ips.remove(i);
-        ips.insert(0, v4);
-    }
-    Ok(CniNet { ips })
-}
-
-/// The `bandwidth` capability from the pod's annotations, in bits per second.
-fn bandwidth(annotations: &BTreeMap<String, String>) -> Result<Option<Value>, CniError> {
-    // No burst is asked for by Kubernetes: the largest the plugin takes, as other runtimes.
-    const BURST: u64 = i32::MAX as u64;
-    let mut bw = serde_json::Map::new();
-    for (key, rate, burst) in [
-        (
-            "kubernetes.io/ingress-bandwidth",
-            "ingressRate",
-            "ingressBurst",
-        ),
-        (
-            "kubernetes.io/egress-bandwidth",
-            "egressRate",
-            "egressBurst",
-        ),
-    ] {
-        if let Some(q) = annotations.get(key) {
-            let bits = quantity(q).ok_or_else(|| {
-                CniError::Invalid(format!(
-                    "annotation {key} {q:?} is not a quantity (for example 10M)"
-                ))
-            })?;
-            bw.insert(rate.into(), json!(bits));
-            bw.insert(burst.into(), json!(BURST));
-        }
-    }
-    Ok((!bw.is_empty()).then_some(Value::Object(bw)))
-}
-
-/// A Kubernetes quantity (`10M`, `1Gi`, `500k`, `1e6`) as a whole number.
-fn quantity(q: &str) -> Option<u64> {
-    let q = q.trim();
-    let split = q
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let factor: f64 = match suffix {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0f64.powi(2),
-        "Gi" => 1024.0f64.powi(3),
-        "Ti" => 1024.0f64.powi(4),
-        "Pi" => 1024.0f64.powi(5),
-        "Ei" => 1024.0f64.powi(6),
-        _ => return None,
-    };
-    let n: f64 = num.parse().ok()?;
-    let v = n * factor;
-    (v.is_finite() && v >= 1.0 && v < u64::MAX as f64).then_some(v as u64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantities_args_and_capabilities() {
-        assert_eq!(quantity("10M"), Some(10_000_000));
-        assert_eq!(quantity("1Gi"), Some(1 << 30));
-        assert_eq!(quantity("1.5k"), Some(1500));
-        assert_eq!(quantity("1e6"), Some(1_000_000));
-        assert_eq!(quantity("10 lots"), None);
-        assert_eq!(quantity("-1M"), None);
-        let mut a = BTreeMap::new();
-        a.insert(
-            "kubernetes.io/ingress-bandwidth".to_string(),
-            "1M".to_string(),
-        );
-        let bw = bandwidth(&a).unwrap().unwrap();
-        assert_eq!(bw["ingressRate"], 1_000_000);
-        assert!(bw.get("egressRate").is_none());
-        a.insert(
-            "kubernetes.io/egress-bandwidth".to_string(),
-            "fast".to_string(),
-        );
-        assert!(
-            bandwidth(&a)
-                .unwrap_err()
-                .to_string()
-                .contains("egress-bandwidth")
-        );
-
-        let p = PodAttach {
-            pod_id: "abc".into(),
-            name: "web".into(),
-            namespace: "default".into(),
-            uid: "u-1".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            cni_args(&p).unwrap(),
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1"
-        );
-        let bad = PodAttach {
-            name: "a;b=c".into(),
-            ..p.clone()
-        };
-        assert!(cni_args(&bad).is_err());
-
-        let l = Loaded::from_cached(
-            Path::new("/x.conflist"),
-            json!({"cniVersion": "1.0.0", "name": "net", "plugins": [
-                {"type": "bridge"},
-                {"type": "portmap", "capabilities": {"portMappings": true, "bandwidth": false}}]}),
-        )
-        .unwrap();
-        let caps = json!({"portMappings": [{"hostPort": 80}], "bandwidth": {"ingressRate": 1}});
-        let plugins = l.plugins();
-        let first = plugin_conf(&l, &plugins[0], None, &caps);
-        assert_eq!(first["name"], "net");
-        assert!(first.get("runtimeConfig").is_none() && first.get("prevResult").is_none());
-        let prev = json!({"ips": [{"address": "10.1.0.5/24"}]});
-        let second = plugin_conf(&l, &plugins[1], Some(&prev), &caps);
-        assert_eq!(second["prevResult"], prev);
-        assert_eq!(
-            second["runtimeConfig"],
-            json!({"portMappings": [{"hostPort": 80}]})
-        );
-    }
-
-    #[test]
-    fn the_first_ipv4_address_leads() {
-        let r = json!({"cniVersion": "1.0.0", "ips": [
-            {"address": "fd00::5/64"}, {"address": "10.1.0.5/24", "gateway": "10.1.0.1"}]});
-        let n = addresses("net", &r).unwrap();
-        assert_eq!(
-            n.ips,
-            vec![
-                "10.1.0.5".parse::<IpAddr>().unwrap(),
-                "fd00::5".parse().unwrap()
-            ]
-        );
-        assert!(addresses("net", &json!({"cniVersion": "1.0.0"})).is_err());
     }
 }
