@@ -1,8 +1,9 @@
 //! CNI mode: pods connected by the cluster's CNI plugins instead of the built-in bridge.
 //! `conf` picks the network configuration (the first file of the configuration directory,
-//! which `watch` follows), `exec` runs one plugin, `args` builds what it is given and reads what
-//! it answers, `cache` keeps what each pod was attached with. Here: ADD through the list's plugins in order (each given the previous one's result),
-//! DEL in reverse order from the cache, CHECK, and, for lists of CNI 1.1, GC and STATUS.
+//! which `watch` follows), `exec` runs one plugin, `args` builds what it is given and reads
+//! what it answers, `cache` keeps what each pod was attached with. Here: ADD through the
+//! list's plugins in order (each given the previous one's result), DEL in reverse order from
+//! the cache, CHECK, and, for lists of CNI 1.1, GC and STATUS.
 //! Loopback in the pod is berth's own; host-network pods never come here.
 
 mod args;
