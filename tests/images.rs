@@ -953,3 +953,28 @@ async fn bearer_token_flows_anonymous_basic_identity_and_registry_token() {
     };
     pull_auth(&mut c, &name, Some(rt)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_ca_certificates_fails_the_pull_and_berthd_lives_on() {
+    // An empty trust store (as on a node without the ca-certificates package): the registry
+    // client cannot be built. Found in the cgroup v2 guest, where berthd's worker panicked.
+    let env = Env::with(Options {
+        env: vec![
+            ("SSL_CERT_FILE".into(), "/dev/null".into()),
+            ("SSL_CERT_DIR".into(), "".into()),
+        ],
+        ..Default::default()
+    });
+    let mut c = env.berthd.images().await;
+    let err = pull(&mut c, "registry.k8s.io/e2e-test-images/busybox:1.29-2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().contains("CA certificates"),
+        "{}",
+        err.message()
+    );
+    // The daemon still answers.
+    assert!(list(&mut c).await.is_empty());
+}

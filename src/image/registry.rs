@@ -206,22 +206,35 @@ impl Registry {
         )
     }
 
-    fn client(&self, ep: &Endpoint, creds: &Credentials) -> oci_client::Client {
+    /// The registry client for `ep` with `creds`, made once. Built with `try_from`: oci-client's
+    /// `new` falls back to a default client that panics when the node has no CA certificates.
+    fn client(
+        &self,
+        ep: &Endpoint,
+        creds: &Credentials,
+    ) -> Result<oci_client::Client, RegistryError> {
         let mut clients = self.clients.lock().expect("registry clients lock poisoned");
-        clients
-            .entry((ep.clone(), creds.clone()))
-            .or_insert_with(|| {
-                oci_client::Client::new(ClientConfig {
-                    protocol: if ep.plain_http {
-                        ClientProtocol::Http
-                    } else {
-                        ClientProtocol::Https
-                    },
-                    connect_timeout: Some(CONNECT_TIMEOUT),
-                    ..Default::default()
-                })
-            })
-            .clone()
+        if let Some(c) = clients.get(&(ep.clone(), creds.clone())) {
+            return Ok(c.clone());
+        }
+        let client = oci_client::Client::try_from(ClientConfig {
+            protocol: if ep.plain_http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            ..Default::default()
+        })
+        .map_err(|e| RegistryError::Unreachable {
+            endpoint: ep.to_string(),
+            message: format!(
+                "building the registry client (are the node's CA certificates installed?): {}",
+                error_chain(&e)
+            ),
+        })?;
+        clients.insert((ep.clone(), creds.clone()), client.clone());
+        Ok(client)
     }
 
     /// The oci-client auth for `creds`; an identity token is exchanged for a bearer token first.
@@ -322,7 +335,7 @@ impl Registry {
         let what = format!("manifest {repo}:{reference}").replace(":sha256:", "@sha256:");
         let r = oci_reference(ep, repo, reference);
         let auth = self.auth(ep, repo, creds).await?;
-        self.client(ep, creds)
+        self.client(ep, creds)?
             .pull_manifest_raw(&r, &auth, &MANIFEST_MEDIA_TYPES)
             .await
             .map_err(|e| classify(e, ep, &what))
@@ -342,7 +355,7 @@ impl Registry {
         let what = format!("blob {digest} of {repo}");
         let r = oci_reference(ep, repo, digest);
         let auth = self.auth(ep, repo, creds).await?;
-        let client = self.client(ep, creds);
+        let client = self.client(ep, creds)?;
         client
             .store_auth_if_needed(r.resolve_registry(), &auth)
             .await;
