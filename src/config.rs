@@ -64,8 +64,12 @@ pub struct Config {
     /// A pod or container whose creating call's client gave up before the answer is kept this
     /// long for a retry of the call to claim, then removed.
     pub unclaimed_timeout_seconds: u64,
-    /// The cgroup (cgroupfs path) under which pods without a cgroup parent from kubelet go.
+    /// The cgroup (cgroupfs path) under which pods without a cgroup parent from kubelet go;
+    /// with the systemd driver a slice (the default `/berth` is then `berth.slice`).
     pub cgroup_parent: String,
+    /// Who makes cgroups: berth (`cgroupfs`) or systemd over D-Bus (`systemd`). kubelet's
+    /// `cgroupDriver` must be the same; it asks RuntimeConfig.
+    pub cgroup_driver: crate::cgroup::Driver,
     /// Remount the cgroup2 hierarchy with `favordynmods` at start (see the default file).
     pub cgroup_favor_dynmods: bool,
     /// Per-registry-host settings; the key `*` applies to every host.
@@ -82,6 +86,18 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
+impl Config {
+    /// The cgroup parent of pods kubelet gives none, for the configured driver.
+    pub fn pod_cgroup_parent(&self) -> String {
+        match self.cgroup_driver {
+            crate::cgroup::Driver::Systemd if self.cgroup_parent == "/berth" => {
+                "berth.slice".into()
+            }
+            _ => self.cgroup_parent.clone(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -92,6 +108,7 @@ impl Default for Config {
             shutdown_timeout_seconds: 10,
             unclaimed_timeout_seconds: 300,
             cgroup_parent: "/berth".into(),
+            cgroup_driver: crate::cgroup::Driver::Cgroupfs,
             cgroup_favor_dynmods: false,
             registries: BTreeMap::new(),
             images: ImagesConfig::default(),
@@ -236,11 +253,23 @@ impl Config {
                 ));
             }
         }
-        if crate::cgroup::relative(&self.cgroup_parent).is_err() {
-            return invalid(format!(
-                "cgroup_parent {:?} must be a cgroup path without '..'",
-                self.cgroup_parent
-            ));
+        match self.cgroup_driver {
+            crate::cgroup::Driver::Cgroupfs => {
+                if crate::cgroup::relative(&self.cgroup_parent).is_err() {
+                    return invalid(format!(
+                        "cgroup_parent {:?} must be a cgroup path without '..'",
+                        self.cgroup_parent
+                    ));
+                }
+            }
+            crate::cgroup::Driver::Systemd => {
+                if let Err(e) = crate::systemd::expand_slice(&self.pod_cgroup_parent()) {
+                    return invalid(format!(
+                        "cgroup_parent with cgroup_driver = \"systemd\" must be a slice \
+                         (e.g. berth.slice): {e}"
+                    ));
+                }
+            }
         }
         if !self.metrics.address.is_empty()
             && self
@@ -366,8 +395,14 @@ shutdown_timeout_seconds = 10
 # A pod or container whose RunPodSandbox/CreateContainer caller gave up (a client deadline)
 # is still made; it waits this long for a retry of the same call to claim it, then goes.
 unclaimed_timeout_seconds = 300
-# Pods whose RunPodSandbox names no cgroup parent get one under this cgroup (cgroupfs path).
+# Pods whose RunPodSandbox names no cgroup parent get one under this cgroup (cgroupfs path;
+# with the systemd driver a slice, and the default /berth is then berth.slice).
 cgroup_parent = "/berth"
+# Who makes the pods' and containers' cgroups: "cgroupfs" (berth, as directories; kubelet's
+# cgroup parents are paths) or "systemd" (transient slices and scopes made over D-Bus; kubelet's
+# parents are slice names, and systemd must be running). kubelet must use the same driver: it
+# takes it from berth's RuntimeConfig.
+cgroup_driver = "cgroupfs"
 # Moving a process into a cgroup waits for an RCU grace period (milliseconds) unless the
 # cgroup2 hierarchy is mounted with `favordynmods`; every container creation moves one. true
 # makes berthd remount it so at start: a host-wide kernel setting (forks and exits get slightly

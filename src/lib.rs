@@ -23,5 +23,6 @@ pub mod runtime;
 pub mod sandbox;
 pub mod store;
 pub mod streaming;
+pub mod systemd;
 pub mod telemetry;
 pub mod zygote;

@@ -81,7 +81,17 @@ impl Runtime {
             tokio::task::block_in_place(|| ImageStore::open(&config))
                 .map_err(|e| Error::Internal(format!("opening the image store: {e}")))?,
         );
-        let hybrid_v2 = crate::cgroup::Cgroups::detect().hybrid_v2_controllers();
+        // The hierarchies and the driver; a systemd driver without a systemd stops berthd here.
+        let cgroups = tokio::task::block_in_place(|| {
+            crate::cgroup::Cgroups::detect().with_driver(config.cgroup_driver)
+        })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        tracing::info!(
+            cgroups = cgroups.version_name(),
+            driver = ?cgroups.driver,
+            "cgroup hierarchies and driver"
+        );
+        let hybrid_v2 = cgroups.hybrid_v2_controllers();
         let handlers = tokio::task::block_in_place(|| {
             crate::handlers::Handlers::probe(&config.runtimes, hybrid_v2.as_deref())
         })
@@ -99,7 +109,8 @@ impl Runtime {
         let pods = Sandboxes::open(
             &layout,
             &config.network,
-            &config.cgroup_parent,
+            &config.pod_cgroup_parent(),
+            cgroups,
             config.cgroup_favor_dynmods,
             handlers,
             std::time::Duration::from_secs(config.unclaimed_timeout_seconds),

@@ -66,7 +66,7 @@ async fn status_without_verbose_has_no_info() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_config_reports_the_cgroupfs_driver() {
+async fn runtime_config_reports_the_cgroup_driver() {
     let b = Berthd::start();
     let r = b
         .runtime()
@@ -75,10 +75,12 @@ async fn runtime_config_reports_the_cgroupfs_driver() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        r.linux.unwrap().cgroup_driver,
-        cri::CgroupDriver::Cgroupfs as i32
-    );
+    let want = if common::systemd_driver() {
+        cri::CgroupDriver::Systemd
+    } else {
+        cri::CgroupDriver::Cgroupfs
+    };
+    assert_eq!(r.linux.unwrap().cgroup_driver, want as i32);
 }
 
 fn pod_cidr_request(cidr: &str) -> cri::UpdateRuntimeConfigRequest {
@@ -291,4 +293,28 @@ fn a_runtime_handler_without_a_usable_binary_stops_the_start_naming_it() {
         err.contains("runtimes.ghost") && err.contains("/nonexistent/ghost-runtime"),
         "{err}"
     );
+}
+
+#[test]
+fn the_systemd_driver_takes_slices_and_a_running_systemd_or_stops_the_start() {
+    let (out, _dir) =
+        run_with_config("cgroup_driver = \"systemd\"\ncgroup_parent = \"/kubepods\"\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cgroup_parent") && err.contains("slice"),
+        "{err}"
+    );
+    let (out, _dir) = run_with_config("cgroup_driver = \"systemd-ish\"\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cgroup_driver"), "{err}");
+    if std::path::Path::new("/run/systemd/system").exists() {
+        eprintln!("systemd runs here: the refusal without one is not tried");
+        return;
+    }
+    let (out, _dir) = run_with_config("cgroup_driver = \"systemd\"\n");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs a running systemd"), "{err}");
 }

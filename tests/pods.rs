@@ -42,7 +42,7 @@ fn pod_config(b: &Berthd, name: &str) -> cri::PodSandboxConfig {
         labels: HashMap::from([("app".to_string(), name.to_string())]),
         annotations: HashMap::from([("note".to_string(), "kept verbatim: ✓".to_string())]),
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: format!("/{}/pod{uid}", b.cgroup_root),
+            cgroup_parent: common::pod_cgroup_parent(&b.cgroup_root, &format!("pod{uid}")),
             ..Default::default()
         }),
         ..Default::default()
@@ -975,14 +975,25 @@ async fn a_pod_sharing_its_pid_namespace_gets_an_init_in_its_cgroup_v1_and_v2() 
     let b = Berthd::start();
     let mut rt = b.runtime().await;
     let c = pod_config(&b, "pidpod");
-    let parent = c
-        .linux
-        .as_ref()
-        .unwrap()
-        .cgroup_parent
-        .trim_start_matches('/')
-        .to_string();
+    let given = c.linux.as_ref().unwrap().cgroup_parent.clone();
+    // The pod's directory: the path, or the slice nested under the test's top slice.
+    let pod_dir = if common::systemd_driver() {
+        format!("{}.slice/{given}", b.cgroup_root)
+    } else {
+        given.trim_start_matches('/').to_string()
+    };
     let id = run(&mut rt, c).await.unwrap();
+    // On a v2-only node the pod's directory hands controllers down and so holds no process:
+    // the init is in a leaf below it (a scope with the systemd driver).
+    let v2_only = !common::cgroup_mounts()
+        .iter()
+        .any(|m| m.ends_with("unified"))
+        && Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let parent = match (v2_only, common::systemd_driver()) {
+        (false, _) => pod_dir.clone(),
+        (true, false) => format!("{pod_dir}/init"),
+        (true, true) => format!("{pod_dir}/berth-init-{id}.scope"),
+    };
     let pid_pin = b.state.join("ns").join(&id).join("pid");
     assert!(pid_pin.exists());
     let host_pidns = std::fs::metadata("/proc/self/ns/pid").unwrap();
@@ -1011,7 +1022,7 @@ async fn a_pod_sharing_its_pid_namespace_gets_an_init_in_its_cgroup_v1_and_v2() 
         seen_v2 = true;
         // What this host allows of cgroup v2 on the unified mount.
         for f in ["cgroup.kill", "cgroup.freeze", "cgroup.events"] {
-            assert!(m.join(&parent).join(f).exists(), "{f} on {}", m.display());
+            assert!(m.join(&pod_dir).join(f).exists(), "{f} on {}", m.display());
         }
     }
     let _ = seen_v2;
@@ -1037,7 +1048,7 @@ async fn a_pod_sharing_its_pid_namespace_gets_an_init_in_its_cgroup_v1_and_v2() 
     remove(&mut rt, &id).await;
     for m in common::cgroup_mounts() {
         assert!(
-            !m.join(&parent).exists(),
+            !m.join(&pod_dir).exists(),
             "pod cgroup left in {}",
             m.display()
         );

@@ -18,7 +18,7 @@ async fn churn_at_parallelism_ten_under_one_cgroup_parent_fails_no_call() {
     let w = World::new().await;
     let before = w.leftovers();
     let node_before = common::node::snapshot(&w.env.berthd);
-    let shared = format!("/{}/shared", w.env.berthd.cgroup_root);
+    let shared = common::pod_cgroup_parent(&w.env.berthd.cgroup_root, "shared");
     let mut configs: Vec<cri::PodSandboxConfig> = (0..40)
         .map(|i| {
             let mut c = w.pod_config(&format!("churn{i}"), cri::NamespaceMode::Container);

@@ -126,6 +126,8 @@ mod tests {
     #[test]
     fn each_v1_hierarchy_shows_the_containers_own_directory() {
         let cg = Cgroups {
+            driver: crate::cgroup::Driver::Cgroupfs,
+            systemd: None,
             mode: Mode::Legacy,
             hierarchies: vec![
                 h("/sys/fs/cgroup/cpu,cpuacct", &["cpu", "cpuacct"], false),

@@ -1,5 +1,6 @@
 //! What CreateContainer refuses before it makes anything: privilege the pod does not grant,
-//! what the pod's runtime handler cannot do, and volumes a user-namespaced pod cannot have.
+//! what the pod's runtime handler cannot do, volumes a user-namespaced pod cannot have, and
+//! cgroup v2 files (`unified`) the node does not have.
 //! Each refusal names the field, and nothing is left behind.
 
 use super::{ContainerSpec, Containers, Propagation};
@@ -35,7 +36,31 @@ impl Containers {
     pub(super) fn check(&self, spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
         check_privilege(spec, p)?;
         self.check_handler(spec, p)?;
+        self.check_unified(spec, p)?;
         check_user_namespace_mounts(spec, p)
+    }
+
+    /// `unified` names cgroup v2 files: refused on a v1 node (never dropped), and each key
+    /// must be an interface file the pod's cgroup has (the container's gets the same
+    /// controllers), so a typo or a path fails here instead of inside the runtime.
+    fn check_unified(&self, spec: &ContainerSpec, p: &PodRecord) -> Result<()> {
+        let unified = &spec.resources.unified;
+        if unified.is_empty() {
+            return Ok(());
+        }
+        let cg = &self.pods.cgroups;
+        if cg.mode != crate::cgroup::Mode::Unified {
+            return Err(Error::InvalidArgument(format!(
+                "linux resources: unified ({}) needs a cgroup v2 node; this one is cgroup v1",
+                unified.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let pod_dir = cg.dir_of("memory", &p.cgroup);
+        for k in unified.keys() {
+            crate::cgroup::check_unified_key(k, pod_dir.as_deref())
+                .map_err(|e| Error::InvalidArgument(format!("linux resources: {e}")))?;
+        }
+        Ok(())
     }
 
     /// What the pod's runtime handler cannot do is refused, never dropped: a recursive

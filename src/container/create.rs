@@ -163,6 +163,9 @@ impl Containers {
         let t_spec = t0.elapsed();
         let runtime_us = self.monitor_create(rec, p).await?;
         drop(attached);
+        if self.cpuset_by_berth(p) {
+            self.set_scope_properties(rec).await?;
+        }
         crate::failpoint::hit("create:made").await;
         tracing::debug!(
             container = %rec.id,
@@ -323,6 +326,8 @@ impl Containers {
                 user: &rec.user,
                 id: &rec.id,
                 cgroup_mode: self.pods.cgroups.mode,
+                cgroups_path: self.pods.cgroups.spec_cgroups_path(&p.cgroup, &rec.id),
+                cpuset_by_berth: self.cpuset_by_berth(p),
                 cgroup_view: self.cgroup_view(p, &rec.id),
                 target_pid,
                 allowed_caps: &self.allowed_caps,
@@ -355,7 +360,7 @@ impl Containers {
             .unwrap_or_default();
         Some(super::cgroup_view::v1_view(
             &self.pods.cgroups,
-            &p.cgroup.join(id),
+            &self.pods.cgroups.container_cgroup(&p.cgroup, id),
             &monitor,
         ))
     }
@@ -387,11 +392,12 @@ impl Containers {
                     cgroup_procs: self
                         .pods
                         .cgroups
-                        .procs_file(&p.cgroup.join(&id))
+                        .procs_file(&self.pods.cgroups.container_cgroup(&p.cgroup, &id))
                         .map(|p| p.to_string_lossy().into_owned())
                         .unwrap_or_default(),
                     shielded: super::shares_pid_namespace(&rec.spec, p),
                     runtime: self.runtime_binary(p),
+                    systemd_cgroup: self.pods.cgroups.driver == crate::cgroup::Driver::Systemd,
                 }),
                 Some(Duration::from_secs(60)),
             )
@@ -411,17 +417,55 @@ impl Containers {
         }
     }
 
+    /// Whether berth sets the container's cpuset and device rules itself: with the systemd
+    /// driver and the embedded runtime, whose systemd manager sends `AllowedCPUs` in a form
+    /// systemd refuses and sets no device rules at all.
+    fn cpuset_by_berth(&self, p: &PodRecord) -> bool {
+        self.pods.cgroups.systemd.is_some() && self.runtime_binary(p).is_empty()
+    }
+
+    /// What a container made with `cpuset_by_berth` gets from its scope's properties before it
+    /// starts: `AllowedCPUs`/`AllowedMemoryNodes`, and `DevicePolicy`/`DeviceAllow` (systemd's
+    /// device filter, from the spec's device rules).
+    async fn set_scope_properties(&self, rec: &ContainerRecord) -> Result<()> {
+        let Some(sd) = self.pods.cgroups.systemd.clone() else {
+            return Ok(());
+        };
+        if let Ok(pod) = self.pods.get(&rec.pod_id) {
+            self.pods.cgroups.note_oom_baseline(&pod.cgroup());
+        }
+        let cpuset = super::update::cpuset_properties(&rec.spec.resources)
+            .map_err(Error::InvalidArgument)?;
+        let (_, rules) =
+            spec::devices(&rec.spec).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let proc_devices = std::fs::read_to_string("/proc/devices").unwrap_or_default();
+        let (policy, allow) = crate::systemd::device_properties(&rules, &proc_devices)
+            .map_err(|e| Error::Internal(format!("container {}: {e}", rec.id)))?;
+        let mut props = cpuset;
+        props.push(("DevicePolicy", super::update::Prop::Str(policy)));
+        props.push(("DeviceAllow", super::update::Prop::Pairs(allow)));
+        super::update::set_scope_properties(sd, &rec.id, props)
+            .await
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "container {}: setting its cpuset and device rules: {e}",
+                    rec.id
+                ))
+            })
+    }
+
     /// Kills what runs in a container's cgroup: for when its monitor, which would have, is
     /// gone (its processes outlive it when the pod does not share one PID namespace).
     pub(super) fn kill_orphans(&self, rec: &ContainerRecord) {
         let Ok(pod) = self.pods.get(&rec.pod_id) else {
             return;
         };
-        if let Some(procs) = self
-            .pods
-            .cgroups
-            .procs_file(&pod.record().cgroup.join(&rec.id))
-        {
+        if let Some(procs) = self.pods.cgroups.procs_file(
+            &self
+                .pods
+                .cgroups
+                .container_cgroup(&pod.record().cgroup, &rec.id),
+        ) {
             crate::cgroup::kill_procs(&procs);
         }
     }

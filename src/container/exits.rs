@@ -87,15 +87,19 @@ impl Containers {
             return;
         };
         let Some(exit) = ev.exit else { return };
-        // The cgroup still exists (it goes at RemoveContainer): did the OOM killer strike?
+        // The cgroup still exists (it goes at RemoveContainer; with systemd, the scope kept what
+        // ended it): did the OOM killer strike?
         let oom = exit.signal == libc::SIGKILL && {
             let rec = ctr.record();
             self.pods
                 .get(&rec.pod_id)
                 .map(|p| {
-                    self.pods
+                    let rel = self
+                        .pods
                         .cgroups
-                        .oom_killed(&p.record().cgroup.join(&rec.id))
+                        .container_cgroup(&p.record().cgroup, &rec.id);
+                    // With systemd this may ask it over D-Bus and wait for the scope to stop.
+                    tokio::task::block_in_place(|| self.pods.cgroups.oom_killed(&rel))
                 })
                 .unwrap_or(false)
         };

@@ -39,6 +39,11 @@ pub struct Inputs<'a> {
     pub id: &'a str,
     /// v1 or v2.
     pub cgroup_mode: CgroupMode,
+    /// The spec's cgroupsPath (a path, or `slice:prefix:name` with the systemd driver).
+    pub cgroups_path: String,
+    /// berth sets the cpuset itself after create (`Containers::cpuset_by_berth`): the spec
+    /// leaves it out.
+    pub cpuset_by_berth: bool,
     /// On a v1 host, what the container sees at /sys/fs/cgroup (in place of a `cgroup`
     /// mount; see `cgroup_view`).
     pub cgroup_view: Option<Vec<super::cgroup_view::ViewMount>>,
@@ -145,7 +150,7 @@ pub fn build(
     let s = i.spec;
     let sec = &s.security;
     let (devices, device_rules) = devices(s)?;
-    let mut resources = resources(&s.resources, i.cgroup_mode);
+    let mut resources = resources(&s.resources, i.cgroup_mode, i.cpuset_by_berth);
     resources["devices"] = Value::Array(device_rules);
     let (masked, readonly) = if sec.privileged {
         (Vec::new(), Vec::new())
@@ -161,7 +166,7 @@ pub fn build(
     };
     let mut linux = json!({
         "namespaces": namespaces(i)?,
-        "cgroupsPath": format!("/{}/{}", i.pod.cgroup.display(), i.id),
+        "cgroupsPath": i.cgroups_path,
         "resources": resources,
         "maskedPaths": masked,
         "readonlyPaths": readonly,
@@ -322,7 +327,7 @@ fn all_mounts(i: &Inputs<'_>, mounts: &[(MountSpec, PathBuf)]) -> Vec<Value> {
 }
 
 /// The cgroup limits (devices apart).
-fn resources(r: &super::Resources, mode: CgroupMode) -> Value {
+fn resources(r: &super::Resources, mode: CgroupMode, cpuset_by_berth: bool) -> Value {
     let mut resources = json!({});
     let mut cpu = serde_json::Map::new();
     if r.cpu_shares > 0 {
@@ -334,10 +339,10 @@ fn resources(r: &super::Resources, mode: CgroupMode) -> Value {
     if r.cpu_period > 0 {
         cpu.insert("period".into(), json!(r.cpu_period));
     }
-    if !r.cpuset_cpus.is_empty() {
+    if !r.cpuset_cpus.is_empty() && !cpuset_by_berth {
         cpu.insert("cpus".into(), json!(r.cpuset_cpus));
     }
-    if !r.cpuset_mems.is_empty() {
+    if !r.cpuset_mems.is_empty() && !cpuset_by_berth {
         cpu.insert("mems".into(), json!(r.cpuset_mems));
     }
     if !cpu.is_empty() {
@@ -365,7 +370,7 @@ fn resources(r: &super::Resources, mode: CgroupMode) -> Value {
 
 /// The request's devices (nodes to make) and the device cgroup rules: deny all, the standard
 /// nodes every container gets, the request's; a privileged container gets every device.
-fn devices(s: &ContainerSpec) -> Result<(Vec<Value>, Vec<Value>), SpecError> {
+pub(super) fn devices(s: &ContainerSpec) -> Result<(Vec<Value>, Vec<Value>), SpecError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut devices = Vec::new();
     let mut rules = vec![json!({"allow": s.security.privileged, "access": "rwm"})];

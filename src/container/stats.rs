@@ -180,7 +180,8 @@ impl Containers {
         if !matches!(rec.state, CtrState::Created | CtrState::Running) {
             return None;
         }
-        let rel = self.pods.get(&rec.pod_id).ok()?.cgroup().join(&rec.id);
+        let pod = self.pods.get(&rec.pod_id).ok()?.cgroup();
+        let rel = self.pods.cgroups.container_cgroup(&pod, &rec.id);
         let Figures {
             cpu,
             cpu_user_system_ns,

@@ -32,8 +32,24 @@ impl Containers {
             )));
         }
         let pod = self.pods.get(&rec.pod_id)?.record();
-        let rel = pod.cgroup.join(&rec.id);
+        let rel = self.pods.cgroups.container_cgroup(&pod.cgroup, &rec.id);
         let writes = planned_writes(&self.pods.cgroups, &rel, &new)?;
+        // With systemd the scope's properties go first (systemd rewrites the unit's files
+        // from them whenever it sets any), then the files; without them a daemon-reload would
+        // put the old limits back.
+        if let Some(sd) = self.pods.cgroups.systemd.clone() {
+            let props = unit_properties(&new).map_err(Error::InvalidArgument)?;
+            if !props.is_empty() {
+                set_scope_properties(sd, &rec.id, props)
+                    .await
+                    .map_err(|e| {
+                        Error::Internal(format!(
+                            "container {}: systemd did not take the new limits: {e}",
+                            rec.id
+                        ))
+                    })?;
+            }
+        }
         apply_all(&writes).map_err(|e| {
             Error::FailedPrecondition(format!(
                 "updating the resources of container {}: {e}; nothing was changed",
@@ -91,6 +107,11 @@ fn planned_writes(cg: &Cgroups, rel: &Path, new: &Resources) -> Result<Vec<Write
     }
     match cg.mode {
         Mode::Legacy => {
+            if !new.unified.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "linux resources: unified needs a cgroup v2 node; this one is cgroup v1".into(),
+                ));
+            }
             if new.cpu_shares > 0 {
                 put(dir("cpu")?, "cpu.shares", new.cpu_shares.to_string());
             }
@@ -169,11 +190,8 @@ fn planned_writes(cg: &Cgroups, rel: &Path, new: &Resources) -> Result<Vec<Write
                 }
             }
             for (k, v) in &new.unified {
-                if k.contains('/') || k.starts_with('.') || !k.contains('.') {
-                    return Err(Error::InvalidArgument(format!(
-                        "linux resources: unified key {k:?} is not a cgroup file name"
-                    )));
-                }
+                crate::cgroup::check_unified_key(k, Some(&d))
+                    .map_err(|e| Error::InvalidArgument(format!("linux resources: {e}")))?;
                 put(d.clone(), k, v.clone());
             }
         }
@@ -181,10 +199,120 @@ fn planned_writes(cg: &Cgroups, rel: &Path, new: &Resources) -> Result<Vec<Write
     Ok(w)
 }
 
-/// The cgroup v2 weight of v1 CPU shares (2…262144 onto 1…10000).
+/// A unit property's value: a number, a bitmask (`AllowedCPUs`), a word (`DevicePolicy`) or
+/// pairs (`DeviceAllow`).
+pub(super) enum Prop {
+    U64(u64),
+    Bytes(Vec<u8>),
+    Str(String),
+    Pairs(Vec<(String, String)>),
+}
+
+impl Prop {
+    fn value(&self) -> zbus::zvariant::Value<'_> {
+        use zbus::zvariant::Value;
+        match self {
+            Prop::U64(n) => Value::from(*n),
+            Prop::Bytes(b) => Value::from(b.as_slice()),
+            Prop::Str(s) => Value::from(s.as_str()),
+            Prop::Pairs(p) => Value::from(p.clone()),
+        }
+    }
+}
+
+/// Sets properties of container `id`'s scope (`berth-<id>.scope`), off the async threads.
+pub(super) async fn set_scope_properties(
+    sd: std::sync::Arc<crate::systemd::Systemd>,
+    id: &str,
+    props: Vec<(&'static str, Prop)>,
+) -> std::result::Result<(), String> {
+    let unit = format!("{}-{id}.scope", crate::cgroup::SCOPE_PREFIX);
+    tokio::task::spawn_blocking(move || {
+        let props: Vec<(&str, zbus::zvariant::Value<'_>)> =
+            props.iter().map(|(k, v)| (*k, v.value())).collect();
+        sd.set_properties(&unit, &props).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("setting unit properties: {e}"))?
+}
+
+/// The systemd unit properties of an update: the ones systemd has for what the CRI sets,
+/// `unified` keys included where systemd names them (the rest are files only).
+fn unit_properties(new: &Resources) -> std::result::Result<Vec<(&'static str, Prop)>, String> {
+    let mut p = cpuset_properties(new)?;
+    if new.memory_limit > 0 {
+        p.push(("MemoryMax", Prop::U64(new.memory_limit as u64)));
+    }
+    if new.cpu_shares > 0 {
+        p.push(("CPUWeight", Prop::U64(cpu_weight(new.cpu_shares) as u64)));
+    }
+    for (k, v) in &new.unified {
+        let name = match k.as_str() {
+            "memory.high" => "MemoryHigh",
+            "memory.low" => "MemoryLow",
+            "memory.min" => "MemoryMin",
+            "memory.max" => "MemoryMax",
+            "memory.swap.max" => "MemorySwapMax",
+            "pids.max" => "TasksMax",
+            "cpu.weight" => "CPUWeight",
+            _ => continue,
+        };
+        // "max" is systemd's infinity; a value that is no number is left to the file write.
+        let n = match v.trim() {
+            "max" => u64::MAX,
+            v => match v.parse() {
+                Ok(n) => n,
+                Err(_) => continue,
+            },
+        };
+        p.push((name, Prop::U64(n)));
+    }
+    if new.cpu_quota > 0 {
+        let period = if new.cpu_period > 0 {
+            new.cpu_period
+        } else {
+            100_000
+        };
+        // systemd takes the quota per second; it writes cpu.max with the period it is given.
+        p.push((
+            "CPUQuotaPerSecUSec",
+            Prop::U64((new.cpu_quota as u64).saturating_mul(1_000_000) / period as u64),
+        ));
+        p.push(("CPUQuotaPeriodUSec", Prop::U64(period as u64)));
+    }
+    Ok(p)
+}
+
+/// `AllowedCPUs` / `AllowedMemoryNodes` of a cpuset (berth sets them itself: libcontainer's
+/// systemd manager sends them as 64-bit words, which systemd refuses).
+pub(super) fn cpuset_properties(
+    r: &Resources,
+) -> std::result::Result<Vec<(&'static str, Prop)>, String> {
+    let mut p = Vec::new();
+    if !r.cpuset_cpus.is_empty() {
+        let mask = crate::systemd::cpuset_mask(&r.cpuset_cpus)?;
+        p.push(("AllowedCPUs", Prop::Bytes(mask)));
+    }
+    if !r.cpuset_mems.is_empty() {
+        let mask = crate::systemd::cpuset_mask(&r.cpuset_mems)?;
+        p.push(("AllowedMemoryNodes", Prop::Bytes(mask)));
+    }
+    Ok(p)
+}
+
+/// The cgroup v2 weight of v1 CPU shares (2…262144 onto 1…10000), by the conversion runc 1.3+,
+/// crun and libcontainer (which sets it at create) use: a curve through 2 → 1, 1024 → 100 (the
+/// defaults of each) and 262144 → 10000, where the older straight line put 1024 at 39.
 fn cpu_weight(shares: i64) -> i64 {
-    let s = shares.clamp(2, 262_144);
-    1 + ((s - 2) * 9999) / 262_142
+    if shares <= 2 {
+        return 1;
+    }
+    if shares >= 262_144 {
+        return 10_000;
+    }
+    let l = (shares as f64).log2();
+    let exponent = (l * l + 125.0 * l) / 612.0 - 7.0 / 34.0;
+    10f64.powf(exponent).ceil() as i64
 }
 
 fn read(f: &Path) -> std::io::Result<String> {
@@ -222,6 +350,8 @@ mod tests {
             v2: false,
         };
         Cgroups {
+            driver: crate::cgroup::Driver::Cgroupfs,
+            systemd: None,
             mode: Mode::Legacy,
             hierarchies: vec![h("cpu,cpuacct"), h("cpuset"), h("memory")],
         }
@@ -251,7 +381,9 @@ mod tests {
         };
         assert!(planned_writes(&v1(), Path::new("pod/c"), &bad).is_err());
         assert_eq!(cpu_weight(2), 1);
-        assert_eq!(cpu_weight(1024), 39);
+        assert_eq!(cpu_weight(512), 59);
+        assert_eq!(cpu_weight(1024), 100);
+        assert_eq!(cpu_weight(2048), 174);
         assert_eq!(cpu_weight(262_144), 10_000);
     }
 }

@@ -57,6 +57,11 @@ impl Cri {
                 "apparmor".to_string(),
                 serde_json::json!(apparmor).to_string(),
             );
+            let cg = &self.rt.pods.cgroups;
+            info.insert(
+                "cgroups".to_string(),
+                serde_json::json!({"version": cg.version_name(), "driver": cg.driver}).to_string(),
+            );
             if let Some(cidr) = self.rt.pod_cidr() {
                 info.insert(
                     "podCIDR".to_string(),
@@ -99,7 +104,10 @@ impl Cri {
     ) -> Result<cri::RuntimeConfigResponse, Status> {
         Ok(cri::RuntimeConfigResponse {
             linux: Some(cri::LinuxRuntimeConfiguration {
-                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+                cgroup_driver: match self.rt.pods.cgroups.driver {
+                    crate::cgroup::Driver::Cgroupfs => cri::CgroupDriver::Cgroupfs,
+                    crate::cgroup::Driver::Systemd => cri::CgroupDriver::Systemd,
+                } as i32,
             }),
         })
     }

@@ -153,10 +153,11 @@ impl Monitor {
         let (builder, io) = self.container_io(&c, &lcid, builder, &mut keep)?;
         let bundle = c.bundle.clone();
         let title = format!("berth-create {}", c.container_id);
+        let systemd = c.systemd_cgroup;
         let built = in_helper(&title, &keep, (self.procfs, c.shielded), move || {
             let container = builder
                 .as_init(&bundle)
-                .with_systemd(false)
+                .with_systemd(systemd)
                 .with_detach(true)
                 .build()
                 .map_err(|e| format!("creating container: {e}"))?;
@@ -190,6 +191,7 @@ impl Monitor {
             binary: PathBuf::from(&c.runtime),
             root: self.lc_root.join(&lcid),
             id: lcid.clone(),
+            systemd_cgroup: c.systemd_cgroup,
         };
         let mut keep = Vec::new();
         let (cli_io, io) = if c.tty {
@@ -256,6 +258,7 @@ impl Monitor {
             binary: c.runtime.clone()?,
             root: self.lc_root.join(&lcid),
             id: lcid,
+            systemd_cgroup: c.systemd_cgroup,
         })
     }
 
@@ -319,6 +322,7 @@ impl Monitor {
                 pid,
                 bundle: PathBuf::from(&c.bundle),
                 runtime: (!c.runtime.is_empty()).then(|| PathBuf::from(&c.runtime)),
+                systemd_cgroup: c.systemd_cgroup,
                 cgroup_procs: PathBuf::from(&c.cgroup_procs),
                 status: CtrStatus::Created,
                 exit: None,

@@ -20,6 +20,8 @@ pub(super) struct OciCli {
     pub root: PathBuf,
     /// The container's id for the runtime.
     pub id: String,
+    /// `--systemd-cgroup`: systemd makes the container's cgroup (a scope).
+    pub systemd_cgroup: bool,
 }
 
 /// What the container's stdio is.
@@ -49,6 +51,9 @@ impl OciCli {
                     .thread_set_mask()
                     .map_err(std::io::Error::from)
             });
+        }
+        if self.systemd_cgroup {
+            c.arg("--systemd-cgroup");
         }
         c.arg("--root")
             .arg(&self.root)

@@ -114,6 +114,8 @@ pub(super) struct Ctr {
     pub bundle: PathBuf,
     /// The OCI runtime binary it was made with; `None`: the embedded runtime.
     pub runtime: Option<PathBuf>,
+    /// Whether systemd made its cgroup (the runtime is told so at every call).
+    pub systemd_cgroup: bool,
     /// The container's cgroup.procs, for killing what its init leaves behind.
     pub cgroup_procs: PathBuf,
     pub status: CtrStatus,

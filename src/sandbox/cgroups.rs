@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::cgroup::{self, Cgroups};
+use crate::cgroup::Cgroups;
 use crate::store;
 
 /// The book of pod cgroups: made by berth (recorded on disk, so a restart knows), and in use.
@@ -103,11 +103,7 @@ impl PodCgroups {
             if !book.owned.contains(&d) || in_use.contains(&d) {
                 continue;
             }
-            let removed = if d.ends_with(rel) {
-                cgroup::remove_tree(&d)
-            } else {
-                cgroup::remove_dir(&d)
-            };
+            let removed = cgroups.remove_pod_dir(&d, d.ends_with(rel));
             match removed {
                 Ok(true) => {
                     book.owned.remove(&d);
@@ -138,7 +134,7 @@ impl PodCgroups {
             .collect();
         dead.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for d in dead {
-            if let Ok(true) = cgroup::remove_dir(&d) {
+            if let Ok(true) = cgroups.remove_pod_dir(&d, false) {
                 book.owned.remove(&d);
             }
         }

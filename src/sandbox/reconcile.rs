@@ -100,6 +100,7 @@ impl Sandboxes {
         layout: &Layout,
         net_cfg: &crate::network::NetworkConfig,
         default_cgroup_parent: &str,
+        cgroups: Cgroups,
         favor_dynmods: bool,
         handlers: crate::handlers::Handlers,
         unclaimed_timeout: std::time::Duration,
@@ -130,7 +131,6 @@ impl Sandboxes {
             .await
             .map_err(Error::Internal)?,
         );
-        let cgroups = Cgroups::detect();
         if favor_dynmods {
             match cgroups.favor_dynmods() {
                 Ok(()) => tracing::info!(

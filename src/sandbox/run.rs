@@ -9,7 +9,6 @@ use super::{
     NsMode, Pod, PodRecord, PodSpec, PodState, Sandboxes, files, init, internal, namespaces,
     new_id, now_ns, sysctl,
 };
-use crate::cgroup;
 use crate::error::{Error, Result};
 use crate::network::PodNet;
 use crate::reservations::Reserved;
@@ -52,8 +51,9 @@ impl Sandboxes {
             ));
         }
         if !spec.cgroup_parent.is_empty() {
-            cgroup::relative(&spec.cgroup_parent)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            self.cgroups
+                .pod_cgroup(&spec.cgroup_parent)
+                .map_err(Error::InvalidArgument)?;
         }
         validate_sysctls(spec)?;
         validate_ports(spec)
@@ -111,12 +111,14 @@ impl Sandboxes {
 
     async fn create(&self, id: &str, spec: PodSpec) -> Result<()> {
         let parent = if spec.cgroup_parent.is_empty() {
-            format!("{}/{id}", self.default_cgroup_parent)
+            self.cgroups.default_parent(&self.default_cgroup_parent, id)
         } else {
             spec.cgroup_parent.clone()
         };
-        let cgroup_rel =
-            cgroup::relative(&parent).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let cgroup_rel = self
+            .cgroups
+            .pod_cgroup(&parent)
+            .map_err(Error::InvalidArgument)?;
         let mut rec = PodRecord {
             id: id.to_string(),
             state: PodState::Creating,
@@ -376,7 +378,7 @@ impl Sandboxes {
         rec.init = Some((l.pid, l.start_time));
         self.persist(rec)?;
         self.cgroups
-            .add_process(&rec.cgroup, l.pid)
+            .place_init(&rec.cgroup, &rec.id, l.pid)
             .map_err(|e| Error::Internal(format!("moving the pod's init into its cgroup: {e}")))?;
         namespaces::pin(
             &format!("/proc/{}/ns/pid", l.pid),

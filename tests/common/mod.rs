@@ -69,6 +69,22 @@ fn handler_config() -> String {
     format!("[runtimes.{h}]\npath = {path:?}\n")
 }
 
+/// The cgroup driver the tests' berthd runs with: `BERTH_TEST_CGROUP_DRIVER` (`systemd`, in
+/// e2e/vm/run's guest), else cgroupfs.
+pub fn systemd_driver() -> bool {
+    std::env::var("BERTH_TEST_CGROUP_DRIVER").is_ok_and(|d| d == "systemd")
+}
+
+/// The cgroup parent of a pod under a berthd's `cgroup_root`, as kubelet would give it for
+/// the driver: a path, or a slice (dashes nest slices, so the uid's become underscores).
+pub fn pod_cgroup_parent(cgroup_root: &str, leaf: &str) -> String {
+    if systemd_driver() {
+        format!("{cgroup_root}-{}.slice", leaf.replace('-', "_"))
+    } else {
+        format!("/{cgroup_root}/{leaf}")
+    }
+}
+
 /// Options for starting a berthd.
 #[derive(Default, Clone)]
 pub struct Options {
@@ -118,18 +134,20 @@ impl Berthd {
         let config = dir.path().join("config.toml");
         let log = dir.path().join("berthd.log");
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let cgroup_root = format!(
-            "berth-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // With the systemd driver a top-level slice (no dashes: they would nest it).
+        let (cgroup_root, parent) = if systemd_driver() {
+            let root = format!("berth_test_{}_{n}", std::process::id());
+            let parent = format!("cgroup_driver = \"systemd\"\ncgroup_parent = \"{root}.slice\"");
+            (root, parent)
+        } else {
+            let root = format!("berth-test-{}-{n}", std::process::id());
+            let parent = format!("cgroup_parent = \"/{root}\"");
+            (root, parent)
+        };
         std::fs::write(
             &config,
-            format!(
-                "cgroup_parent = \"/{cgroup_root}\"\n{}\n{}",
-                opts.extra_config,
-                handler_config()
-            ),
+            format!("{parent}\n{}\n{}", opts.extra_config, handler_config()),
         )
         .expect("writing config");
         let mut b = Berthd {
@@ -366,10 +384,25 @@ pub fn cgroup_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Kills whatever runs in cgroups under `root` and removes them, deepest first.
+/// Kills whatever runs in cgroups under `root` and removes them, deepest first; with the
+/// systemd driver stops the slice `root` names first (its units go with it).
 pub fn cleanup_cgroups(root: &str) {
+    let top_name = if systemd_driver() {
+        let slice = format!("{root}.slice");
+        let _ = Command::new("systemctl")
+            .args(["stop", &slice])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = Command::new("systemctl")
+            .args(["reset-failed", &slice])
+            .stderr(std::process::Stdio::null())
+            .status();
+        slice
+    } else {
+        root.to_string()
+    };
     for m in cgroup_mounts() {
-        let top = m.join(root);
+        let top = m.join(&top_name);
         if !top.exists() {
             continue;
         }

@@ -320,7 +320,7 @@ pub fn pod_config_for(
         }),
         log_directory: logs.join(&uid).to_string_lossy().into_owned(),
         linux: Some(cri::LinuxPodSandboxConfig {
-            cgroup_parent: format!("/{cgroup_root}/pod{uid}"),
+            cgroup_parent: super::pod_cgroup_parent(cgroup_root, &format!("pod{uid}")),
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 namespace_options: Some(cri::NamespaceOption {
                     pid: pid as i32,

@@ -1,8 +1,30 @@
-//! cgroup hierarchies as mounted on this host (v1, hybrid or unified v2), and the directories
-//! berth makes in them for pods. Containers' own cgroups are made by the OCI runtime from the
-//! spec's cgroupsPath; this module only prepares and removes the pod level above them.
+//! cgroup hierarchies as mounted on this host (v1, hybrid or unified v2), the cgroup driver
+//! (berth's own directories, or systemd units), and the pod level berth makes in them.
+//! Containers' own cgroups are made by the OCI runtime from the spec's cgroupsPath; this module
+//! only names them and prepares and removes the pod level above them.
+
+mod driver;
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::systemd::Systemd;
+
+/// Who makes the pod and container cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// berth makes directories; cgroup parents are paths (`/kubepods/burstable/pod<uid>`).
+    #[default]
+    Cgroupfs,
+    /// systemd makes units (pod slices, container scopes) over D-Bus; cgroup parents are slice
+    /// names (`kubepods-burstable-pod<uid>.slice`).
+    Systemd,
+}
+
+/// The unit name prefix of berth's container scopes (`berth-<id>.scope`), as the OCI runtime
+/// makes them from a `slice:berth:<id>` cgroupsPath.
+pub const SCOPE_PREFIX: &str = "berth";
 
 /// How this host mounts cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -24,13 +46,18 @@ pub struct Hierarchy {
     pub v2: bool,
 }
 
-/// The hierarchies of this host.
+/// The hierarchies of this host, and the driver that makes cgroups in them.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Cgroups {
     /// v1/hybrid or unified.
     pub mode: Mode,
     /// Every hierarchy berth makes pod directories in.
     pub hierarchies: Vec<Hierarchy>,
+    /// cgroupfs or systemd.
+    pub driver: Driver,
+    /// The connection to systemd, with the systemd driver.
+    #[serde(skip)]
+    pub systemd: Option<Arc<Systemd>>,
 }
 
 /// A cgroup operation failed.
@@ -150,7 +177,12 @@ impl Cgroups {
         if mode == Mode::Unified {
             hierarchies.retain(|h| h.v2);
         }
-        Cgroups { mode, hierarchies }
+        Cgroups {
+            mode,
+            hierarchies,
+            driver: Driver::Cgroupfs,
+            systemd: None,
+        }
     }
 
     /// Remounts the cgroup2 hierarchy with `favordynmods` (kernel 6.0+), which spares every
@@ -195,6 +227,16 @@ impl Cgroups {
     /// what `create` will make.
     pub fn missing(&self, rel: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
+        if self.systemd.is_some() {
+            // systemd makes a slice's parents itself and removes them never: only the pod's
+            // own slice is berth's.
+            for h in &self.hierarchies {
+                if !h.mount.join(rel).exists() {
+                    out.push(h.mount.join(rel));
+                }
+            }
+            return out;
+        }
         for h in &self.hierarchies {
             let mut cur = h.mount.clone();
             for comp in rel.components() {
@@ -207,8 +249,20 @@ impl Cgroups {
         out
     }
 
-    /// Makes `rel` in every hierarchy (parents too).
+    /// Makes `rel` in every hierarchy (parents too); with systemd, starts the slice `rel`
+    /// names when its cgroup does not exist.
     pub fn create(&self, rel: &Path) -> Result<(), CgroupError> {
+        if let Some(sd) = &self.systemd {
+            let missing = self.missing(rel);
+            if let Some(first) = missing.first() {
+                let name = rel.file_name().unwrap_or_default().to_string_lossy();
+                sd.start_slice(&name).map_err(|e| CgroupError {
+                    path: first.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            }
+            return Ok(());
+        }
         for h in &self.hierarchies {
             let mut cur = h.mount.clone();
             for comp in rel.components() {
@@ -285,7 +339,11 @@ impl Cgroups {
     }
 
     /// Whether the OOM killer killed something in cgroup `rel` (v1 `memory.oom_control`'s
-    /// `oom_kill`, v2 `memory.events`' `oom_kill`).
+    /// `oom_kill`, v2 `memory.events`' `oom_kill`). With systemd the scope's cgroup may be gone
+    /// already (systemd removes a scope as it empties): then the scope's `Result` says it
+    /// (systemd 253+), or else the growth of the pod slice's count since the container was
+    /// made (two containers of one pod killed at once by the OOM killer and by something
+    /// else can then be told apart only by the first).
     pub fn oom_killed(&self, rel: &Path) -> bool {
         let (h, file) = match self.mode {
             Mode::Unified => (self.hierarchies.iter().find(|h| h.v2), "memory.events"),
@@ -297,11 +355,47 @@ impl Cgroups {
             ),
         };
         let Some(h) = h else { return false };
-        std::fs::read_to_string(h.mount.join(rel).join(file))
+        let count = |dir: &Path| {
+            std::fs::read_to_string(dir.join(file)).ok().map(|text| {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix("oom_kill "))
+                    .filter_map(|n| n.trim().parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+        };
+        let own = count(&h.mount.join(rel));
+        let (Some(sd), Some(pod)) = (&self.systemd, rel.parent()) else {
+            return own.is_some_and(|n| n > 0);
+        };
+        if let Some(n) = own {
+            // The pod's count moves on past this kill, so a later exit is not taken for it.
+            if let Some(p) = count(&h.mount.join(pod)) {
+                sd.pod_oom_grew(pod, p);
+            }
+            return n > 0;
+        }
+        let unit = rel.file_name().unwrap_or_default().to_string_lossy();
+        if !unit.ends_with(".scope") {
+            return false;
+        }
+        if sd.scope_oom_killed(&unit) {
+            return true;
+        }
+        count(&h.mount.join(pod)).is_some_and(|n| sd.pod_oom_grew(pod, n))
+    }
+
+    /// With systemd: notes pod `pod`'s OOM kill count before one of its containers is made
+    /// (what `oom_killed` holds a later count against).
+    pub fn note_oom_baseline(&self, pod: &Path) {
+        let Some(sd) = &self.systemd else { return };
+        let Some(u) = self.unified() else { return };
+        let n = std::fs::read_to_string(u.join(pod).join("memory.events"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.strip_prefix("oom_kill "))
-            .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>();
+        sd.note_pod_oom(pod, n);
     }
 
     /// The directory of cgroup `rel` where `controller`'s files are: its v1 hierarchy, or the
@@ -326,6 +420,33 @@ impl Cgroups {
         }
         Ok(())
     }
+}
+
+/// Checks a key of the CRI's `unified` map: a plain cgroup interface file name (no path, no
+/// `cgroup.` core file other than the writable `cgroup.max.*`), present in `dir` when one is
+/// given (a controller the cgroup does not have has no files there).
+pub fn check_unified_key(key: &str, dir: Option<&Path>) -> Result<(), String> {
+    let plain = !key.is_empty()
+        && key.contains('.')
+        && !key.starts_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    let core = key.starts_with("cgroup.") && !key.starts_with("cgroup.max.");
+    if !plain || core {
+        return Err(format!(
+            "unified key {key:?} is not a cgroup file berth may write"
+        ));
+    }
+    if let Some(d) = dir
+        && !d.join(key).is_file()
+    {
+        return Err(format!(
+            "unified key {key:?}: cgroup {} has no such file (is its controller enabled?)",
+            d.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Removes one cgroup directory: `Ok(true)` if gone, `Ok(false)` if still in use (by another
@@ -461,6 +582,39 @@ mod tests {
         for d in c.lineage(&top) {
             assert!(remove_dir(&d).unwrap(), "{}", d.display());
         }
+    }
+
+    #[test]
+    fn unified_keys_are_plain_interface_files() {
+        for ok in [
+            "memory.high",
+            "pids.max",
+            "cpu.weight.nice",
+            "hugetlb.2MB.max",
+            "cgroup.max.depth",
+        ] {
+            assert!(check_unified_key(ok, None).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "memory",
+            "../escape",
+            "a/b.c",
+            ".hidden",
+            "cgroup.procs",
+            "cgroup.subtree_control",
+            "x.y\0",
+        ] {
+            assert!(check_unified_key(bad, None).is_err(), "{bad}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("memory.high"), "max").unwrap();
+        assert!(check_unified_key("memory.high", Some(d.path())).is_ok());
+        let e = check_unified_key("memory.nothing", Some(d.path())).unwrap_err();
+        assert!(
+            e.contains("memory.nothing") && e.contains("no such file"),
+            "{e}"
+        );
     }
 
     #[test]
