@@ -74,7 +74,14 @@ e2e_cleanup() {
         umount -l "$m" 2>/dev/null || true
     done
     # Cgroups of this run (berthd's and, for kubelet, its cgroup root): processes, then dirs.
-    for h in /sys/fs/cgroup/*/"$cgroup_tag" /sys/fs/cgroup/*/"$cgroup_tag"-kubelet; do
+    # (A v2 node has the one hierarchy at /sys/fs/cgroup; with the systemd driver the pods'
+    # slices go when berth_critest.slice is stopped.)
+    if [ "${BERTH_CGROUP_DRIVER:-cgroupfs}" = systemd ]; then
+        systemctl stop berth_critest.slice 2>/dev/null || true
+        systemctl reset-failed berth_critest.slice 2>/dev/null || true
+    fi
+    for h in /sys/fs/cgroup/*/"$cgroup_tag" /sys/fs/cgroup/*/"$cgroup_tag"-kubelet \
+        /sys/fs/cgroup/"$cgroup_tag"; do
         [ -d "$h" ] || continue
         find "$h" -name cgroup.procs -exec cat {} + 2>/dev/null | while read -r p; do
             kill -9 "$p" 2>/dev/null || true

@@ -36,10 +36,12 @@ use_build_cache() {
 }
 
 # What building and running berthd needs.
-BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev)
-RUN_PACKAGES=(iproute2 nftables util-linux)
+BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev libelf-dev zlib1g-dev)
+RUN_PACKAGES=(iproute2 nftables util-linux libelf1)
 # What the test fixtures (offline images, a local registry) need.
 FIXTURE_PACKAGES=(python3 docker-registry zstd gcc libc6-dev apache2-utils)
 # The OCI runtime the tests run as a second runtime handler ([runtimes.runc]), and the CNI
 # plugins (with the iptables they call) the CNI-mode tests run.
 HANDLER_PACKAGES=(runc containernetworking-plugins iptables)
+# The cgroup v2 guest (e2e/vm): a KVM machine, and debootstrap for its root.
+VM_PACKAGES=(qemu-system-x86 debootstrap e2fsprogs)
