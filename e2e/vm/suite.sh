@@ -24,6 +24,10 @@ if [ -n "${CRITEST_REPO:-}" ]; then
             CARGO_TARGET_DIR=/var/tmp/berth-cargo-target BERTH_CGROUP_DRIVER=$driver \
             timeout 5400 e2e/critest/run) >"/results/critest-$driver.log" 2>&1
         rc=$?
+        # The logs a failed run kept in the guest's /tmp.
+        for f in /tmp/berth-critest.*.log; do
+            [ -f "$f" ] && mv "$f" "/results/$driver-$(basename "$f")"
+        done
         secs=$(echo "$t0 $(cut -d' ' -f1 /proc/uptime)" | awk '{printf "%d", $2 - $1}')
         counts=$(grep "^critest: [0-9]" "/results/critest-$driver.log" | tail -n 1)
         if [ "$rc" = 0 ]; then

@@ -52,7 +52,12 @@ impl Cgroups {
     pub fn pod_cgroup(&self, parent: &str) -> Result<PathBuf, String> {
         match self.driver {
             Driver::Cgroupfs => relative(parent).map_err(|e| e.to_string()),
-            Driver::Systemd => crate::systemd::expand_slice(parent).map_err(|e| {
+            // A path's last part names the slice (`/test.slice`, as critest sends it;
+            // containerd and CRI-O take the base name too).
+            Driver::Systemd => crate::systemd::expand_slice(
+                parent.rsplit('/').find(|p| !p.is_empty()).unwrap_or(parent),
+            )
+            .map_err(|e| {
                 format!(
                     "cgroup parent: {e} (the systemd cgroup driver takes slice names, e.g. \
                      kubepods-burstable-pod<uid>.slice)"
@@ -132,5 +137,53 @@ impl Cgroups {
                 .map_err(|e| std::io::Error::other(e.to_string()));
         }
         if whole { remove_tree(d) } else { remove_dir(d) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_parents_are_slices_or_paths_ending_in_one() {
+        let mut cg = Cgroups::detect();
+        cg.driver = Driver::Systemd;
+        let want = PathBuf::from(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice",
+        );
+        assert_eq!(
+            cg.pod_cgroup("kubepods-besteffort-pod1.slice").unwrap(),
+            want
+        );
+        assert_eq!(
+            cg.pod_cgroup("/kubepods-besteffort-pod1.slice").unwrap(),
+            want
+        );
+        assert_eq!(
+            cg.pod_cgroup("/test.slice").unwrap(),
+            PathBuf::from("test.slice")
+        );
+        for bad in [
+            "/kubepods/burstable/pod1",
+            "",
+            "/",
+            "a--b.slice",
+            "../x.slice/..",
+        ] {
+            let e = cg.pod_cgroup(bad).unwrap_err();
+            assert!(e.contains("slice"), "{bad}: {e}");
+        }
+        assert_eq!(
+            cg.container_cgroup(Path::new("test.slice"), "abc"),
+            PathBuf::from("test.slice/berth-abc.scope")
+        );
+        assert_eq!(
+            cg.spec_cgroups_path(&want, "abc"),
+            "kubepods-besteffort-pod1.slice:berth:abc"
+        );
+        assert_eq!(
+            cg.default_parent("berth.slice", "f00"),
+            "berth-podf00.slice"
+        );
     }
 }

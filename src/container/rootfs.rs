@@ -38,11 +38,21 @@ pub fn mount_overlay(
     if let Some(ns) = userns {
         return mount_idmapped(lower, upper, work, target, ns).map_err(err);
     }
+    mount_any_api(lower, upper, work, target).map_err(err)
+}
+
+/// The overlay with `lowerdir+` through the new mount API, or on kernels without it (before
+/// 6.8) or without fsopen the classic way, all layers in one option string.
+fn mount_any_api(
+    lower: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<(), String> {
     match mount_new_api(lower, upper, work, target) {
         Ok(()) => return Ok(()),
-        // Kernels without `lowerdir+` (before 6.8) or without fsopen: the classic way.
         Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::NOSYS) => {}
-        Err(e) => return Err(err(format!("fsopen/fsconfig: {e}"))),
+        Err(e) => return Err(format!("fsopen/fsconfig: {e}")),
     }
     let lowers: Vec<String> = lower.iter().map(|p| escape(&p.to_string_lossy())).collect();
     let data = format!(
@@ -52,10 +62,10 @@ pub fn mount_overlay(
         escape(&work.to_string_lossy())
     );
     if data.len() >= 4096 {
-        return Err(err(format!(
+        return Err(format!(
             "{} layers do not fit in mount(2)'s options on this kernel",
             lower.len()
-        )));
+        ));
     }
     mount(
         Some("overlay"),
@@ -64,7 +74,7 @@ pub fn mount_overlay(
         MsFlags::empty(),
         Some(data.as_str()),
     )
-    .map_err(|e| err(e.to_string()))
+    .map_err(|e| e.to_string())
 }
 
 fn mount_new_api(
@@ -126,7 +136,8 @@ fn mount_idmapped(
         .map_err(|e| format!("attaching the idmapped {}: {e}", l.display()))?;
         staged.0.push(at);
     }
-    mount_new_api(&staged.0, upper, work, target).map_err(|e| format!("overlay: {e}"))
+    // Idmapped lower layers work with either API (overlayfs 5.19+).
+    mount_any_api(&staged.0, upper, work, target).map_err(|e| format!("overlay: {e}"))
 }
 
 /// Where the idmapped copy of layer `n` of the root filesystem at `target` is attached.
