@@ -341,3 +341,21 @@ async fn a_killed_berthd_finds_its_units_again() {
         assert_gone(unit);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_init_leaf_goes_from_a_pod_cgroup_kubelet_made() {
+    if !unified("kubelet's pod cgroup") || common::systemd_driver() {
+        return;
+    }
+    let mut w = World::new().await;
+    let c = w.pod_config("kubelets", cri::NamespaceMode::Pod);
+    // kubelet makes the pod's cgroup before RunPodSandbox: it is not berth's to remove.
+    let parent = c.linux.as_ref().unwrap().cgroup_parent.clone();
+    let pod_dir = Path::new("/sys/fs/cgroup").join(parent.trim_start_matches('/'));
+    std::fs::create_dir_all(&pod_dir).unwrap();
+    let pod = w.run_pod(c).await;
+    assert!(pod_dir.join("init").is_dir());
+    w.remove_pod(&pod.0).await;
+    assert!(!pod_dir.join("init").exists(), "the init leaf was left");
+    assert!(pod_dir.is_dir(), "kubelet's pod cgroup was removed");
+}

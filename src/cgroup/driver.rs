@@ -123,6 +123,18 @@ impl Cgroups {
         self.add_process(&leaf, pid).map_err(|e| e.to_string())
     }
 
+    /// Removes the v2 `init` leaf `place_init` made in pod cgroup `pod` (its init is gone): it
+    /// is berth's even where kubelet made the pod's cgroup. Busy (another pod's init of the
+    /// same parent) or absent: nothing to do.
+    pub fn remove_init_leaf(&self, pod: &Path) {
+        if self.systemd.is_some() || self.mode != Mode::Unified {
+            return;
+        }
+        if let Some(u) = self.unified() {
+            let _ = remove_dir(&u.join(pod).join("init"));
+        }
+    }
+
     /// Removes a pod cgroup berth made (`whole`: with what is left below it), or with
     /// systemd stops its slice. `Ok(false)` when something still uses it.
     pub fn remove_pod_dir(&self, d: &Path, whole: bool) -> std::io::Result<bool> {
@@ -136,7 +148,14 @@ impl Cgroups {
                 .map(|()| true)
                 .map_err(|e| std::io::Error::other(e.to_string()));
         }
-        if whole { remove_tree(d) } else { remove_dir(d) }
+        if whole {
+            return remove_tree(d);
+        }
+        // A pod directory berth made holds its init leaf (a restart's cleanup lands here).
+        if self.mode == Mode::Unified {
+            let _ = remove_dir(&d.join("init"));
+        }
+        remove_dir(d)
     }
 }
 

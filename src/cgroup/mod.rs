@@ -355,14 +355,7 @@ impl Cgroups {
             ),
         };
         let Some(h) = h else { return false };
-        let count = |dir: &Path| {
-            std::fs::read_to_string(dir.join(file)).ok().map(|text| {
-                text.lines()
-                    .filter_map(|l| l.strip_prefix("oom_kill "))
-                    .filter_map(|n| n.trim().parse::<u64>().ok())
-                    .sum::<u64>()
-            })
-        };
+        let count = |dir: &Path| oom_kill_count(&dir.join(file));
         let own = count(&h.mount.join(rel));
         let (Some(sd), Some(pod)) = (&self.systemd, rel.parent()) else {
             return own.is_some_and(|n| n > 0);
@@ -389,12 +382,7 @@ impl Cgroups {
     pub fn note_oom_baseline(&self, pod: &Path) {
         let Some(sd) = &self.systemd else { return };
         let Some(u) = self.unified() else { return };
-        let n = std::fs::read_to_string(u.join(pod).join("memory.events"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix("oom_kill "))
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .sum::<u64>();
+        let n = oom_kill_count(&u.join(pod).join("memory.events")).unwrap_or(0);
         sd.note_pod_oom(pod, n);
     }
 
@@ -447,6 +435,17 @@ pub fn check_unified_key(key: &str, dir: Option<&Path>) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The `oom_kill` count of a `memory.events` or `memory.oom_control` file; `None` when it
+/// cannot be read (the cgroup is gone).
+fn oom_kill_count(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok().map(|text| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum()
+    })
 }
 
 /// Removes one cgroup directory: `Ok(true)` if gone, `Ok(false)` if still in use (by another

@@ -90,6 +90,7 @@ impl PodCgroups {
     /// uses. The pod's own directory goes together with container cgroups left in it (by a
     /// crashed berthd) only when no other pod shares it. Idempotent.
     pub fn release(&self, cgroups: &Cgroups, pod: &str, rel: &Path) {
+        cgroups.remove_init_leaf(rel);
         let mut book = self.book();
         if let Some(pods) = book.users.get_mut(rel) {
             pods.remove(pod);
