@@ -40,8 +40,10 @@ BUILD_PACKAGES=(build-essential pkg-config protobuf-compiler libseccomp-dev libe
 RUN_PACKAGES=(iproute2 nftables util-linux libelf1)
 # What the test fixtures (offline images, a local registry) need.
 FIXTURE_PACKAGES=(python3 docker-registry zstd gcc libc6-dev apache2-utils)
-# The OCI runtime the tests run as a second runtime handler ([runtimes.runc]), and the CNI
-# plugins (with the iptables they call) the CNI-mode tests run.
+# Debian's runc (1.1.5, without the November 2025 fixes) for the two tests that need such a
+# runtime: berthd's refusal of it, and a runtime without idmapped mounts. The runc handler of
+# every other test is built by e2e/tools/build-runc. And the CNI plugins (with the iptables they
+# call) the CNI-mode tests run.
 HANDLER_PACKAGES=(runc containernetworking-plugins iptables)
 # The cgroup v2 guest (e2e/vm): a KVM machine, and debootstrap for its root.
 VM_PACKAGES=(qemu-system-x86 debootstrap e2fsprogs)

@@ -130,6 +130,12 @@ pub struct RegistryConfig {
     pub insecure: bool,
 }
 
+/// What one layer may unpack to unless configured: 64 GiB, 10 million entries (generous: a
+/// layer near either is an attack, not an image).
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 64 << 30;
+/// See `DEFAULT_MAX_LAYER_BYTES`.
+pub const DEFAULT_MAX_LAYER_INODES: u64 = 10_000_000;
+
 /// Image pull settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -140,6 +146,10 @@ pub struct ImagesConfig {
     pub max_concurrent_downloads: usize,
     /// A pull that receives no bytes for this many seconds fails.
     pub pull_progress_timeout_seconds: u64,
+    /// The most uncompressed bytes one layer may unpack to.
+    pub max_layer_bytes: u64,
+    /// The most files, directories and links one layer may hold.
+    pub max_layer_inodes: u64,
 }
 
 impl Default for ImagesConfig {
@@ -148,6 +158,8 @@ impl Default for ImagesConfig {
             credentials_file: None,
             max_concurrent_downloads: 3,
             pull_progress_timeout_seconds: 60,
+            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            max_layer_inodes: DEFAULT_MAX_LAYER_INODES,
         }
     }
 }
@@ -158,6 +170,11 @@ impl Default for ImagesConfig {
 pub struct RuntimeHandlerConfig {
     /// An OCI runtime binary (e.g. `/usr/bin/runc`); absent = the embedded runtime.
     pub path: Option<PathBuf>,
+    /// Run a runc that lacks the November 2025 container-breakout fixes (CVE-2025-31133,
+    /// CVE-2025-52565, CVE-2025-52881: older than 1.2.8, 1.3.0–1.3.2, 1.4.0 before rc.3) or
+    /// whose version berthd cannot read, with a warning, instead of refusing to start. For a
+    /// build that has the fixes under an older version number (a distribution's backport).
+    pub allow_vulnerable: bool,
 }
 
 /// The streaming server (exec, attach, port-forward).
@@ -311,6 +328,11 @@ impl Config {
                 return invalid(format!("{} must be an absolute path", p.display()));
             }
         }
+        if self.images.max_layer_bytes == 0 || self.images.max_layer_inodes == 0 {
+            return invalid(
+                "images.max_layer_bytes and images.max_layer_inodes must be at least 1".into(),
+            );
+        }
         if self.images.max_concurrent_downloads == 0 {
             return invalid("images.max_concurrent_downloads must be at least 1".into());
         }
@@ -425,6 +447,10 @@ cgroup_favor_dynmods = false
 max_concurrent_downloads = 3
 # A pull that receives no bytes for this many seconds fails (a slow pull that moves goes on).
 pull_progress_timeout_seconds = 60
+# What one layer may unpack to: uncompressed bytes (64 GiB) and entries (10 million). A layer
+# past either fails its pull naming the limit; what it had written is removed.
+max_layer_bytes = 68719476736
+max_layer_inodes = 10000000
 
 [network]
 # The bridge pods are attached to; created when missing. Its address is the subnet's first.
@@ -454,10 +480,14 @@ plugin_timeout_seconds = 60
 # Runtime handlers (RuntimeClass) besides the default "" handler, which is the embedded runtime:
 # an OCI runtime binary the pod's monitor drives with create/start/delete (runc). berthd checks
 # each at start (`--version`, and `features` for what Status claims) and refuses to start
-# without it.
+# without it. A runc older than the November 2025 fixes (CVE-2025-31133, CVE-2025-52565,
+# CVE-2025-52881: it needs 1.2.8+, 1.3.3+ or 1.4.0-rc.3+; Debian 12's 1.1.5 lacks them), or one
+# whose version cannot be read, is refused too, unless its section says allow_vulnerable = true
+# (berthd then warns at each start): for a build with the fixes backported, or a test machine.
 #
 # [runtimes.runc]
 # path = "/usr/bin/runc"
+# allow_vulnerable = false
 
 [streaming]
 # The exec/attach/port-forward server; port 0 picks a free port.

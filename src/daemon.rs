@@ -198,6 +198,14 @@ impl Termination {
 
 /// Runs berthd until a termination signal. Returns after the socket is removed.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    // Before any process is started (they take the original back: crate::fdlimit).
+    match crate::fdlimit::raise() {
+        Ok((was, now)) if was != now => {
+            tracing::info!(was, now, "raised the soft RLIMIT_NOFILE to the hard limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the soft RLIMIT_NOFILE"),
+    }
     ensure_dir(&config.state, crate::layout::STATE_MODE)?;
     ensure_dir(&config.root, crate::layout::DIR_MODE)?;
     // Lock before anything else touches either directory: a second berthd must change nothing.
@@ -242,7 +250,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         }),
         _ => Some(crate::streaming::tls::Certificate::SelfSigned),
     };
-    let (_, streaming) = rt
+    let (streaming_at, streaming) = rt
         .streaming
         .serve(
             &streaming_config.address,
@@ -257,16 +265,19 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             std::future::pending(),
         )
         .await?;
+    // Before the CRI is served: no pod's hostPort may take these addresses' connections.
+    rt.pods.reserve_own_endpoint(streaming_at);
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     let metrics = if metrics_address.is_empty() {
         None
     } else {
         let census_rt = rt.clone();
-        let (_, task) =
+        let (metrics_at, task) =
             crate::telemetry::serve(&metrics_address, move || census_rt.census(), async {
                 let _ = metrics_stopped.await;
             })
             .await?;
+        rt.pods.reserve_own_endpoint(metrics_at);
         Some(task)
     };
 

@@ -289,14 +289,15 @@ where
         }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::warn!(error = %e, "metrics endpoint failed");
-        }
-    });
+    // 1/64 of the descriptor limit (16 of 1024), at most 32: a scraper or two keep one
+    // connection each; anyone else on the node waits behind them, not in berthd's table.
+    let listener = crate::listen_guard::GuardedListener::new(
+        listener,
+        crate::listen_guard::cap(64, 32),
+        "metrics",
+    );
+    let prepare = |conn, _| std::future::ready(Some(conn));
+    let task = tokio::spawn(crate::listen_guard::serve(listener, prepare, app, shutdown));
     tracing::info!(address = %bound, "serving metrics at /metrics");
     Ok((bound, task))
 }

@@ -978,3 +978,159 @@ async fn a_node_without_ca_certificates_fails_the_pull_and_berthd_lives_on() {
     // The daemon still answers.
     assert!(list(&mut c).await.is_empty());
 }
+
+/// berthd's peak resident memory (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_claiming_a_huge_extension_header_is_refused_before_it_is_read() {
+    let env = Env::new();
+    let mut c = env.berthd.images().await;
+    // Warm up: the first pull's own allocations are not the bomb's.
+    pull(
+        &mut c,
+        &format!("{}/berth-test/zstd:latest", env.registry.addr),
+    )
+    .await
+    .unwrap();
+    let before = peak_rss_kib(env.berthd.pid());
+    let name = format!("{}/berth-test/pax-bomb:latest", env.registry.addr);
+    let digest = tag("berth-test/pax-bomb:latest").layers[0].clone();
+    let err = pull(&mut c, &name).await.unwrap_err();
+    let grew = peak_rss_kib(env.berthd.pid()).saturating_sub(before);
+    // The 1 GiB the header claims was never read into memory.
+    assert!(grew < 64 * 1024, "berthd's peak memory grew by {grew} KiB");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    for part in [digest.as_str(), "PaxHeaders.0/bomb", "1073741824"] {
+        assert!(err.message().contains(part), "{part}: {}", err.message());
+    }
+    assert!(status(&mut c, &name).await.is_none());
+    let root = env.berthd.root.clone();
+    eventually("temp snapshots are gone", || {
+        snapshots(&root).iter().all(|n| !n.starts_with('.'))
+    })
+    .await;
+    assert_no_temp_files(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_longer_or_shorter_than_its_descriptor_fails_at_once() {
+    let netns = Netns::new();
+    let registry = Registry::start(&netns, 5000);
+    let t = tag("berth-test/uncompressed:latest");
+    let layer = t.layers[0].clone();
+    let (addr, path) = (
+        registry.addr.clone(),
+        format!("/v2/berth-test/uncompressed/blobs/{layer}"),
+    );
+    let real = netns.run_in(move || common::fake_http::get(&addr, "GET", &path, &[]).body);
+    // A plain tar whose one file claims 8 GiB, then zeros for as long as anyone reads: an
+    // endless answer for a small layer, or the first half of the real blob and a close.
+    let mut endless = tar::Header::new_gnu();
+    endless.set_path("fill").unwrap();
+    endless.set_size(8 << 30);
+    endless.set_mode(0o644);
+    endless.set_cksum();
+    let prefix = endless.as_bytes().to_vec();
+    let (up, blob_path) = (
+        registry.addr.clone(),
+        format!("/v2/berth-test/uncompressed/blobs/{layer}"),
+    );
+    let half = real[..real.len() / 2].to_vec();
+    let mk = |port: u16, endless: bool| {
+        let (up, blob_path, prefix, half) =
+            (up.clone(), blob_path.clone(), prefix.clone(), half.clone());
+        common::fake_http::FakeHttp::start(&netns, "127.0.0.1", port, move |r| {
+            if r.method == "GET" && r.path == blob_path {
+                return if endless {
+                    common::fake_http::Reply {
+                        status: 200,
+                        body: prefix.clone(),
+                        then_zeros: Some(1 << 30),
+                        ..Default::default()
+                    }
+                } else {
+                    common::fake_http::Reply {
+                        status: 200,
+                        body: half.clone(),
+                        then_zeros: Some(0),
+                        ..Default::default()
+                    }
+                };
+            }
+            let accept = r.header("accept").unwrap_or("*/*").to_string();
+            common::fake_http::get(&up, &r.method, &r.path, &[("Accept", &accept)])
+        })
+    };
+    let (long, short) = (mk(5001, true), mk(5002, false));
+    let b = Berthd::start_with(Options {
+        extra_config: format!(
+            "[registries.\"{}\"]\ninsecure = true\n[registries.\"{}\"]\ninsecure = true\n",
+            long.addr, short.addr
+        ),
+        netns: Some(netns.path.clone()),
+        ..Default::default()
+    });
+    let mut c = b.images().await;
+    let err = pull(
+        &mut c,
+        &format!("{}/berth-test/uncompressed:latest", long.addr),
+    )
+    .await
+    .unwrap_err();
+    // Stopped at the declared size (plus what was in flight), not after a gigabyte.
+    assert!(long.sent() < 32 << 20, "{} bytes were taken", long.sent());
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    let declared = format!("declares {} bytes", real.len());
+    for part in [layer.as_str(), declared.as_str(), "sent more than"] {
+        assert!(err.message().contains(part), "{part}: {}", err.message());
+    }
+    let err = pull(
+        &mut c,
+        &format!("{}/berth-test/uncompressed:latest", short.addr),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    let sent = format!(
+        "declares {} bytes, the registry sent {}",
+        real.len(),
+        half.len()
+    );
+    assert!(err.message().contains(&sent), "{}", err.message());
+    eventually("temp snapshots are gone", || {
+        snapshots(&b.root).iter().all(|n| !n.starts_with('.'))
+    })
+    .await;
+    assert_no_temp_files(&b.root);
+    assert!(snapshots(&b.root).is_empty(), "{:?}", snapshots(&b.root));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_past_the_configured_bytes_or_entries_fail_naming_the_limit() {
+    for (limit, key) in [
+        ("max_layer_bytes = 100000", "max_layer_bytes"),
+        ("max_layer_inodes = 5", "max_layer_inodes"),
+    ] {
+        let env = Env::with(Options {
+            extra_config: format!("[images]\n{limit}\n"),
+            ..Default::default()
+        });
+        let mut c = env.berthd.images().await;
+        let name = format!("{}/library/busybox:latest", env.registry.addr);
+        let err = pull(&mut c, &name).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains(key), "{key}: {}", err.message());
+        assert!(status(&mut c, &name).await.is_none());
+        let root = env.berthd.root.clone();
+        eventually("temp snapshots are gone", || snapshots(&root).is_empty()).await;
+        assert_no_temp_files(&root);
+    }
+}

@@ -475,6 +475,325 @@ async fn a_privileged_container_needs_a_privileged_pod() {
     w.remove_pod(&pod.0).await;
 }
 
+/// Pulls each of `names` through berthd.
+async fn pull_all(w: &World, names: &[&str]) {
+    let mut images = w.env.berthd.images().await;
+    for name in names {
+        images
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: name.to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pulling {name}: {e}"));
+    }
+}
+
+fn in_image(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..container(name, cmd)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_users_outside_the_id_range_never_run_and_never_pass_for_non_root() {
+    let mut w = World::new().await;
+    let minus_one = "docker.io/berth-test/user-uid-minus-one:latest";
+    let by_name = [
+        (
+            "docker.io/berth-test/user-numeric-name-4294967296:latest",
+            "4294967296",
+        ),
+        (
+            "docker.io/berth-test/user-numeric-name-minus-one:latest",
+            "-1",
+        ),
+        (
+            "docker.io/berth-test/user-numeric-name-i64-max:latest",
+            "9223372036854775807",
+        ),
+    ];
+    let mut all = vec![minus_one];
+    all.extend(by_name.iter().map(|(i, _)| *i));
+    pull_all(&w, &all).await;
+    // ImageStatus never reports such a USER as a uid: kubelet's runAsNonRoot check cannot
+    // pass on it (it reads a uid of 4294967295 as non-root).
+    let mut images = w.env.berthd.images().await;
+    for (image, user) in [(minus_one, "4294967295")].into_iter().chain(by_name) {
+        let img = images
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap();
+        assert_eq!(img.uid, None, "{image} reported uid {:?}", img.uid);
+        assert_eq!(img.username, user, "{image}");
+    }
+    let pod = w.pod("ids").await;
+    let before = w.leftovers();
+    // Each image is refused at create, naming the image and the value; none runs (as root).
+    for (image, user) in [(minus_one, "4294967295")].into_iter().chain(by_name) {
+        let err = w
+            .create(&pod, in_image("u", image, &["id", "-u"]))
+            .await
+            .expect_err(&format!("{image} was created"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains(image) && err.message().contains(&format!("{user:?}")),
+            "{}",
+            err.message()
+        );
+    }
+    // The request's ids: the same range.
+    let busybox = BUSYBOX;
+    for (what, sc) in [
+        (
+            "run_as_user 4294967295",
+            cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 4294967295 }),
+                ..Default::default()
+            },
+        ),
+        (
+            "run_as_user -1",
+            cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: -1 }),
+                ..Default::default()
+            },
+        ),
+        (
+            "run_as_group 2147483648",
+            cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                run_as_group: Some(cri::Int64Value { value: 2147483648 }),
+                ..Default::default()
+            },
+        ),
+        (
+            "supplemental group 4294967295",
+            cri::LinuxContainerSecurityContext {
+                run_as_user: Some(cri::Int64Value { value: 1000 }),
+                supplemental_groups: vec![4294967295],
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut c = in_image("r", busybox, &["id"]);
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        });
+        let err = w
+            .create(&pod, c)
+            .await
+            .expect_err(&format!("{what} was taken"));
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{what}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(w.leftovers(), before, "a refused container left something");
+    // The largest id there is still runs, as that id.
+    let mut c = in_image("max", busybox, &["sleep", "3600"]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 2147483647 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = w.run(&pod, c).await;
+    assert_eq!(w.out(&id, &["id", "-u"]).await.trim(), "2147483647");
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_whose_dev_is_a_symlink_is_refused_before_a_runtime_sees_it() {
+    let mut w = World::new().await;
+    let images = [
+        ("docker.io/berth-test/dev-symlink-abs:latest", "/dev"),
+        ("docker.io/berth-test/dev-symlink-rel:latest", "/dev"),
+        ("docker.io/berth-test/dev-symlink-shm:latest", "/dev/shm"),
+    ];
+    pull_all(&w, &images.map(|(i, _)| i)).await;
+    // The node directory the images' links name, with a node file called ptmx in it.
+    let target = Path::new("/tmp/berth-dev-target");
+    let _ = std::fs::remove_dir_all(target);
+    std::fs::create_dir(target).unwrap();
+    std::fs::write(target.join("ptmx"), b"node file\n").unwrap();
+    let pod = w.pod("dev").await;
+    let before = w.leftovers();
+    let mut results = Vec::new();
+    for (image, path) in images {
+        let r = w.create(&pod, in_image("d", image, &["true"])).await;
+        if let Ok(id) = &r {
+            // The old behaviour: the runtime writes its /dev links into the node directory.
+            let _ = w.start(id).await;
+        }
+        results.push((image, path, r));
+    }
+    let mut in_target: Vec<String> = std::fs::read_dir(target)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    in_target.sort();
+    let ptmx = std::fs::read(target.join("ptmx")).ok();
+    let _ = std::fs::remove_dir_all(target);
+    assert_eq!(
+        in_target,
+        ["ptmx"],
+        "the runtime wrote into the node directory"
+    );
+    assert_eq!(ptmx.as_deref(), Some(&b"node file\n"[..]));
+    for (image, path, r) in results {
+        let err = r.expect_err(&format!("{image} was created"));
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains(&format!("{path} is")),
+            "{image}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(w.leftovers(), before, "a refused container left something");
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_at_a_containers_log_path_is_never_written_through() {
+    let mut w = World::new().await;
+    let pod = w.pod("loglinks").await;
+    let logs = Path::new(&pod.1.log_directory).to_path_buf();
+    // A node file the links point at, outside the pod's log directory.
+    let node_dir = tempfile::tempdir().unwrap();
+    let node_file = node_dir.path().join("node-file");
+    std::fs::write(&node_file, b"node\n").unwrap();
+    std::fs::create_dir_all(logs.join("direct")).unwrap();
+    std::os::unix::fs::symlink(&node_file, logs.join("direct/0.log")).unwrap();
+    std::os::unix::fs::symlink(node_dir.path(), logs.join("via-dir")).unwrap();
+    let before = w.leftovers();
+    for (name, log_path) in [("direct", "direct/0.log"), ("via", "via-dir/node-file")] {
+        let mut c = container(name, &["sh", "-c", "echo written"]);
+        c.log_path = log_path.into();
+        let err = w
+            .create(&pod, c)
+            .await
+            .expect_err(&format!("a container logging to {log_path} was created"));
+        assert!(err.message().contains(log_path), "{}", err.message());
+    }
+    assert_eq!(w.leftovers(), before, "a refused container left something");
+    // After a rotation, a link put where the log was is not followed by the reopen.
+    let id = w
+        .run(
+            &pod,
+            container(
+                "rot",
+                &["sh", "-c", "while true; do echo tick; sleep 0.1; done"],
+            ),
+        )
+        .await;
+    let log = logs.join("rot/0.log");
+    std::fs::rename(&log, logs.join("rot/0.log.1")).unwrap();
+    std::os::unix::fs::symlink(&node_file, &log).unwrap();
+    let reopened =
+        w.rt.reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await;
+    assert!(reopened.is_err(), "the reopen went through a link");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(std::fs::read(&node_file).unwrap(), b"node\n");
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_cannot_shadow_berthds_own_servers() {
+    let mut w = World::with(Options {
+        extra_config: "[streaming]\nport = 10350\n[metrics]\naddress = \"127.0.0.1:10351\"\n"
+            .into(),
+        ..Default::default()
+    })
+    .await;
+    let before = w.leftovers();
+    let mapping = |host_port: i32, host_ip: &str, protocol: cri::Protocol| cri::PortMapping {
+        protocol: protocol as i32,
+        container_port: 80,
+        host_port,
+        host_ip: host_ip.into(),
+    };
+    for (m, names) in [
+        (
+            mapping(10350, "127.0.0.1", cri::Protocol::Tcp),
+            "127.0.0.1:10350",
+        ),
+        (mapping(10350, "", cri::Protocol::Tcp), "127.0.0.1:10350"),
+        (
+            mapping(10351, "0.0.0.0", cri::Protocol::Tcp),
+            "127.0.0.1:10351",
+        ),
+    ] {
+        let mut c = w.pod_config("shadow", cri::NamespaceMode::Container);
+        c.port_mappings = vec![m];
+        let err = refused_pod(&mut w, c, &common::handler()).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().contains(names) && err.message().contains("host port"),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(w.leftovers(), before, "a refused pod left something");
+    // Other ports, other addresses and other protocols are taken.
+    let mut c = w.pod_config("fine", cri::NamespaceMode::Container);
+    c.port_mappings = vec![
+        mapping(10352, "", cri::Protocol::Tcp),
+        mapping(10350, "", cri::Protocol::Udp),
+        mapping(10351, "127.0.0.2", cri::Protocol::Tcp),
+    ];
+    let pod = w.run_pod(c).await;
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_namespace_mapped_onto_the_nodes_root_is_refused() {
+    let mut w = World::new().await;
+    let before = w.leftovers();
+    for (uid_host, gid_host) in [(0, 300_000), (300_000, 0), (0, 0)] {
+        let mut c = w.pod_config("rootmap", cri::NamespaceMode::Pod);
+        let sc = c.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+        let map = |host_id| cri::IdMapping {
+            container_id: 0,
+            host_id,
+            length: 65_536,
+        };
+        sc.namespace_options.as_mut().unwrap().userns_options = Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: vec![map(uid_host)],
+            gids: vec![map(gid_host)],
+        });
+        let err = refused_pod(&mut w, c, &common::handler()).await;
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains("node's root"), "{}", err.message());
+    }
+    assert_eq!(w.leftovers(), before, "a refused pod left something");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_files_that_are_traps_fail_cleanly_and_never_stall_berthd() {
     let mut w = World::new().await;
@@ -554,9 +873,10 @@ async fn image_files_that_are_traps_fail_cleanly_and_never_stall_berthd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_handlers_berth_cannot_run_are_refused_not_ignored() {
-    // A configured runc under a name of the test's own (BERTH_TEST_HANDLER may add "runc").
+    // A configured runc under a name of the test's own (BERTH_TEST_HANDLER may add "runc"):
+    // Debian's, for what it lacks (idmapped mounts), taken although it lacks the 2025 fixes.
     let mut w = World::with(Options {
-        extra_config: "[runtimes.rc]\npath = \"/usr/sbin/runc\"\n".into(),
+        extra_config: "[runtimes.rc]\npath = \"/usr/sbin/runc\"\nallow_vulnerable = true\n".into(),
         ..Default::default()
     })
     .await;
@@ -646,6 +966,7 @@ fn greedy_mirror(ns: &Netns, port: u16) -> FakeHttp {
         status: 401,
         headers: vec![("WWW-Authenticate".into(), "Basic realm=\"mirror\"".into())],
         body: b"{\"errors\":[{\"code\":\"UNAUTHORIZED\",\"message\":\"credentials\"}]}".to_vec(),
+        ..Default::default()
     })
 }
 
@@ -746,6 +1067,7 @@ async fn pull_credentials_do_not_follow_a_redirect_to_another_host() {
                 status: 401,
                 headers: vec![("WWW-Authenticate".into(), "Basic realm=\"front\"".into())],
                 body: Vec::new(),
+                ..Default::default()
             };
         }
         if r.path.contains("/blobs/") {
@@ -753,6 +1075,7 @@ async fn pull_credentials_do_not_follow_a_redirect_to_another_host() {
                 status: 307,
                 headers: vec![("Location".into(), format!("http://{cdn_addr}{}", r.path))],
                 body: Vec::new(),
+                ..Default::default()
             };
         }
         let accept = r.header("accept").unwrap_or("*/*").to_string();
@@ -802,16 +1125,34 @@ async fn a_container_waiting_to_start_holds_nothing_of_the_node_or_the_monitor()
         .unwrap();
     // Every descriptor of every process the tracer can see (but its own shell's): no
     // directory (a procfs or a root of the node), no file but /dev/null and terminals, no
-    // signalfd (the monitor's).
+    // signalfd (the monitor's). A directory that is the root of a procfs (or `N/task/N/fd`
+    // in one) is told apart when that procfs shows only processes (mounted `subset=pid`: no
+    // /proc/sys, no sysrq-trigger) of this PID namespace (its `self` is the reader's own pid
+    // here); a regular file says whether it opens for writing.
     let script = r#"
+        own_pids_only() {
+          [ -z "$(ls $1 | grep -v -e '^[0-9]*$' -e '^self$' -e '^thread-self$')" ] || return 1
+          set -- $(sh -c 'echo $$; exec readlink "$0/self"' $1 2>/dev/null)
+          [ -n "$1" ] && [ "$1" = "$2" ]
+        }
         for p in /proc/[0-9]*; do
           n=${p#/proc/}; [ "$n" = "$$" ] && continue
           for f in $p/fd/*; do
             t=$(readlink $f) || continue
-            [ -d $f ] && echo "$n: $f is a directory ($t)"
+            if [ -d $f ]; then
+              r=$f; i=0
+              while [ ! -e $r/self ] && [ $i -lt 4 ]; do r=$r/..; i=$((i + 1)); done
+              if own_pids_only $r; then
+                echo "$n: $f is a directory ($t) of a procfs of this PID namespace's processes only"
+              else
+                echo "$n: $f is a directory ($t)"
+              fi
+              continue
+            fi
             case "$t" in
               socket:*|pipe:*|/dev/null|/dev/pts/*) ;;
-              *) echo "$n: $f -> $t" ;;
+              *) w=""; [ -f $f ] && (exec 3>>$f) 2>/dev/null && w=" (writable)"
+                 echo "$n: $f -> $t$w" ;;
             esac
           done
         done
@@ -822,12 +1163,19 @@ async fn a_container_waiting_to_start_holds_nothing_of_the_node_or_the_monitor()
     let mut lines: Vec<&str> = out.lines().collect();
     let count: usize = lines.pop().unwrap().trim().parse().unwrap();
     // runc's waiting init holds the container's exec fifo (how `runc start` tells it to go)
-    // and the Go runtime's own epoll: the container's, nothing of the node or the monitor.
+    // and the Go runtime's own epoll and eventfd; runc 1.2+ also its read-only sealed copy of
+    // itself (`/runc` on a detached mount, against CVE-2019-5736) and a procfs of the pod's
+    // PID namespace showing processes only (its pathrs handle): the container's, nothing of
+    // the node or the monitor. (A runc built by Go 1.25+ would also hold its cgroup's CPU
+    // limit files: e2e/tools/runc/go.mod turns that off.)
     if !common::handler().is_empty() {
         let fifo = w.env.berthd.state.join("lc");
         lines.retain(|l| {
             !(l.ends_with("/exec.fifo") && l.contains(&*fifo.to_string_lossy())
-                || l.ends_with("anon_inode:[eventpoll]"))
+                || l.ends_with("anon_inode:[eventpoll]")
+                || l.ends_with("anon_inode:[eventfd]")
+                || l.ends_with(" -> /runc")
+                || l.ends_with("of a procfs of this PID namespace's processes only"))
         });
     }
     // On cgroup v2 libcontainer loads the container's device filter (an eBPF program) before
@@ -916,4 +1264,118 @@ async fn settings_berth_cannot_honour_fail_the_call_by_name() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("dns_config"), "{}", err.message());
     w.remove_pod(&pod.0).await;
+}
+
+/// Runs berthd on fresh directories in a namespace of its own with `config` and waits (up to
+/// 30 s) for it to exit before it serves: its exit status and what it printed. One that serves
+/// instead is stopped, and the test fails.
+fn berthd_refuses_to_start(config: &str) -> (std::process::ExitStatus, String) {
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup_root = format!("berth-test-{}-refused", std::process::id());
+    let cfg = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!("cgroup_parent = \"/{cgroup_root}\"\n{config}"),
+    )
+    .unwrap();
+    let log = dir.path().join("berthd.log");
+    let socket = dir.path().join("berth.sock");
+    let mut cmd = Command::new(common::BERTHD);
+    common::in_netns(&mut cmd, &ns.path);
+    let mut child = cmd
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .arg("--listen")
+        .arg(&socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if socket.exists() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    common::kill_pod_processes(&dir.path().join("state"));
+    common::cleanup_cgroups(&cgroup_root);
+    common::unmount_under(dir.path());
+    let status = status.unwrap_or_else(|| panic!("berthd started (it should refuse):\n{text}"));
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runc_without_the_2025_breakout_fixes_is_refused_unless_allowed() {
+    // Debian 12's runc 1.1.5 lacks the November 2025 fixes (three container breakouts through
+    // runc's writes to /proc; fixed in 1.2.8, 1.3.3 and 1.4.0-rc.3).
+    const RUNC: &str = "/usr/sbin/runc";
+    const CVES: [&str; 3] = ["CVE-2025-31133", "CVE-2025-52565", "CVE-2025-52881"];
+    let version = common::run(Command::new(RUNC).arg("--version"));
+    assert!(
+        version.starts_with("runc version 1.1."),
+        "this test needs Debian 12's runc 1.1 at {RUNC}: {version}"
+    );
+
+    // Refused at start, naming the handler, the version, the CVEs and the fixed releases.
+    let (status, text) = tokio::task::block_in_place(|| {
+        berthd_refuses_to_start(&format!("[runtimes.rc]\npath = {RUNC:?}\n"))
+    });
+    assert!(!status.success(), "{status}: {text}");
+    for want in [
+        "runtimes.rc",
+        RUNC,
+        "1.1.5",
+        "1.2.8",
+        "1.3.3",
+        "1.4.0-rc.3",
+        "allow_vulnerable",
+    ]
+    .into_iter()
+    .chain(CVES)
+    {
+        assert!(text.contains(want), "{want} not in:\n{text}");
+    }
+
+    // Taken when its section says so: berthd starts, warns with the same facts, and Status
+    // lists the handler.
+    let b = common::Berthd::start_with(Options {
+        extra_config: format!("[runtimes.rc]\npath = {RUNC:?}\nallow_vulnerable = true\n"),
+        ..Default::default()
+    });
+    let status = b
+        .runtime()
+        .await
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status.runtime_handlers.iter().any(|h| h.name == "rc"),
+        "{:?}",
+        status.runtime_handlers
+    );
+    let log = b.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("CVE-2025-31133"))
+        .unwrap_or_else(|| panic!("no warning about the CVEs:\n{log}"));
+    for want in ["rc", "1.1.5", "1.2.8", "1.3.3", "1.4.0-rc.3"]
+        .into_iter()
+        .chain(CVES)
+    {
+        assert!(warning.contains(want), "{want} not in: {warning}");
+    }
 }

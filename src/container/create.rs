@@ -132,6 +132,9 @@ impl Containers {
     async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
         let t0 = std::time::Instant::now();
         let rootfs_dir = self.make_rootfs(&rec.id, image, p)?;
+        // Before any runtime sees the root: its /dev and the rest must not lead out of it.
+        rootfs::check_runtime_dirs(&rootfs_dir)
+            .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", rec.image_name)))?;
         crate::failpoint::hit("create:rootfs").await;
         let t_mount = t0.elapsed();
         rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
@@ -288,7 +291,7 @@ impl Containers {
             passwd.as_deref(),
             group.as_deref(),
         )
-        .map_err(Error::InvalidArgument)
+        .map_err(|e| Error::InvalidArgument(format!("image {}: {e}", rec.image_name)))
     }
 
     /// The OCI spec, written to the bundle; the process's environment and working directory
@@ -372,6 +375,17 @@ impl Containers {
         let dir = self.ctr_dir(&id);
         let oom = (rec.spec.resources.oom_score_adj != 0 || self.own_oom != 0)
             .then(|| rec.spec.resources.oom_score_adj.max(self.own_oom));
+        let userns = p.spec.namespaces.user;
+        let host = |id: u32, r: Option<crate::sandbox::IdRange>| {
+            r.map_or(Some(id), |r| r.to_host(id)).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "container {id_}: id {id} is not mapped by the pod's user namespace",
+                    id_ = rec.id
+                ))
+            })
+        };
+        let host_uid = host(rec.user.uid, userns.map(|u| u.uids))?;
+        let host_gid = host(rec.user.gid, userns.map(|u| u.gids))?;
         let created = self
             .monitor(&p.id)
             .call(
@@ -398,6 +412,9 @@ impl Containers {
                     shielded: super::shares_pid_namespace(&rec.spec, p),
                     runtime: self.runtime_binary(p),
                     systemd_cgroup: self.pods.cgroups.driver == crate::cgroup::Driver::Systemd,
+                    host_uid,
+                    host_gid,
+                    log_directory: p.spec.log_directory.clone(),
                 }),
                 Some(Duration::from_secs(60)),
             )

@@ -220,6 +220,56 @@ pub fn ensure_file_targets(root: &Path, targets: &[&str]) -> Result<(), RootfsEr
     Ok(())
 }
 
+/// The directories a runtime mounts onto or writes into before it pivots into the root. An
+/// image's symlink at one of them would be followed from the node's `/` (libcontainer and
+/// runc make `/dev/ptmx`, `/dev/fd`... with plain paths): each must be absent or a real
+/// directory.
+const RUNTIME_DIRS: [&str; 5] = ["dev", "dev/pts", "dev/shm", "proc", "sys"];
+
+/// Refuses a root whose `/dev`, `/dev/pts`, `/dev/shm`, `/proc` or `/sys` is anything but
+/// a directory (a symlink above all), resolving beneath the root without following any link;
+/// the error names the path. Runs before any runtime sees the root.
+pub fn check_runtime_dirs(root: &Path) -> Result<(), String> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("opening the container's root {}: {e}", root.display()))?;
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    for path in RUNTIME_DIRS {
+        let refuse =
+            |what: &str| format!("the image's /{path} is {what}; it must be absent or a directory");
+        match rustix::fs::openat2(
+            &dir,
+            path,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        ) {
+            Ok(fd) => {
+                let st = rustix::fs::fstat(&fd).map_err(|e| format!("/{path}: {e}"))?;
+                match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory => {}
+                    FileType::Symlink => return Err(refuse("a symbolic link")),
+                    _ => return Err(refuse("not a directory")),
+                }
+            }
+            // A parent that is absent: nothing below it either.
+            Err(rustix::io::Errno::NOENT) => {}
+            // Only a link on the way (checked first, so the parent's own check named it) or a
+            // file as a parent get here.
+            Err(rustix::io::Errno::LOOP) => return Err(refuse("reached through a symbolic link")),
+            Err(rustix::io::Errno::NOTDIR) => {
+                return Err(refuse("under something not a directory"));
+            }
+            Err(e) => return Err(format!("checking /{path} in the container's root: {e}")),
+        }
+    }
+    Ok(())
+}
+
 /// What a mount target or working directory must be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {

@@ -3,6 +3,8 @@
 //! `super::image_file`, which treats them as the hostile input they are), plus the user's
 //! groups from the image and the pod's supplemental groups.
 
+use crate::image::user::{self as image_user, Id};
+
 /// The resolved identity.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct User {
@@ -77,7 +79,9 @@ fn groups(text: &str) -> Vec<(String, u32, Vec<String>)> {
         .collect()
 }
 
-/// Resolves the identity from the image's files (`passwd_text`, `group_text`).
+/// Resolves the identity from the image's files (`passwd_text`, `group_text`). Every id, from
+/// the request, USER or the image's files, must be within 0..=`MAX_ID`: a larger one
+/// (4294967295 is `(uid_t)-1`, "unchanged" to setresuid) would leave the process root.
 pub fn resolve(
     w: &Wanted<'_>,
     passwd_text: Option<&str>,
@@ -85,39 +89,42 @@ pub fn resolve(
 ) -> Result<User, String> {
     let users = passwd(passwd_text.unwrap_or(""));
     let grps = groups(group_text.unwrap_or(""));
-    let (img_user, img_group) = match w.image_user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (w.image_user, None),
+    let image = image_user::parse(w.image_user).map_err(|e| format!("the image's {e}"))?;
+    let checked = |v: i64, what: &str| {
+        image_user::checked_id(v)
+            .ok_or_else(|| format!("{what} {v} is outside 0..={}", image_user::MAX_ID))
+    };
+    let by_name = |name: &str, what: &str| {
+        users
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| format!("{what} {name:?} is not in the image's /etc/passwd"))
     };
     // The user: the request's uid, the request's name, or the image's USER.
     let (uid, entry) = if let Some(uid) = w.uid {
-        let uid = u32::try_from(uid).map_err(|_| format!("run_as_user {uid} is out of range"))?;
+        let uid = checked(uid, "run_as_user")?;
         (uid, users.iter().find(|e| e.uid == uid))
     } else if !w.username.is_empty() {
-        let e = users
-            .iter()
-            .find(|e| e.name == w.username)
-            .ok_or_else(|| format!("user {:?} is not in the image's /etc/passwd", w.username))?;
+        let e = by_name(w.username, "user")?;
         (e.uid, Some(e))
-    } else if img_user.is_empty() {
-        (0, users.iter().find(|e| e.uid == 0))
-    } else if let Ok(uid) = img_user.parse::<u32>() {
-        (uid, users.iter().find(|e| e.uid == uid))
     } else {
-        let e = users
-            .iter()
-            .find(|e| e.name == img_user)
-            .ok_or_else(|| format!("the image's USER {img_user:?} is not in its /etc/passwd"))?;
-        (e.uid, Some(e))
+        match image.user {
+            None => (0, users.iter().find(|e| e.uid == 0)),
+            Some(Id::Number(uid)) => (uid, users.iter().find(|e| e.uid == uid)),
+            Some(Id::Name(name)) => {
+                let e = by_name(name, "the image's USER")?;
+                (e.uid, Some(e))
+            }
+        }
     };
     // The group: the request's, the image USER's group part (when the request did not name the
     // user), the user's primary group, or 0.
     let gid = if let Some(g) = w.gid {
-        u32::try_from(g).map_err(|_| format!("run_as_group {g} is out of range"))?
-    } else if let (Some(g), None, true) = (img_group, w.uid, w.username.is_empty()) {
-        match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => grps
+        checked(g, "run_as_group")?
+    } else if let (Some(g), None, true) = (image.group, w.uid, w.username.is_empty()) {
+        match g {
+            Id::Number(gid) => gid,
+            Id::Name(g) => grps
                 .iter()
                 .find(|(n, _, _)| n == g)
                 .map(|(_, gid, _)| *gid)
@@ -138,10 +145,23 @@ pub fn resolve(
         }
     }
     for g in w.supplemental {
-        let g = u32::try_from(*g).map_err(|_| format!("supplemental group {g} is out of range"))?;
+        let g = checked(*g, "supplemental group")?;
         if !additional.contains(&g) {
             additional.push(g);
         }
+    }
+    // Ids taken from the image's own files are checked last, naming the file they came from.
+    if uid > image_user::MAX_ID {
+        return Err(format!(
+            "uid {uid} (from the image's /etc/passwd) is outside 0..={}",
+            image_user::MAX_ID
+        ));
+    }
+    if let Some(g) = additional.iter().find(|g| **g > image_user::MAX_ID) {
+        return Err(format!(
+            "gid {g} (from the image's /etc/passwd or /etc/group) is outside 0..={}",
+            image_user::MAX_ID
+        ));
     }
     Ok(User {
         uid,
@@ -195,6 +215,65 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn ids_outside_the_range_never_resolve() {
+        // A name that looks like a number is never looked up, even where /etc/passwd has it.
+        let evil = "root:x:0:0::/:/bin/sh\n4294967296:x:0:0::/:/bin/sh\n-1:x:0:0::/:/bin/sh\nwide:x:4294967295:4294967295::/:/bin/sh\n";
+        let group = "wideg:x:4294967295:root\n";
+        for user in [
+            "4294967295",
+            "4294967296",
+            "-1",
+            "9223372036854775807",
+            "0:4294967295",
+        ] {
+            let got = resolve(
+                &Wanted {
+                    image_user: user,
+                    ..Default::default()
+                },
+                Some(evil),
+                Some(group),
+            );
+            assert!(got.is_err(), "USER {user} resolved to {got:?}");
+        }
+        for w in [
+            Wanted {
+                image_user: "wide",
+                ..Default::default()
+            },
+            Wanted {
+                username: "wide",
+                ..Default::default()
+            },
+            Wanted {
+                uid: Some(4294967295),
+                ..Default::default()
+            },
+            Wanted {
+                uid: Some(-1),
+                ..Default::default()
+            },
+            Wanted {
+                uid: Some(1),
+                gid: Some(2147483648),
+                ..Default::default()
+            },
+            Wanted {
+                uid: Some(1),
+                supplemental: &[4294967295],
+                ..Default::default()
+            },
+            Wanted {
+                image_user: "root",
+                ..Default::default()
+            },
+        ] {
+            let got = resolve(&w, Some(evil), Some(group));
+            assert!(got.is_err(), "{w:?} resolved to {got:?}");
+        }
     }
 
     #[test]

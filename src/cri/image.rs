@@ -28,7 +28,7 @@ pub(super) fn to_cri(img: &Image) -> cri::Image {
         .as_ref()
         .map(|c| c.user.as_str())
         .unwrap_or("");
-    let (uid, username) = crate::image::manifest::user_of(user);
+    let (uid, username) = crate::image::user::reported(user);
     cri::Image {
         id: img.record.id.clone(),
         repo_tags: img.record.repo_tags.clone(),

@@ -71,7 +71,7 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
     let linux = c.linux.unwrap_or_default();
     let sc = linux.security_context.unwrap_or_default();
     let ns = sc.namespace_options.unwrap_or_default();
-    let user = user_ns(ns.userns_options.as_ref())?;
+    let user = user_ns(ns.userns_options.as_ref(), sc.privileged)?;
     if user.is_some()
         && (ns.network == cri::NamespaceMode::Node as i32
             || ns.pid == cri::NamespaceMode::Node as i32
@@ -123,8 +123,10 @@ fn pod_spec(c: cri::PodSandboxConfig, runtime_handler: String) -> Result<PodSpec
 
 /// The pod's user namespace from `userns_options`: NODE (or nothing) is none; POD takes
 /// exactly one uid and one gid mapping, each mapping container id 0 (as kubelet sends);
-/// CONTAINER and TARGET are not modes a pod can have.
-fn user_ns(u: Option<&cri::UserNamespace>) -> Result<Option<UserNs>, Status> {
+/// CONTAINER and TARGET are not modes a pod can have. A mapping onto the node's root (host
+/// id 0) is taken only for a privileged pod, which holds the node anyway: for any other, root
+/// in the pod would be root of the node. None may reach 4294967295, `(uid_t)-1`.
+fn user_ns(u: Option<&cri::UserNamespace>, privileged: bool) -> Result<Option<UserNs>, Status> {
     let Some(u) = u else { return Ok(None) };
     let bad = |m: String| Status::invalid_argument(format!("userns_options: {m}"));
     match cri::NamespaceMode::try_from(u.mode) {
@@ -148,9 +150,19 @@ fn user_ns(u: Option<&cri::UserNamespace>) -> Result<Option<UserNs>, Status> {
                         m.container_id
                     )));
                 }
-                if m.length == 0 || m.host_id.checked_add(m.length).is_none() {
+                if m.length == 0 {
+                    return Err(bad(format!("the {what} mapping maps no ids")));
+                }
+                if m.host_id.checked_add(m.length).is_none() {
                     return Err(bad(format!(
-                        "the {what} mapping {}+{} is not a range of ids",
+                        "the {what} mapping {}+{} reaches host id 4294967295 ((uid_t)-1)",
+                        m.host_id, m.length
+                    )));
+                }
+                if m.host_id == 0 && !privileged {
+                    return Err(bad(format!(
+                        "the {what} mapping {}+{} maps onto the node's root (host id 0); only a \
+                         privileged pod may",
                         m.host_id, m.length
                     )));
                 }

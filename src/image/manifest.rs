@@ -207,18 +207,6 @@ pub struct RunConfig {
     pub labels: Option<HashMap<String, String>>,
 }
 
-/// USER split into the CRI's uid or username (the group part is not reported).
-pub fn user_of(user: &str) -> (Option<i64>, String) {
-    let u = user.split(':').next().unwrap_or("");
-    if u.is_empty() {
-        return (None, String::new());
-    }
-    match u.parse::<i64>() {
-        Ok(uid) => (Some(uid), String::new()),
-        Err(_) => (None, u.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,14 +255,5 @@ mod tests {
         assert!(matches!(parse_document(m).unwrap(), Document::Manifest(_)));
         let v1 = br#"{"schemaVersion":1,"fsLayers":[]}"#;
         assert!(parse_document(v1).unwrap_err().contains("schema version 1"));
-    }
-
-    #[test]
-    fn user_forms() {
-        assert_eq!(user_of("1000"), (Some(1000), String::new()));
-        assert_eq!(user_of("1003:1004"), (Some(1003), String::new()));
-        assert_eq!(user_of("www-data"), (None, "www-data".into()));
-        assert_eq!(user_of("www-data:1004"), (None, "www-data".into()));
-        assert_eq!(user_of(""), (None, String::new()));
     }
 }

@@ -15,6 +15,7 @@ pub mod reference;
 pub mod registry;
 pub mod snapshot;
 pub mod unpack;
+pub mod user;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +33,7 @@ use manifest::ImageConfig;
 use reference::{Digest, Reference, ReferenceError, is_sha256_hex};
 use registry::{Registry, RegistryError};
 use snapshot::{LayerError, SnapshotStore};
+use unpack::UnpackError;
 
 /// Errors of the image subsystem.
 #[derive(Debug, thiserror::Error)]
@@ -146,11 +148,22 @@ impl From<ImageError> for Error {
                     .any(|e| matches!(e, RegistryError::Unauthorized { .. }))
                 {
                     Error::PermissionDenied(msg)
+                } else if errors
+                    .iter()
+                    .any(|e| matches!(e, RegistryError::SizeMismatch { more: true, .. }))
+                {
+                    // A blob longer than its descriptor: the image as served is invalid.
+                    Error::InvalidArgument(msg)
                 } else {
                     Error::Unavailable(msg)
                 }
             }
             ImageError::Stalled { .. } => Error::DeadlineExceeded(msg),
+            ImageError::Layer { source, .. }
+                if matches!(*source, LayerError::Unpack(UnpackError::TooLarge { .. })) =>
+            {
+                Error::InvalidArgument(msg)
+            }
             ImageError::Layer { source, .. } if matches!(*source, LayerError::Unpack(_)) => {
                 Error::FailedPrecondition(msg)
             }
@@ -522,6 +535,15 @@ impl ImageStore {
         self.config.images.max_concurrent_downloads
     }
 
+    /// What one layer may unpack to.
+    pub(crate) fn layer_limits(&self) -> unpack::Limits {
+        unpack::Limits {
+            bytes: self.config.images.max_layer_bytes,
+            inodes: self.config.images.max_layer_inodes,
+        }
+    }
+
+    /// How long a download may go without receiving a byte.
     pub(crate) fn progress_timeout(&self) -> Duration {
         Duration::from_secs(self.config.images.pull_progress_timeout_seconds.max(1))
     }

@@ -316,9 +316,22 @@ impl Attempting<'_> {
                 .read(config_digest)
                 .map_err(|e| self.content_err("config", e));
         }
-        if m.config.size > MAX_CONFIG_BYTES as i64 {
-            return Err(self.bad(format!("config of {} bytes is too large", m.config.size)));
+        if m.config.size > MAX_CONFIG_BYTES as i64 || m.config.size < 0 {
+            return Err(self.bad(format!(
+                "config of {} bytes is out of bounds (0..=16 MiB)",
+                m.config.size
+            )));
         }
+        let declared = m.config.size as u64;
+        let mismatch = |received: u64, more: bool| {
+            Attempt::NextEndpoint(RegistryError::SizeMismatch {
+                endpoint: self.ep.to_string(),
+                what: format!("config {config_digest}"),
+                declared: m.config.size,
+                received,
+                more,
+            })
+        };
         let stream = self
             .store
             .registry()
@@ -342,10 +355,13 @@ impl Attempting<'_> {
                 })
             })?;
             crate::telemetry::pulled_bytes(chunk.len() as u64);
-            if buf.len() + chunk.len() > MAX_CONFIG_BYTES {
-                return Err(self.bad("config larger than 16 MiB".into()));
+            if (buf.len() + chunk.len()) as u64 > declared {
+                return Err(mismatch(buf.len() as u64, true));
             }
             buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != declared {
+            return Err(mismatch(buf.len() as u64, false));
         }
         match content.write(config_digest, &buf) {
             Ok(()) => Ok(buf),
@@ -396,6 +412,9 @@ impl Attempting<'_> {
         for l in &layers {
             Digest::parse(&l.digest)
                 .ok_or_else(|| self.bad(format!("layer with a malformed digest {:?}", l.digest)))?;
+            if l.size < 0 {
+                return Err(self.bad(format!("layer {} has a negative size {}", l.digest, l.size)));
+            }
         }
         Ok(layers)
     }
@@ -433,6 +452,7 @@ impl Attempting<'_> {
             .map_err(Attempt::NextEndpoint)?;
         let (tx, rx) = mpsc::channel::<Chunk>(32);
         let (digest, diff_id) = (l.digest.clone(), l.diff_id.clone());
+        let limits = self.store.layer_limits();
         // The unpacking thread owns the temp snapshot: if anything fails, including this
         // future being dropped, it removes the directory itself.
         let unpacker = tokio::task::spawn_blocking(move || {
@@ -441,7 +461,7 @@ impl Attempting<'_> {
                 cur: Bytes::new(),
                 ended: false,
             };
-            let res = snapshot::unpack_verified(reader, &temp.fs(), &digest, &diff_id);
+            let res = snapshot::unpack_verified(reader, &temp.fs(), &digest, &diff_id, limits);
             res.map(|stats| (temp, stats))
         });
         let started = Instant::now();
@@ -482,6 +502,18 @@ impl Attempting<'_> {
         snaps.commit(temp, meta).map_err(|e| self.layer_err(l, e))
     }
 
+    /// A blob that went past its declared size or ended short: the next endpoint may serve it
+    /// right.
+    fn size_mismatch(&self, what: &str, l: &LayerRecord, received: u64, more: bool) -> Attempt {
+        Attempt::NextEndpoint(RegistryError::SizeMismatch {
+            endpoint: self.ep.to_string(),
+            what: format!("{what} {}", l.digest),
+            declared: l.size,
+            received,
+            more,
+        })
+    }
+
     /// Feeds a layer's download to the unpacker; returns the bytes received. A download that
     /// delivers nothing for the progress timeout fails; an unpacker that stops ends it (its
     /// own error says why).
@@ -492,6 +524,7 @@ impl Attempting<'_> {
         tx: mpsc::Sender<Chunk>,
     ) -> Result<u64, Attempt> {
         let timeout = self.store.progress_timeout();
+        let declared = u64::try_from(l.size).unwrap_or(0);
         let mut stream = std::pin::pin!(stream);
         let started = Instant::now();
         let mut last_log = started;
@@ -508,6 +541,11 @@ impl Attempting<'_> {
             };
             match next {
                 Some(Ok(b)) => {
+                    // Not a byte past the descriptor: an endless answer for a small layer
+                    // would otherwise be unpacked until the disk is full.
+                    if received + b.len() as u64 > declared {
+                        return Err(self.size_mismatch("layer", l, received, true));
+                    }
                     received += b.len() as u64;
                     crate::telemetry::pulled_bytes(b.len() as u64);
                     if last_log.elapsed() >= PROGRESS_LOG_EVERY {
@@ -524,12 +562,25 @@ impl Attempting<'_> {
                     }
                 }
                 Some(Err(e)) => {
+                    // The client checks the digest as the stream ends: a short blob fails
+                    // here, and saying how short is the clearer part.
+                    let short = if received < declared {
+                        format!(
+                            "the manifest declares {} bytes, the registry sent {received}: ",
+                            l.size
+                        )
+                    } else {
+                        String::new()
+                    };
                     return Err(Attempt::NextEndpoint(RegistryError::Protocol {
                         endpoint: self.ep.to_string(),
-                        message: format!("layer {}: {e}", l.digest),
+                        message: format!("layer {}: {short}{e}", l.digest),
                     }));
                 }
                 None => {
+                    if received != declared {
+                        return Err(self.size_mismatch("layer", l, received, false));
+                    }
                     let _ = tx.send(Chunk::End).await;
                     return Ok(received);
                 }

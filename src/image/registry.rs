@@ -63,6 +63,23 @@ pub enum RegistryError {
         /// Details.
         message: String,
     },
+    /// A blob that went past its descriptor's size, or ended short of it.
+    #[error(
+        "{endpoint}: {what}: the manifest declares {declared} bytes, the registry sent {}",
+        if *more { format!("more than {received}") } else { received.to_string() }
+    )]
+    SizeMismatch {
+        /// The endpoint.
+        endpoint: String,
+        /// The blob ("layer sha256:…", "config sha256:…").
+        what: String,
+        /// The descriptor's size.
+        declared: i64,
+        /// What arrived before the download was stopped.
+        received: u64,
+        /// Whether it went past the declared size (else it ended short).
+        more: bool,
+    },
     /// Anything else the registry answered wrongly.
     #[error("{endpoint}: {message}")]
     Protocol {

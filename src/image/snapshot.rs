@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use super::reference::Digest;
-use super::unpack::{UnpackError, UnpackStats, unpack};
+use super::unpack::{Limits, UnpackError, UnpackStats, unpack};
 use crate::store::{self, StoreError};
 
 const META: &str = "meta.json";
@@ -348,14 +348,41 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// Counts what passes and refuses to pass more than `limit` bytes: the uncompressed stream
+/// of a small download can be any size.
+struct Bounded<R> {
+    inner: R,
+    passed: u64,
+    limit: u64,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.passed > self.limit {
+            return Err(std::io::Error::other("the layer's byte limit was passed"));
+        }
+        // One byte past the limit is read, so a stream of exactly `limit` bytes passes.
+        let room = (self.limit - self.passed)
+            .saturating_add(1)
+            .min(buf.len() as u64) as usize;
+        let n = self.inner.read(&mut buf[..room])?;
+        self.passed += n as u64;
+        if self.passed > self.limit {
+            return Err(std::io::Error::other("the layer's byte limit was passed"));
+        }
+        Ok(n)
+    }
+}
+
 /// Unpacks a (possibly compressed) layer stream into `dest`, checking both the compressed
-/// digest and the uncompressed diff ID. The compression is sniffed from the first bytes, not
-/// trusted from the media type: gzip, zstd and plain tar are accepted.
+/// digest and the uncompressed diff ID, within `limits`. The compression is sniffed from the
+/// first bytes, not trusted from the media type: gzip, zstd and plain tar are accepted.
 pub fn unpack_verified(
     compressed: impl Read,
     dest: &Path,
     digest: &str,
     diff_id: &str,
+    limits: Limits,
 ) -> Result<UnpackStats, LayerError> {
     let mut outer = BufReader::with_capacity(
         256 * 1024,
@@ -377,12 +404,32 @@ pub fn unpack_verified(
             Box::new(&mut outer)
         };
         let mut inner = Hashing {
-            inner: decoded,
+            inner: Bounded {
+                inner: decoded,
+                passed: 0,
+                limit: limits.bytes,
+            },
             hash: Sha256::new(),
         };
-        let stats = unpack(&mut inner, dest)?;
+        let too_large = |b: &Bounded<_>| {
+            (b.passed > b.limit).then(|| {
+                LayerError::Unpack(UnpackError::TooLarge {
+                    entry: String::new(),
+                    why: format!(
+                        "the uncompressed layer is larger than {} bytes ([images] max_layer_bytes)",
+                        b.limit
+                    ),
+                })
+            })
+        };
+        let stats = match unpack(&mut inner, dest, limits.inodes) {
+            Ok(s) => s,
+            Err(e) => return Err(too_large(&inner.inner).unwrap_or(e.into())),
+        };
         // The diff ID covers the whole uncompressed stream, padding after the tar's end too.
-        std::io::copy(&mut inner, &mut std::io::sink()).map_err(LayerError::Decompress)?;
+        if let Err(e) = std::io::copy(&mut inner, &mut std::io::sink()) {
+            return Err(too_large(&inner.inner).unwrap_or(LayerError::Decompress(e)));
+        }
         (stats, Digest::from_sha256(&inner.hash.finalize()))
     };
     std::io::copy(&mut outer, &mut std::io::sink())
@@ -448,7 +495,14 @@ mod tests {
         let zst = zstd::encode_all(&tar[..], 3).unwrap();
         for blob in [&gz, &zst, &tar] {
             let d = tempfile::tempdir().unwrap();
-            let stats = unpack_verified(&blob[..], d.path(), &sha(blob), &sha(&tar)).unwrap();
+            let stats = unpack_verified(
+                &blob[..],
+                d.path(),
+                &sha(blob),
+                &sha(&tar),
+                Limits::default(),
+            )
+            .unwrap();
             assert_eq!(stats.bytes, 5);
             assert_eq!(std::fs::read(d.path().join("hello")).unwrap(), b"world");
         }
@@ -458,10 +512,24 @@ mod tests {
     fn wrong_digests_are_caught() {
         let tar = layer_tar();
         let d = tempfile::tempdir().unwrap();
-        let e = unpack_verified(&tar[..], d.path(), &sha(b"x"), &sha(&tar)).unwrap_err();
+        let e = unpack_verified(
+            &tar[..],
+            d.path(),
+            &sha(b"x"),
+            &sha(&tar),
+            Limits::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, LayerError::DigestMismatch { .. }), "{e}");
         let d = tempfile::tempdir().unwrap();
-        let e = unpack_verified(&tar[..], d.path(), &sha(&tar), &sha(b"x")).unwrap_err();
+        let e = unpack_verified(
+            &tar[..],
+            d.path(),
+            &sha(&tar),
+            &sha(b"x"),
+            Limits::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, LayerError::DiffIdMismatch { .. }), "{e}");
     }
 

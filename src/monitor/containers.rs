@@ -131,8 +131,17 @@ impl Monitor {
         let log = if c.log_path.is_empty() {
             None
         } else {
+            // The pod's log directory is kubelet's; only what lies beneath it is the log's.
+            let path = Path::new(&c.log_path);
+            let (dir, rel) = match path.strip_prefix(&c.log_directory) {
+                Ok(rel) if !c.log_directory.is_empty() => (Path::new(&c.log_directory), rel),
+                _ => (
+                    path.parent().unwrap_or(Path::new("/")),
+                    Path::new(path.file_name().unwrap_or_default()),
+                ),
+            };
             Some(
-                LogWriter::open(Path::new(&c.log_path))
+                LogWriter::open(dir, rel)
                     .map_err(|e| format!("opening log {}: {e}", c.log_path))?,
             )
         };
@@ -563,12 +572,14 @@ fn stdin_pipe(wanted: bool) -> Result<(Option<File>, OwnedFd), String> {
     }
 }
 
-/// After the create: oom_score_adj set on the init, and the output it will write.
+/// After the create: the init's ids checked, oom_score_adj set on it, and the output it will
+/// write.
 fn finish_create(
     c: &proto::Create,
     pid: i32,
     io: Io,
 ) -> Result<(File, Option<File>, Option<File>), String> {
+    check_ids(pid, c.host_uid, c.host_gid)?;
     if c.set_oom_score_adj {
         std::fs::write(
             format!("/proc/{pid}/oom_score_adj"),
@@ -585,5 +596,45 @@ fn finish_create(
             let reader = master.try_clone().map_err(|e| format!("terminal: {e}"))?;
             Ok((reader, None, Some(master)))
         }
+    }
+}
+
+/// Both runtimes switch the init's ids before it waits for Start; an init that does not hold
+/// exactly the uid and gid berth resolved (real, effective, saved and filesystem) is refused,
+/// never started: a runtime that read an id as "leave unchanged" would run it as root.
+fn check_ids(pid: i32, uid: u32, gid: u32) -> Result<(), String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading the container's ids: {e}"))?;
+    for (key, want) in [("Uid:", uid), ("Gid:", gid)] {
+        let have: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if have.len() != 4 || have.iter().any(|h| *h != want) {
+            return Err(format!(
+                "the runtime left the container's init with {key} {have:?}, not {want} (refused)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_init_holding_other_ids_is_refused() {
+        let me = std::process::id() as i32;
+        let (u, g) = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        super::check_ids(me, u, g).unwrap();
+        assert!(super::check_ids(me, u + 1, g).is_err());
+        assert!(super::check_ids(me, u, 4294967295).is_err());
     }
 }

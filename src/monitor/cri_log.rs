@@ -3,9 +3,8 @@
 //! split into `P` (partial) records closed by an `F` (full) one. kubelet rotates the file by
 //! renaming it and then asks for a reopen.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,36 +32,79 @@ impl Stream {
 
 /// A container's log file and the unfinished line of each stream.
 pub struct LogWriter {
-    path: PathBuf,
+    dir: PathBuf,
+    rel: PathBuf,
     file: File,
     partial: [Vec<u8>; 2],
 }
 
-fn open(path: &Path) -> std::io::Result<File> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// Opens `rel` beneath `dir` (the pod's log directory, kubelet's own) for appending, making
+/// it and its directories where missing. Nothing under `dir` is followed if it is a link: a
+/// link placed at the log's path would otherwise have root append to any node file.
+fn open(dir: &Path, rel: &Path) -> std::io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    std::fs::create_dir_all(dir)?;
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let names: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(n) => Ok(n),
+            _ => Err(std::io::Error::other(format!(
+                "log path {} leaves the log directory",
+                rel.display()
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let (name, parents) = names
+        .split_last()
+        .ok_or_else(|| std::io::Error::other("empty log path"))?;
+    let mut cur = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for p in parents {
+        match rustix::fs::mkdirat(&cur, *p, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        cur = rustix::fs::openat2(
+            &cur,
+            *p,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        )?;
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
+    let fd = rustix::fs::openat2(
+        &cur,
+        *name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o640),
+        how,
+    )?;
+    let file = File::from(fd);
+    // A FIFO or a device placed there would block the monitor or reach a device.
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("the log path is not a regular file"));
+    }
+    Ok(file)
 }
 
 impl LogWriter {
-    /// Opens (creating it and its directory) the log at `path`.
-    pub fn open(path: &Path) -> std::io::Result<LogWriter> {
+    /// Opens (creating it and its directories) the log at `rel` beneath the directory `dir`.
+    pub fn open(dir: &Path, rel: &Path) -> std::io::Result<LogWriter> {
         Ok(LogWriter {
-            path: path.to_owned(),
-            file: open(path)?,
+            file: open(dir, rel)?,
+            dir: dir.to_owned(),
+            rel: rel.to_owned(),
             partial: [Vec::new(), Vec::new()],
         })
     }
 
     /// Opens the path again: after kubelet renamed the file, a new one starts there.
     pub fn reopen(&mut self) -> std::io::Result<()> {
-        self.file = open(&self.path)?;
+        self.file = open(&self.dir, &self.rel)?;
         Ok(())
     }
 
@@ -198,7 +240,7 @@ mod tests {
     fn lines_streams_and_partial_lines() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sub/dir/0.log");
-        let mut w = LogWriter::open(&p).unwrap();
+        let mut w = LogWriter::open(d.path(), Path::new("sub/dir/0.log")).unwrap();
         w.write(Stream::Stdout, b"hello\nwor").unwrap();
         w.write(Stream::Stderr, b"oops\n").unwrap();
         w.write(Stream::Stdout, b"ld\n\nlast").unwrap();
@@ -219,7 +261,7 @@ mod tests {
     fn a_40k_line_becomes_two_partial_records_and_a_full_one() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("0.log");
-        let mut w = LogWriter::open(&p).unwrap();
+        let mut w = LogWriter::open(d.path(), Path::new("0.log")).unwrap();
         let line = vec![b'x'; 40 * 1024];
         // Written in small pieces, as a pipe delivers it.
         for c in line.chunks(4000) {
@@ -240,7 +282,7 @@ mod tests {
     fn reopen_follows_a_rename() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("0.log");
-        let mut w = LogWriter::open(&p).unwrap();
+        let mut w = LogWriter::open(d.path(), Path::new("0.log")).unwrap();
         w.write(Stream::Stdout, b"before\n").unwrap();
         std::fs::rename(&p, d.path().join("0.log.1")).unwrap();
         w.reopen().unwrap();
@@ -250,5 +292,20 @@ mod tests {
             vec![("stdout".into(), "F".into(), "after".into())]
         );
         assert_eq!(lines(&d.path().join("0.log.1"))[0].2, "before");
+    }
+
+    #[test]
+    fn links_beneath_the_log_directory_are_never_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("node-file");
+        std::fs::write(&outside, b"node\n").unwrap();
+        let logs = d.path().join("logs");
+        std::fs::create_dir_all(logs.join("c")).unwrap();
+        std::os::unix::fs::symlink(&outside, logs.join("c/0.log")).unwrap();
+        std::os::unix::fs::symlink(d.path(), logs.join("up")).unwrap();
+        assert!(LogWriter::open(&logs, Path::new("c/0.log")).is_err());
+        assert!(LogWriter::open(&logs, Path::new("up/node-file")).is_err());
+        assert!(LogWriter::open(&logs, Path::new("../node-file")).is_err());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"node\n");
     }
 }

@@ -365,6 +365,24 @@ fn set_identity(cmd: &Command) -> Result<(), String> {
             return Err(last("PR_SET_KEEPCAPS"));
         }
     }
+    // The kernel reads (uid_t)-1 as "leave unchanged": berth never asks for it, but an exec
+    // must never run with ids other than the ones asked for, whatever the call did.
+    let (uids, gids) = (
+        nix::unistd::getresuid().map_err(|e| format!("getresuid: {e}"))?,
+        nix::unistd::getresgid().map_err(|e| format!("getresgid: {e}"))?,
+    );
+    let ok = [uids.real, uids.effective, uids.saved]
+        .iter()
+        .all(|u| u.as_raw() == cmd.uid)
+        && [gids.real, gids.effective, gids.saved]
+            .iter()
+            .all(|g| g.as_raw() == cmd.gid);
+    if !ok {
+        return Err(format!(
+            "the ids did not change to {}:{} (refused to run as another user)",
+            cmd.uid, cmd.gid
+        ));
+    }
     Ok(())
 }
 

@@ -148,13 +148,13 @@ impl Nft {
             conflict: message.contains("File exists"),
             message,
         };
-        let mut child = tokio::process::Command::new("nft")
-            .args(["-f", "-"])
+        let mut cmd = tokio::process::Command::new("nft");
+        cmd.args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| err(format!("running nft: {e}")))?;
+            .stderr(Stdio::piped());
+        crate::fdlimit::for_child(cmd.as_std_mut());
+        let mut child = cmd.spawn().map_err(|e| err(format!("running nft: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped stdin");
         stdin
             .write_all(script.as_bytes())

@@ -74,6 +74,16 @@ pub struct IdRange {
     pub len: u32,
 }
 
+impl IdRange {
+    /// The node's id for `id` inside, if the range maps it.
+    pub fn to_host(&self, id: u32) -> Option<u32> {
+        let off = id.checked_sub(self.container)?;
+        (off < self.len)
+            .then(|| self.host.checked_add(off))
+            .flatten()
+    }
+}
+
 /// A pod's own user namespace (userns_options mode POD).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserNs {
@@ -284,6 +294,9 @@ pub struct Sandboxes {
     pub reconciled: crate::store::Tally,
     /// The records' copies in `--root`, for after a reboot.
     copies: store::Copies,
+    /// The TCP addresses berthd itself serves on (streaming, metrics): no hostPort may
+    /// shadow one.
+    own_endpoints: std::sync::Mutex<Vec<std::net::SocketAddr>>,
 }
 
 fn now_ns() -> i64 {
@@ -306,6 +319,14 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 impl Sandboxes {
+    /// Records a TCP address berthd serves on, so no pod's hostPort can take its traffic.
+    pub fn reserve_own_endpoint(&self, addr: std::net::SocketAddr) {
+        self.own_endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(addr);
+    }
+
     fn pod_dir(&self, id: &str) -> PathBuf {
         self.layout.pods().join(id)
     }

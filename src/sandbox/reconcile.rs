@@ -153,6 +153,7 @@ impl Sandboxes {
                 .map_err(|e| Error::Internal(store::refusal(&e)))?,
             reconciled: Default::default(),
             copies,
+            own_endpoints: Default::default(),
         });
         for _ in 0..restored {
             store::Tally::add(&s.reconciled.restored);

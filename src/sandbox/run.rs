@@ -56,7 +56,9 @@ impl Sandboxes {
                 .map_err(Error::InvalidArgument)?;
         }
         validate_sysctls(spec)?;
-        validate_ports(spec)
+        validate_ports(spec)?;
+        let own = self.own_endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        not_over_own_endpoints(spec, &own)
     }
 
     /// RunPodSandbox: returns the new pod's id. A call whose client goes away still finishes
@@ -472,6 +474,28 @@ fn validate_sysctls(spec: &PodSpec) -> Result<()> {
         if v.contains('\0') {
             return Err(Error::InvalidArgument(format!(
                 "sysctl {k}: the value holds a NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A TCP hostPort that would take connections meant for berthd's own streaming or metrics
+/// server is refused: kubelet's stream proxy would hand exec tokens and users' stdin to the
+/// pod. An address matches when it is the same, or either side is unspecified (all addresses).
+fn not_over_own_endpoints(spec: &PodSpec, own: &[std::net::SocketAddr]) -> Result<()> {
+    use crate::network::nft::Proto;
+    for p in spec.ports.iter().filter(|p| p.proto == Proto::Tcp) {
+        let host_ip = p.host_ip.filter(|a| !a.is_unspecified());
+        let hit = own.iter().find(|e| {
+            e.port() == p.host_port
+                && (e.ip().is_unspecified() || host_ip.is_none_or(|ip| ip == e.ip()))
+        });
+        if let Some(e) = hit {
+            return Err(Error::InvalidArgument(format!(
+                "host port {}/tcp{} would shadow berthd's own server at {e}",
+                p.host_port,
+                host_ip.map(|ip| format!(" on {ip}")).unwrap_or_default()
             )));
         }
     }

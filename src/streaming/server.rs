@@ -103,40 +103,35 @@ impl Streaming {
                 axum::routing::get(remote_command).post(remote_command),
             )
             .with_state(self.clone());
-        let listener = match tls {
-            Some(config) => Listening::Tls(
-                super::tls::TlsListener::new(listener, config).map_err(|e| err(e.to_string()))?,
-            ),
-            None => Listening::Plain(listener),
-        };
+        // 1/8 of the descriptor limit (128 of 1024), at most 1024: with the metrics
+        // endpoint's 1/64, bare connections take at most a seventh of the table; even if every
+        // slot were an exec session (~5 descriptors: the connection, the monitor's, stdio) a
+        // third of it stays for the CRI socket, monitors and records.
+        let listener = crate::listen_guard::GuardedListener::new(
+            listener,
+            crate::listen_guard::cap(8, 1024),
+            "streaming",
+        );
+        let handshake = tls.map(super::tls::Handshake::new);
         let task = tokio::spawn(async move {
-            // Small frames (replies, an exit status) must not wait for the client's delayed
-            // ACK: without TCP_NODELAY each exec took ~40 ms longer.
-            use axum::serve::ListenerExt;
-            let served = match listener {
-                Listening::Tls(tls) => axum::serve(tls, app).with_graceful_shutdown(shutdown).await,
-                Listening::Plain(listener) => {
-                    let listener = listener.tap_io(|tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    });
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
+            use crate::listen_guard::serve;
+            match handshake {
+                Some(tls) => {
+                    let prepare = move |conn, peer: SocketAddr| {
+                        let tls = tls.clone();
+                        async move { tls.accept(conn, peer).await }
+                    };
+                    serve(listener, prepare, app, shutdown).await
                 }
-            };
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "streaming server failed");
+                None => {
+                    let prepare = |conn, _| std::future::ready(Some(conn));
+                    serve(listener, prepare, app, shutdown).await
+                }
             }
         });
         tracing::info!(address = %bound, "streaming server listening");
         Ok((bound, task))
     }
-}
-
-/// The listening socket, bare or behind TLS.
-enum Listening {
-    Plain(tokio::net::TcpListener),
-    Tls(super::tls::TlsListener),
 }
 
 /// Whether a comma-separated header (any of its occurrences) holds `want`.

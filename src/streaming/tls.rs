@@ -1,7 +1,7 @@
 //! TLS for the streaming server: the certificate and key from `[streaming] tls_cert_file` and
 //! `tls_key_file`, or a self-signed certificate for the bound address made at start. The
-//! handshake of each connection runs in a task of its own, so a client that stalls in it holds
-//! up nobody else's connection.
+//! handshake of each connection runs in the connection's own task, so a client that stalls in
+//! it holds up nobody else's connection (and, counted by the listener's cap, only its own slot).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -11,15 +11,14 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use crate::listen_guard::Guarded;
+
 /// A client that has not finished its handshake within this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections handshaken but not yet taken by the HTTP server.
-const BACKLOG: usize = 64;
 
 /// The certificate could not be read, parsed or made.
 #[derive(Debug, thiserror::Error)]
@@ -94,73 +93,34 @@ fn self_signed(
     Ok((vec![cert.der().clone()], key))
 }
 
-/// A listener for axum that hands over connections once their TLS handshake is done.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<tokio::net::TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
+/// The server side of the TLS handshake, for each accepted connection.
+#[derive(Clone)]
+pub struct Handshake(TlsAcceptor);
 
-impl TlsListener {
-    /// Accepts on `tcp` and handshakes with `config`; TCP_NODELAY on every connection.
-    pub fn new(tcp: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
-        let tls = TlsAcceptor::from(config);
-        let (tx, ready) = mpsc::channel(BACKLOG);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let (conn, peer) = match tcp.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors, most likely: wait instead of spinning.
-                        tracing::warn!(error = %e, "streaming server: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = conn.set_nodelay(true);
-                let (tls, tx) = (tls.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(conn)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "streaming TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "streaming TLS handshake timed out"),
-                    }
-                });
+impl Handshake {
+    /// Handshakes with `config`.
+    pub fn new(config: Arc<ServerConfig>) -> Handshake {
+        Handshake(TlsAcceptor::from(config))
+    }
+
+    /// The connection from `peer` once its handshake is done; `None` (dropped) if it failed
+    /// or took longer than HANDSHAKE_TIMEOUT.
+    pub async fn accept(
+        &self,
+        conn: Guarded<TcpStream>,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<Guarded<TcpStream>>> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.0.accept(conn)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "streaming TLS handshake failed");
+                None
             }
-        });
-        Ok(TlsListener {
-            ready,
-            local,
-            acceptor,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(c) => c,
-            // The accepting task only ends when aborted, which happens when this is dropped.
-            None => std::future::pending().await,
+            Err(_) => {
+                tracing::debug!(%peer, "streaming TLS handshake timed out");
+                None
+            }
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 

@@ -371,6 +371,9 @@ impl Zygote {
                 Ok(())
             });
         }
+        // The zygote, and so every monitor, pod init and container, runs with the limit berthd
+        // was given, not the one it raised for itself.
+        crate::fdlimit::for_child(cmd.as_std_mut());
         let child = cmd.spawn()?;
         drop(theirs);
         drop(binary);

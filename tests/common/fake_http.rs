@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     /// Body.
     pub body: Vec<u8>,
+    /// When set: after `body`, this many zero bytes, without a Content-Length (the end is the
+    /// connection's close), sent until the peer stops reading: a registry's endless answer.
+    pub then_zeros: Option<u64>,
 }
 
 type Handler = dyn Fn(&Seen) -> Reply + Send + Sync;
@@ -49,6 +52,7 @@ pub struct FakeHttp {
     /// `IP:PORT` inside the namespace.
     pub addr: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    sent: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -64,10 +68,11 @@ impl FakeHttp {
         let path = ns.path.clone();
         let addr = format!("{ip}:{port}");
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handler: Arc<Handler> = Arc::new(handler);
-        let (seen2, stop2, addr2) = (seen.clone(), stop.clone(), addr.clone());
+        let (seen2, sent2, stop2, addr2) = (seen.clone(), sent.clone(), stop.clone(), addr.clone());
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(&path).unwrap();
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -77,8 +82,8 @@ impl FakeHttp {
             while !stop2.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((s, _)) => {
-                        let (seen, handler) = (seen2.clone(), handler.clone());
-                        std::thread::spawn(move || serve(s, &seen, &*handler));
+                        let (seen, sent, handler) = (seen2.clone(), sent2.clone(), handler.clone());
+                        std::thread::spawn(move || serve(s, &seen, &sent, &*handler));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -88,9 +93,15 @@ impl FakeHttp {
         FakeHttp {
             addr,
             seen,
+            sent,
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Body bytes written so far, over all requests.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Every request received so far.
@@ -109,7 +120,7 @@ impl Drop for FakeHttp {
 }
 
 /// Serves one connection: requests until the peer closes (keep-alive), no request bodies.
-fn serve(s: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Handler) {
+fn serve(s: TcpStream, seen: &Mutex<Vec<Seen>>, sent: &AtomicU64, handler: &Handler) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
     let mut w = s.try_clone().unwrap();
@@ -149,15 +160,42 @@ fn serve(s: TcpStream, seen: &Mutex<Vec<Seen>>, handler: &Handler) {
         for (k, v) in &reply.headers {
             out.push_str(&format!("{k}: {v}\r\n"));
         }
+        if let (Some(zeros), "GET") = (reply.then_zeros, req.method.as_str()) {
+            out.push_str("Connection: close\r\n\r\n");
+            let _ = s_write(&mut w, out.as_bytes(), sent, false);
+            if s_write(&mut w, &reply.body, sent, true).is_err() {
+                return;
+            }
+            let chunk = vec![0u8; 64 * 1024];
+            let mut left = zeros;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                if s_write(&mut w, &chunk[..n], sent, true).is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+            return;
+        }
         out.push_str(&format!("Content-Length: {}\r\n\r\n", reply.body.len()));
         let mut bytes = out.into_bytes();
         if req.method != "HEAD" {
             bytes.extend_from_slice(&reply.body);
+            sent.fetch_add(reply.body.len() as u64, Ordering::Relaxed);
         }
         if w.write_all(&bytes).is_err() {
             return;
         }
     }
+}
+
+/// Writes `data`, counting it in `sent` when it is body.
+fn s_write(w: &mut TcpStream, data: &[u8], sent: &AtomicU64, body: bool) -> std::io::Result<()> {
+    w.write_all(data)?;
+    if body {
+        sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 /// A plain GET (or HEAD) of `path` at `addr` with the given headers: status, headers, body.
@@ -193,5 +231,6 @@ pub fn get(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Re
         status,
         headers,
         body: raw[split + 4..].to_vec(),
+        then_zeros: None,
     }
 }

@@ -25,6 +25,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// Path of the berthd binary cargo built for the tests.
 pub const BERTHD: &str = env!("CARGO_BIN_EXE_berthd");
 
+/// The berthd the tests start: `BERTH_TEST_BERTHD` when set (another build, such as the
+/// previous commit's, to show a new test fails there), else cargo's.
+pub fn berthd_binary() -> String {
+    std::env::var("BERTH_TEST_BERTHD").unwrap_or_else(|_| BERTHD.to_string())
+}
+
 /// A running berthd and the temporary directories it owns.
 pub struct Berthd {
     /// The temporary directory holding everything below.
@@ -57,15 +63,30 @@ pub fn handler() -> String {
     std::env::var("BERTH_TEST_HANDLER").unwrap_or_default()
 }
 
-/// The configuration of `handler()`: its binary from `BERTH_TEST_HANDLER_PATH`, else
-/// /usr/sbin/<handler>.
+/// The configuration of `handler()`: its binary from `BERTH_TEST_HANDLER_PATH`, else for runc
+/// the one `e2e/tools/build-runc` built (Debian's lacks the 2025 fixes and berthd refuses it),
+/// else /usr/sbin/<handler>.
 fn handler_config() -> String {
     let h = handler();
     if h.is_empty() {
         return String::new();
     }
-    let path =
-        std::env::var("BERTH_TEST_HANDLER_PATH").unwrap_or_else(|_| format!("/usr/sbin/{h}"));
+    let built = || {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/var/tmp/berth-tools")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("runc-"))
+            .map(|e| e.path().join("runc"))
+            .filter(|p| p.exists())
+            .collect();
+        found.sort();
+        found.pop().map(|p| p.to_string_lossy().into_owned())
+    };
+    let path = std::env::var("BERTH_TEST_HANDLER_PATH")
+        .ok()
+        .or_else(|| if h == "runc" { built() } else { None })
+        .unwrap_or_else(|| format!("/usr/sbin/{h}"));
     format!("[runtimes.{h}]\npath = {path:?}\n")
 }
 
@@ -169,7 +190,7 @@ impl Berthd {
 
     /// The command line this berthd runs with (inside its network namespace, if any).
     pub fn command(&self, log_level: &str) -> Command {
-        let mut cmd = Command::new(BERTHD);
+        let mut cmd = Command::new(berthd_binary());
         if let Some(ns) = &self.netns {
             in_netns(&mut cmd, ns);
         }

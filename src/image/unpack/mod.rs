@@ -20,6 +20,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, XattrFlags};
 use rustix::io::Errno;
 
 mod fsops;
+mod headers;
+
+pub use headers::MAX_HEADER_BYTES;
 
 use fsops::{
     Meta, clean, device, diagnose, open_beneath_dir, remove_existing, resolve_flags, set_attrs,
@@ -42,6 +45,15 @@ pub enum UnpackError {
         /// Why.
         why: String,
     },
+    /// An entry or the layer goes past a limit (an extension header's size, the layer's bytes
+    /// or inodes): refused before it takes the memory or the disk.
+    #[error("layer entry {entry:?} refused: {why}")]
+    TooLarge {
+        /// The entry's path as written in the tar ("" for the layer as a whole).
+        entry: String,
+        /// Which limit, and by how much.
+        why: String,
+    },
     /// Reading the tar stream failed (truncated, corrupt, or the download stopped).
     #[error("reading the layer: {0}")]
     Read(std::io::Error),
@@ -53,6 +65,16 @@ pub enum UnpackError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+impl From<headers::HeaderError> for UnpackError {
+    fn from(e: headers::HeaderError) -> UnpackError {
+        match e {
+            headers::HeaderError::TooLarge { entry, why } => UnpackError::TooLarge { entry, why },
+            headers::HeaderError::Rejected { entry, why } => UnpackError::Rejected { entry, why },
+            headers::HeaderError::Read(e) => UnpackError::Read(e),
+        }
+    }
 }
 
 impl UnpackError {
@@ -76,8 +98,27 @@ pub struct UnpackStats {
     pub inodes: u64,
 }
 
-/// Unpacks the tar stream `reader` into the empty directory `dest`.
-pub fn unpack(reader: impl Read, dest: &Path) -> Result<UnpackStats, UnpackError> {
+/// What one layer may hold (`[images] max_layer_bytes`, `max_layer_inodes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Uncompressed bytes of the whole tar stream.
+    pub bytes: u64,
+    /// Entries created.
+    pub inodes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            bytes: crate::config::DEFAULT_MAX_LAYER_BYTES,
+            inodes: crate::config::DEFAULT_MAX_LAYER_INODES,
+        }
+    }
+}
+
+/// Unpacks the tar stream `reader` into the empty directory `dest`, creating at most
+/// `max_inodes` entries (the caller bounds the stream's bytes).
+pub fn unpack(reader: impl Read, dest: &Path, max_inodes: u64) -> Result<UnpackStats, UnpackError> {
     let root = rustix::fs::open(
         dest,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
@@ -92,12 +133,25 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<UnpackStats, UnpackError
         stats: UnpackStats::default(),
         dir_times: Vec::new(),
         cached_parent: None,
+        max_inodes,
     };
     let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries().map_err(UnpackError::Read)?;
+    // Raw: extension entries come to us, so their size is judged before they are read.
+    let entries = archive.entries().map_err(UnpackError::Read)?.raw(true);
+    let mut ext = headers::Extensions::default();
     for entry in entries {
-        let entry = entry.map_err(UnpackError::Read)?;
-        u.entry(entry)?;
+        let mut entry = entry.map_err(UnpackError::Read)?;
+        if headers::Extensions::is_extension(entry.header().entry_type()) {
+            ext.take(&mut entry)?;
+            continue;
+        }
+        u.entry(entry, &std::mem::take(&mut ext))?;
+    }
+    if ext.pending() {
+        return Err(rejected(
+            "",
+            "extension headers at the end of the layer describe no entry",
+        ));
     }
     u.finish()?;
     Ok(u.stats)
@@ -110,6 +164,7 @@ struct Unpacker {
     dir_times: Vec<(Vec<u8>, i64)>,
     /// The parent directory of the previous entry: tars list a directory's entries together.
     cached_parent: Option<(Vec<u8>, OwnedFd)>,
+    max_inodes: u64,
 }
 
 /// Where an entry goes: its parent directory (open), its name, and what is there already.
@@ -154,21 +209,29 @@ fn write_error(entry: &str, source: std::io::Error) -> UnpackError {
 }
 
 impl Unpacker {
-    fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
-        let raw_path = entry.path_bytes().into_owned();
+    fn entry<R: Read>(
+        &mut self,
+        mut entry: tar::Entry<'_, R>,
+        ext: &headers::Extensions,
+    ) -> Result<(), UnpackError> {
+        let raw_path = ext.path(&entry);
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let kind = entry.header().entry_type();
-        if matches!(
-            kind,
-            tar::EntryType::XGlobalHeader
-                | tar::EntryType::XHeader
-                | tar::EntryType::GNULongName
-                | tar::EntryType::GNULongLink
-        ) {
-            return Ok(());
-        }
+        ext.check_size(&entry)
+            .map_err(|why| rejected(&shown, &why))?;
         let path = clean(&raw_path).map_err(|why| rejected(&shown, why))?;
-        let meta = self.meta(&mut entry).map_err(UnpackError::Read)?;
+        // Checked before each entry; an entry's missing parents count too and may pass the
+        // limit by the depth of one path, which is bounded by the tar's name length.
+        if self.stats.inodes >= self.max_inodes {
+            return Err(UnpackError::TooLarge {
+                entry: shown,
+                why: format!(
+                    "the layer has more than {} entries ([images] max_layer_inodes)",
+                    self.max_inodes
+                ),
+            });
+        }
+        let meta = self.meta(&mut entry, ext).map_err(UnpackError::Read)?;
         let Some(name) = path.name else {
             // The layer's root itself ("./"): apply its attributes to the snapshot root.
             if kind == tar::EntryType::Directory {
@@ -210,9 +273,9 @@ impl Unpacker {
                 self.regular(&at, &meta, &mut entry)?
             }
             tar::EntryType::GNUSparse => return Err(at.reject("sparse files are not supported")),
-            tar::EntryType::Symlink => self.symlink(&at, &meta, &entry)?,
+            tar::EntryType::Symlink => self.symlink(&at, &meta, ext.link(&entry))?,
             tar::EntryType::Link => {
-                if !self.hard_link(&at, &entry)? {
+                if !self.hard_link(&at, ext.link(&entry))? {
                     return Ok(());
                 }
             }
@@ -311,11 +374,11 @@ impl Unpacker {
         rustix::fs::futimens(&file, &times(meta.mtime)).map_err(|e| at.werr(e.into()))
     }
 
-    fn symlink<R: Read>(
+    fn symlink(
         &mut self,
         at: &Place<'_>,
         meta: &Meta,
-        entry: &tar::Entry<'_, R>,
+        target: Option<Vec<u8>>,
     ) -> Result<(), UnpackError> {
         if at.existing_is_dir {
             return Err(at.reject("a symlink would replace a directory"));
@@ -323,9 +386,7 @@ impl Unpacker {
         if at.exists {
             remove_existing(at.parent, at.name).map_err(|e| at.werr(e.into()))?;
         }
-        let target = entry
-            .link_name_bytes()
-            .ok_or_else(|| at.reject("symlink without a target"))?;
+        let target = target.ok_or_else(|| at.reject("symlink without a target"))?;
         // The target is data, not a path we follow: it is only resolved later, inside the
         // container's root.
         rustix::fs::symlinkat(OsStr::from_bytes(&target), at.parent, at.name_os())
@@ -335,15 +396,8 @@ impl Unpacker {
 
     /// A hard link to an entry of this layer (never out of it). Whether one was made (a link
     /// to itself is nothing to do).
-    fn hard_link<R: Read>(
-        &mut self,
-        at: &Place<'_>,
-        entry: &tar::Entry<'_, R>,
-    ) -> Result<bool, UnpackError> {
-        let target = entry
-            .link_name_bytes()
-            .ok_or_else(|| at.reject("hard link without a target"))?
-            .into_owned();
+    fn hard_link(&mut self, at: &Place<'_>, target: Option<Vec<u8>>) -> Result<bool, UnpackError> {
+        let target = target.ok_or_else(|| at.reject("hard link without a target"))?;
         let t = clean(&target).map_err(|why| at.reject(&format!("hard link target: {why}")))?;
         let Some(tname) = t.name else {
             return Err(at.reject("hard link to the layer root"));
@@ -448,7 +502,11 @@ impl Unpacker {
         remove_existing(parent, name)
     }
 
-    fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> std::io::Result<Meta> {
+    fn meta<R: Read>(
+        &self,
+        entry: &mut tar::Entry<'_, R>,
+        ext: &headers::Extensions,
+    ) -> std::io::Result<Meta> {
         let h = entry.header();
         let mut meta = Meta {
             mode: h.mode()?,
@@ -458,11 +516,8 @@ impl Unpacker {
             mtime: h.mtime().unwrap_or(0) as i64,
             xattrs: Vec::new(),
         };
-        if let Some(exts) = entry.pax_extensions()? {
-            for ext in exts {
-                let ext = ext?;
-                let key = ext.key().unwrap_or("");
-                let value = ext.value_bytes();
+        {
+            for (key, value) in ext.pax_records() {
                 let num = || {
                     std::str::from_utf8(value)
                         .ok()

@@ -82,7 +82,7 @@ fn unpack_into(
     let d = tempfile::tempdir().unwrap();
     let dest = d.path().join("snap");
     std::fs::create_dir(&dest).unwrap();
-    let r = unpack(&t[..], &dest);
+    let r = unpack(&t[..], &dest, Limits::default().inodes);
     (d, dest, r)
 }
 
@@ -222,4 +222,145 @@ fn a_truncated_stream_is_a_read_error() {
     t.truncate(1024);
     let (_d, _dest, r) = unpack_into(t);
     assert!(matches!(r, Err(UnpackError::Read(_))), "{r:?}");
+}
+
+/// A PAX record as tar writes it: "<len> key=value\n", the length counting itself.
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let body = [b" ", key.as_bytes(), b"=", value, b"\n"].concat();
+    let mut len = body.len() + 1;
+    while format!("{len}").len() + body.len() != len {
+        len += 1;
+    }
+    [format!("{len}").into_bytes(), body].concat()
+}
+
+#[test]
+fn long_names_and_pax_paths_and_links_are_taken() {
+    let long = format!("{}/file", "d".repeat(150));
+    let pax = [pax_record("path", b"pax/named"), pax_record("uid", b"4242")].concat();
+    let t = Tar::new()
+        .raw(
+            b"././@LongLink",
+            tar::EntryType::GNULongName,
+            format!("{long}\0").as_bytes(),
+            None,
+            0o644,
+        )
+        .file("short-name", b"long\n", 0o644)
+        .raw(b"PaxHeaders/x", tar::EntryType::XHeader, &pax, None, 0o644)
+        .file("ignored-name", b"pax\n", 0o644)
+        .raw(
+            b"././@LongLink",
+            tar::EntryType::GNULongLink,
+            format!("{long}\0").as_bytes(),
+            None,
+            0o644,
+        )
+        .symlink("lnk", "short")
+        .bytes();
+    let (_d, dest, r) = unpack_into(t);
+    r.unwrap();
+    assert_eq!(std::fs::read(dest.join(&long)).unwrap(), b"long\n");
+    assert_eq!(std::fs::read(dest.join("pax/named")).unwrap(), b"pax\n");
+    assert_eq!(
+        std::fs::metadata(dest.join("pax/named")).unwrap().uid(),
+        4242
+    );
+    assert!(!dest.join("ignored-name").exists());
+    assert_eq!(
+        std::fs::read_link(dest.join("lnk")).unwrap(),
+        Path::new(&long)
+    );
+}
+
+#[test]
+fn extension_headers_over_a_mebibyte_are_refused_unread() {
+    for kind in [
+        tar::EntryType::XHeader,
+        tar::EntryType::XGlobalHeader,
+        tar::EntryType::GNULongName,
+        tar::EntryType::GNULongLink,
+    ] {
+        // The header claims 2 MiB; only a little follows, as a bomb's gzip stream would hold
+        // it back: the refusal must come before any of it is read.
+        let mut h = header("ext", kind, 2 << 20, 0o644);
+        h.set_cksum();
+        let t = [h.as_bytes().as_slice(), &[0u8; 4096]].concat();
+        let (_d, _dest, r) = unpack_into(t);
+        match r {
+            Err(UnpackError::TooLarge { entry, why }) => {
+                assert_eq!(entry, "ext");
+                assert!(why.contains("2097152"), "{why}");
+            }
+            other => panic!("{kind:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Exactly the limit is fine.
+    let pax = pax_record("comment", &vec![b'a'; (MAX_HEADER_BYTES - 20) as usize]);
+    let t = Tar::new()
+        .raw(b"PaxHeaders/x", tar::EntryType::XHeader, &pax, None, 0o644)
+        .file("f", b"x", 0o644)
+        .bytes();
+    assert!(pax.len() as u64 <= MAX_HEADER_BYTES);
+    unpack_into(t).2.unwrap();
+}
+
+#[test]
+fn a_pax_size_that_disagrees_with_the_header_and_dangling_extensions_are_refused() {
+    let t = Tar::new()
+        .raw(
+            b"PaxHeaders/x",
+            tar::EntryType::XHeader,
+            &pax_record("size", b"3"),
+            None,
+            0o644,
+        )
+        .file("f", b"twelve bytes", 0o644)
+        .bytes();
+    rejected(t, "f");
+    let t = Tar::new()
+        .raw(
+            b"PaxHeaders/x",
+            tar::EntryType::XHeader,
+            &pax_record("path", b"a"),
+            None,
+            0o644,
+        )
+        .raw(
+            b"PaxHeaders/y",
+            tar::EntryType::XHeader,
+            &pax_record("path", b"b"),
+            None,
+            0o644,
+        )
+        .file("f", b"x", 0o644)
+        .bytes();
+    rejected(t, "PaxHeaders/y");
+    let t = Tar::new()
+        .file("f", b"x", 0o644)
+        .raw(
+            b"PaxHeaders/x",
+            tar::EntryType::XHeader,
+            &pax_record("path", b"a"),
+            None,
+            0o644,
+        )
+        .bytes();
+    let (_d, _dest, r) = unpack_into(t);
+    assert!(matches!(r, Err(UnpackError::Rejected { .. })), "{r:?}");
+}
+
+#[test]
+fn more_entries_than_the_limit_are_refused() {
+    let t = Tar::new()
+        .file("a", b"1", 0o644)
+        .file("b", b"2", 0o644)
+        .file("c", b"3", 0o644)
+        .bytes();
+    let d = tempfile::tempdir().unwrap();
+    let r = unpack(&t[..], d.path(), 2);
+    assert!(
+        matches!(&r, Err(UnpackError::TooLarge { entry, .. }) if entry == "c"),
+        "{r:?}"
+    );
 }

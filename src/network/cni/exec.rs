@@ -84,6 +84,7 @@ pub async fn run(
     if let Some(ns) = inv.netns {
         cmd.env("CNI_NETNS", ns);
     }
+    crate::fdlimit::for_child(cmd.as_std_mut());
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(format!("{}: {e}", binary.display())))?;
