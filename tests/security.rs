@@ -477,18 +477,8 @@ async fn a_privileged_container_needs_a_privileged_pod() {
 
 /// Pulls each of `names` through berthd.
 async fn pull_all(w: &World, names: &[&str]) {
-    let mut images = w.env.berthd.images().await;
     for name in names {
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: name.to_string(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("pulling {name}: {e}"));
+        common::world::pull(&w.env.berthd, name).await;
     }
 }
 

@@ -151,11 +151,15 @@ fn user_ns(u: Option<&cri::UserNamespace>, privileged: bool) -> Result<Option<Us
                     )));
                 }
                 if m.length == 0 {
-                    return Err(bad(format!("the {what} mapping maps no ids")));
+                    return Err(bad(format!(
+                        "the {what} mapping {}+0 is not a range of ids",
+                        m.host_id
+                    )));
                 }
                 if m.host_id.checked_add(m.length).is_none() {
                     return Err(bad(format!(
-                        "the {what} mapping {}+{} reaches host id 4294967295 ((uid_t)-1)",
+                        "the {what} mapping {}+{} is not a range of node ids: it reaches \
+                         4294967295 ((uid_t)-1)",
                         m.host_id, m.length
                     )));
                 }

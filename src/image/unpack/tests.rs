@@ -67,6 +67,15 @@ impl Tar {
             0o644,
         )
     }
+    fn pax(self, name: &str, records: &[u8]) -> Self {
+        self.raw(
+            name.as_bytes(),
+            tar::EntryType::XHeader,
+            records,
+            None,
+            0o644,
+        )
+    }
     fn bytes(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
@@ -247,7 +256,7 @@ fn long_names_and_pax_paths_and_links_are_taken() {
             0o644,
         )
         .file("short-name", b"long\n", 0o644)
-        .raw(b"PaxHeaders/x", tar::EntryType::XHeader, &pax, None, 0o644)
+        .pax("PaxHeaders/x", &pax)
         .file("ignored-name", b"pax\n", 0o644)
         .raw(
             b"././@LongLink",
@@ -298,7 +307,7 @@ fn extension_headers_over_a_mebibyte_are_refused_unread() {
     // Exactly the limit is fine.
     let pax = pax_record("comment", &vec![b'a'; (MAX_HEADER_BYTES - 20) as usize]);
     let t = Tar::new()
-        .raw(b"PaxHeaders/x", tar::EntryType::XHeader, &pax, None, 0o644)
+        .pax("PaxHeaders/x", &pax)
         .file("f", b"x", 0o644)
         .bytes();
     assert!(pax.len() as u64 <= MAX_HEADER_BYTES);
@@ -308,43 +317,19 @@ fn extension_headers_over_a_mebibyte_are_refused_unread() {
 #[test]
 fn a_pax_size_that_disagrees_with_the_header_and_dangling_extensions_are_refused() {
     let t = Tar::new()
-        .raw(
-            b"PaxHeaders/x",
-            tar::EntryType::XHeader,
-            &pax_record("size", b"3"),
-            None,
-            0o644,
-        )
+        .pax("PaxHeaders/x", &pax_record("size", b"3"))
         .file("f", b"twelve bytes", 0o644)
         .bytes();
     rejected(t, "f");
     let t = Tar::new()
-        .raw(
-            b"PaxHeaders/x",
-            tar::EntryType::XHeader,
-            &pax_record("path", b"a"),
-            None,
-            0o644,
-        )
-        .raw(
-            b"PaxHeaders/y",
-            tar::EntryType::XHeader,
-            &pax_record("path", b"b"),
-            None,
-            0o644,
-        )
+        .pax("PaxHeaders/x", &pax_record("path", b"a"))
+        .pax("PaxHeaders/y", &pax_record("path", b"b"))
         .file("f", b"x", 0o644)
         .bytes();
     rejected(t, "PaxHeaders/y");
     let t = Tar::new()
         .file("f", b"x", 0o644)
-        .raw(
-            b"PaxHeaders/x",
-            tar::EntryType::XHeader,
-            &pax_record("path", b"a"),
-            None,
-            0o644,
-        )
+        .pax("PaxHeaders/x", &pax_record("path", b"a"))
         .bytes();
     let (_d, _dest, r) = unpack_into(t);
     assert!(matches!(r, Err(UnpackError::Rejected { .. })), "{r:?}");
