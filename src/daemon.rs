@@ -284,6 +284,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(crate::cri::DeadlineLayer)
             .add_service(runtime_svc)
             .add_service(image_svc)
             .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {

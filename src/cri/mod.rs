@@ -3,6 +3,7 @@
 //! One file per RPC family; this file wires them into the two tonic services.
 
 mod container;
+mod deadline;
 mod events;
 mod image;
 mod metrics;
@@ -22,6 +23,8 @@ use crate::error::Error;
 use crate::runtime::Runtime;
 use crate::sandbox::NsMode;
 use trace::rpc;
+
+pub use deadline::DeadlineLayer;
 
 /// The largest CRI message berthd takes or sends: kubelet's limit, 16 MiB.
 pub const MAX_MESSAGE: usize = 16 << 20;
