@@ -348,7 +348,9 @@ pub fn ensure_target(root: &Path, path: &str, kind: Target) -> Result<(), Rootfs
     Ok(())
 }
 
-/// Opens `path` as if `dir` were the root: every symlink and `..` stays inside it.
+/// Opens `path` as if `dir` were the root: every symlink and `..` stays inside it. A walk
+/// through `..` fails EAGAIN whenever a mount or rename happens anywhere on the node (the
+/// kernel cannot vouch for it then), which under a busy node is often: retried.
 fn open_in_root(
     dir: &std::os::fd::OwnedFd,
     path: &str,
@@ -356,7 +358,37 @@ fn open_in_root(
 ) -> rustix::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS | ResolveFlags::NO_XDEV;
-    rustix::fs::openat2(dir, path, flags | OFlags::CLOEXEC, Mode::empty(), how)
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(dir, path, flags | OFlags::CLOEXEC, Mode::empty(), how) {
+            Err(rustix::io::Errno::AGAIN) if tries < 10_000 => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Where `path` leads inside `root`, every link followed inside it, as an absolute path with
+/// no link left, if it exists. Mount destinations go to the runtime in this form: libcontainer
+/// resolves them itself with `openat2(RESOLVE_IN_ROOT)`, gives up on EAGAIN after a burst of
+/// retries, and then took an image's `/etc/hosts -> ../run/netconf/hosts` for a missing file
+/// (EEXIST) on a busy node. A path without links needs no `..`, so no EAGAIN.
+pub fn resolve_in_root(root: &Path, path: &str) -> Option<String> {
+    use rustix::fs::{Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let fd = open_in_root(&dir, path, OFlags::PATH).ok()?;
+    let fd_path = |raw: i32| std::fs::read_link(format!("/proc/self/fd/{raw}")).ok();
+    let (real, base) = (fd_path(fd.as_raw_fd())?, fd_path(dir.as_raw_fd())?);
+    let inside = real.strip_prefix(&base).ok()?;
+    Some(format!("/{}", inside.to_str()?))
 }
 
 /// The directory `path` in the root, opened for making entries in.

@@ -305,6 +305,7 @@ fn all_mounts(i: &Inputs<'_>, mounts: &[(MountSpec, PathBuf)]) -> Vec<Value> {
         i.pod_dir.join("shm")
     };
     let ro = sec.readonly_rootfs;
+    let first_own = out.len();
     for (dest, src, ro) in [
         ("/etc/hostname", i.pod_dir.join("hostname"), ro),
         ("/etc/hosts", i.pod_dir.join("hosts"), ro),
@@ -322,6 +323,24 @@ fn all_mounts(i: &Inputs<'_>, mounts: &[(MountSpec, PathBuf)]) -> Vec<Value> {
     }
     for (m, src) in mounts {
         out.push(user_mount(m, src));
+    }
+    // The pod's files and the request's mounts land where the image's links lead, named
+    // without links (see `rootfs::resolve_in_root`); the runtime's own mounts stay as they are.
+    // Under /dev, /proc and /sys the runtime's own file systems are what a path meets, not the
+    // image's.
+    let runtime_made = |d: &str| {
+        ["/dev", "/proc", "/sys"]
+            .iter()
+            .any(|t| Path::new(d).starts_with(t))
+    };
+    for m in out.iter_mut().skip(first_own) {
+        if let Some(dest) = m["destination"].as_str()
+            && !runtime_made(dest)
+            && let Some(real) = super::rootfs::resolve_in_root(i.rootfs, dest)
+            && real != dest
+        {
+            m["destination"] = json!(real);
+        }
     }
     out
 }
