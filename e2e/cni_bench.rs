@@ -15,9 +15,9 @@ mod containerd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use common::{Berthd, Netns, Options, Registry, mirror_config};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 /// A conflist of Debian's bridge (on `bridge`, addresses from `subnet`), host-local (leases
@@ -198,7 +198,7 @@ async fn main() {
         ),
     );
     let channel = common::connect(&c.socket).await;
-    k8s_cri::v1::image_service_client::ImageServiceClient::new(channel.clone())
+    berth::cri::v1::image_service_client::ImageServiceClient::new(channel.clone())
         .pull_image(cri::PullImageRequest {
             image: Some(cri::ImageSpec {
                 image: format!("{}/pause:3.9", registry.addr),

@@ -11,8 +11,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
 use common::{Env, Options};
-use k8s_cri::v1 as cri;
 
 const BUSYBOX: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 

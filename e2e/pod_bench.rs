@@ -10,9 +10,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use common::{Berthd, Options};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
 fn config(b: &Berthd, i: usize, shared_pid: bool) -> cri::PodSandboxConfig {

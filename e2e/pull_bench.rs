@@ -15,9 +15,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::image_service_client::ImageServiceClient;
 use common::{Berthd, Netns, Options, Registry, mirror_config};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 

@@ -12,9 +12,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
 use common::world::{BUSYBOX, container, pod_config_for, pull};
 use common::{Env, Options};
-use k8s_cri::v1 as cri;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 

@@ -13,9 +13,9 @@ mod common;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
 use common::Options;
 use common::world::{Rt, World, container, pod_config_for};
-use k8s_cri::v1 as cri;
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -7,8 +7,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 const MIB: i64 = 1024 * 1024;
@@ -87,6 +87,43 @@ async fn limits_land_in_the_unified_files_and_the_container_sees_its_own() {
         (256 * MIB).to_string()
     );
     assert_eq!(w.out(&id, &["cat", "/proc/self/cgroup"]).await, "0::/");
+    // Pressure stall figures come from the unified files, in the stats and in the metrics.
+    let stats =
+        w.rt.container_stats(cri::ContainerStatsRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    assert!(stats.cpu.unwrap().psi.unwrap().some.is_some());
+    assert!(stats.memory.unwrap().psi.unwrap().some.is_some());
+    assert!(stats.io.unwrap().psi.unwrap().some.is_some());
+    let metrics =
+        w.rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .pod_metrics;
+    let mine = metrics
+        .iter()
+        .flat_map(|p| &p.container_metrics)
+        .find(|c| c.container_id == id)
+        .unwrap();
+    let value = |name: &str| {
+        mine.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.value.map(|v| v.value))
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(value("container_spec_cpu_quota"), 50_000);
+    assert_eq!(value("container_spec_cpu_period"), 100_000);
+    assert_eq!(value("container_spec_cpu_shares"), 512);
+    assert_eq!(value("container_spec_memory_limit_bytes"), 256 * MIB as u64);
+    assert_eq!(value("container_threads_max"), 100);
+    value("container_pressure_cpu_waiting_seconds_total");
     // Every process of the pod is in a leaf: the kernel allows none in a cgroup that hands
     // controllers down.
     let pod_dir = dir.parent().unwrap().to_path_buf();

@@ -12,8 +12,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 /// Where Debian's plugins are.
@@ -194,6 +194,23 @@ async fn a_pod_gets_its_address_from_the_plugins_and_gives_it_back() {
         w.out(&id, &["cat", "/sys/class/net/lo/operstate"]).await,
         "unknown"
     );
+    // The plugins' interface is counted in the pod's stats (kubelet's network figures).
+    let stats =
+        w.rt.pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.0.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let net = stats
+        .linux
+        .unwrap()
+        .network
+        .expect("the pod's network figures");
+    let eth = net.default_interface.expect("the plugins' interface");
+    assert!(eth.rx_bytes.unwrap().value > 0, "{eth:?}");
     w.remove_pod(&pod.0).await;
     assert!(cni.leased().is_empty(), "{:?}", cni.leased());
     assert_eq!(cni.cached(), 0);

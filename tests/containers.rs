@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,8 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Stdio;
 
+use berth::cri::v1 as cri;
 use common::Berthd;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

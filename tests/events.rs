@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::ContainerEventType as T;
 use common::world::*;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::ContainerEventType as T;
 use tonic::Streaming;
 
 async fn subscribe(w: &mut World) -> Streaming<cri::ContainerEventResponse> {

@@ -10,9 +10,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
 use common::world::*;
 use common::{Berthd, Env, Netns, Options, Registry};
-use k8s_cri::v1 as cri;
 
 const STREAMING_PORT: u16 = 10350;
 const METRICS_PORT: u16 = 10351;

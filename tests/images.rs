@@ -7,10 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::image_service_client::ImageServiceClient;
 use common::proxy::{Mode, Proxy};
 use common::{Berthd, Env, Netns, Options, Registry, mirror_config, tag};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tonic::Code;
 
@@ -191,5 +191,68 @@ async fn mount_propagation_goes_the_ways_the_volume_asks() {
         let _ = umount2(&src.join("from-ctr"), MntFlags::MNT_DETACH);
         w.remove(&id).await;
     }
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_options_noexec_nodev_nosuid_reach_the_bind_mount() {
+    let mut w = World::new().await;
+    let vol = w.env.berthd.dir.path().join("optvol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let pod = w.pod("mountopts").await;
+    let volume = |options: &[&str]| cri::Mount {
+        container_path: "/vol".into(),
+        host_path: vol.to_string_lossy().into_owned(),
+        mount_options: options.iter().map(|o| o.to_string()).collect(),
+        ..Default::default()
+    };
+    // The container copies its own sh into the volume and runs it from there (busybox picks
+    // its applet by the program's name, so the copy keeps it).
+    let try_exec = "mkdir -p /vol/bin && cp /bin/sh /vol/bin/sh && /vol/bin/sh -c 'echo ran'";
+    let mut plain = container("plain", &["sleep", "3600"]);
+    plain.mounts = vec![volume(&[])];
+    let id = w.run(&pod, plain).await;
+    let (code, out) = w.sh(&id, try_exec).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ran"),
+        "without options the volume runs programs"
+    );
+    w.remove(&id).await;
+    std::fs::remove_dir_all(vol.join("bin")).unwrap();
+
+    let mut opts = container("opts", &["sleep", "3600"]);
+    opts.mounts = vec![volume(&["noexec", "nodev", "nosuid"])];
+    let id = w.run(&pod, opts).await;
+    let (code, out) = w.sh(&id, try_exec).await;
+    assert_ne!(code, 0, "noexec: {out}");
+    assert!(out.contains("denied"), "{out}");
+    let (_, line) = w.sh(&id, "grep ' /vol ' /proc/self/mountinfo").await;
+    let flags = line
+        .split_whitespace()
+        .nth(5)
+        .unwrap_or_default()
+        .to_string();
+    for f in ["noexec", "nodev", "nosuid"] {
+        assert!(flags.split(',').any(|x| x == f), "{f} missing in {line}");
+    }
+    assert_eq!(
+        w.status(&id).await.mounts[0].mount_options,
+        ["noexec", "nodev", "nosuid"]
+    );
+    // Anything else fails the call by name, leaving nothing behind.
+    let before = w.leftovers();
+    for bad in ["exec", "suid", "rw", "bind"] {
+        let mut c = container("bad", &["sleep", "3600"]);
+        c.mounts = vec![volume(&[bad])];
+        let err = w.create(&pod, c).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains(&format!("{bad:?}")),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(w.leftovers(), before);
     w.remove_pod(&pod.0).await;
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
+use berth::cri::v1::runtime_service_client::RuntimeServiceClient;
 use common::{Berthd, Netns, Options, node};
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 
 /// Found under a kubelet-like load: pods sharing one cgroup parent failed RemoveContainer and
 /// CreateContainer with cgroup errors, one pod's teardown removing directories another's
@@ -525,7 +525,7 @@ async fn files_workdir_and_volumes_behind_dangling_links_are_made_inside_the_ima
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_up_to_kubelets_16_mib_are_taken() {
     let w = World::new().await;
-    let mut rt = k8s_cri::v1::runtime_service_client::RuntimeServiceClient::new(
+    let mut rt = berth::cri::v1::runtime_service_client::RuntimeServiceClient::new(
         w.env.berthd.channel().await,
     )
     .max_decoding_message_size(16 << 20)
@@ -658,7 +658,7 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
         let snapshots_before = dir_names(&w.env.berthd.root.join("snapshots"));
         restart_with(&mut w, &format!("{step}=kill")).await;
         let mut images = w.env.berthd.images().await;
-        let pull = |images: &mut k8s_cri::v1::image_service_client::ImageServiceClient<_>| {
+        let pull = |images: &mut berth::cri::v1::image_service_client::ImageServiceClient<_>| {
             let mut images = images.clone();
             async move {
                 images
@@ -772,7 +772,7 @@ async fn berthd_killed_inside_start_stop_remove_and_pull_comes_back_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_never_synced_are_dropped_after_a_reboot_and_rebuilt() {
     let mut w = World::new().await;
-    let busybox_status = |images: &mut k8s_cri::v1::image_service_client::ImageServiceClient<
+    let busybox_status = |images: &mut berth::cri::v1::image_service_client::ImageServiceClient<
         tonic::transport::Channel,
     >| {
         let mut images = images.clone();

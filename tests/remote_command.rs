@@ -11,11 +11,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use berth::streaming::spdy::Frame;
 use bytes::Bytes;
 use common::spdy::{self, Client, fd_count, syn};
 use common::world::*;
-use k8s_cri::v1 as cri;
 
 /// A session's streams by type, opened in the order given (ids 1, 3, 5, …).
 fn open(url: &str, protocol: &str, kinds: &[&str]) -> (Client, HashMap<String, u32>) {

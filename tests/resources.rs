@@ -6,8 +6,8 @@ mod common;
 
 use std::path::PathBuf;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 const MIB: i64 = 1024 * 1024;
@@ -137,5 +137,46 @@ async fn resource_updates_reach_the_cgroup_or_change_nothing() {
     w.stop(&id, 0).await;
     let err = update(&mut w, &id, new).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    w.remove_pod(&pod.0).await;
+}
+
+/// kubelet (1.37) sends a limit for every huge page size the node knows, zero where the pod
+/// asks for none, at create and again with every resize.
+fn zero_hugepage_limits() -> Vec<cri::HugepageLimit> {
+    ["2MB", "1GB"]
+        .into_iter()
+        .map(|size| cri::HugepageLimit {
+            page_size: size.into(),
+            limit: 0,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_with_kubelets_zero_hugepage_limits_reaches_the_cgroup() {
+    let mut w = World::new().await;
+    let pod = w.pod("resize-hp").await;
+    let mut c = container("app", &["sleep", "3600"]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 256 * MIB,
+            cpu_shares: 512,
+            hugepage_limits: zero_hugepage_limits(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = w.run(&pod, c).await;
+    let mem = cgroup_dir(&mut w, &id, "memory").await;
+    let cpu = cgroup_dir(&mut w, &id, "cpu").await;
+    let resize = cri::LinuxContainerResources {
+        memory_limit_in_bytes: 192 * MIB,
+        cpu_shares: 768,
+        hugepage_limits: zero_hugepage_limits(),
+        ..Default::default()
+    };
+    update(&mut w, &id, resize).await.unwrap();
+    assert_eq!(read(&mem, "memory.limit_in_bytes"), (192 * MIB).to_string());
+    assert_eq!(read(&cpu, "cpu.shares"), "768");
     w.remove_pod(&pod.0).await;
 }

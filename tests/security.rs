@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use common::fake_http::{FakeHttp, Reply};
 use common::world::*;
 use common::{Netns, Options};
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 fn with_caps(mut c: cri::ContainerConfig, add: &[&str]) -> cri::ContainerConfig {

@@ -4,8 +4,8 @@
 
 mod common;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 use cri::security_profile::ProfileType;

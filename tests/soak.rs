@@ -9,8 +9,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 
 /// (RSS KiB, open descriptors, threads) of a process.
 fn usage(pid: u32) -> (u64, usize, u64) {

@@ -6,8 +6,8 @@ mod common;
 
 use std::collections::HashMap;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 const MIB: u64 = 1024 * 1024;
@@ -205,7 +205,19 @@ async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
         assert!(keys.contains_key(name), "no descriptor {name}");
     }
     let pod = w.pod("metrics").await;
-    let holder = w.run(&pod, container("holder", &["sleep", "3600"])).await;
+    let mut c = container("holder", &["sleep", "3600"]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_period: 100_000,
+            cpu_quota: 20_000,
+            cpu_shares: 1024,
+            memory_limit_in_bytes: 64 * MIB as i64,
+            memory_swap_limit_in_bytes: 64 * MIB as i64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let holder = w.run(&pod, c).await;
     let (code, out) = w
         .sh(
             &holder,
@@ -278,5 +290,38 @@ async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
             .iter()
             .any(|m| m.name == "container_processes" && m.value.unwrap().value >= 1)
     );
+    // The limits in force and the process figures, as the cgroup and /proc say.
+    let value = |name: &str| {
+        cm.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.value.map(|v| v.value))
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(value("container_spec_cpu_period"), 100_000);
+    assert_eq!(value("container_spec_cpu_quota"), 20_000);
+    assert_eq!(value("container_spec_cpu_shares"), 1024);
+    assert_eq!(value("container_spec_memory_limit_bytes"), 64 * MIB);
+    assert_eq!(value("container_spec_memory_swap_limit_bytes"), 64 * MIB);
+    assert!(value("container_memory_max_usage_bytes") >= 18 * MIB);
+    assert!(value("container_threads") >= 1);
+    assert!(value("container_file_descriptors") >= 3);
+    assert!(value("container_fs_limit_bytes") > 0);
+    assert!(value("container_fs_inodes_total") >= value("container_fs_inodes_free"));
+    value("container_cpu_cfs_periods_total");
+    value("container_memory_failcnt");
+    value("container_threads_max");
+    // Every name the CRI validation suite v1.37 asks a runtime to describe.
+    for name in [
+        "container_cpu_cfs_throttled_seconds_total",
+        "container_fs_reads_bytes_total",
+        "container_blkio_device_usage_total",
+        "container_memory_kernel_usage",
+        "container_memory_mapped_file",
+        "container_sockets",
+        "container_pressure_io_stalled_seconds_total",
+    ] {
+        assert!(keys.contains_key(name), "no descriptor {name}");
+    }
     w.remove_pod(&pod.0).await;
 }

@@ -8,12 +8,12 @@ mod common;
 
 use std::time::Duration;
 
+use berth::cri::v1 as cri;
 use berth::streaming::spdy::{Codec, Frame};
 use bytes::{Bytes, BytesMut};
 use common::spdy::{self, Client, fd_count, syn};
 use common::world::*;
 use futures::{SinkExt, StreamExt};
-use k8s_cri::v1 as cri;
 use sha2::{Digest, Sha256};
 
 /// The SYN_STREAM opening stream `id` of kind `kind` ("error" or "data") for request `req`.

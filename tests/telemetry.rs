@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::HashMap;
 
+use berth::cri::v1 as cri;
 use common::Options;
 use common::world::*;
-use k8s_cri::v1 as cri;
 
 const ADDRESS: &str = "127.0.0.1:9470";
 

@@ -5,8 +5,8 @@
 
 mod common;
 
+use berth::cri::v1 as cri;
 use common::world::*;
-use k8s_cri::v1 as cri;
 use tonic::Code;
 
 const HOST_ID: u32 = 300_000;

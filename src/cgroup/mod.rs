@@ -4,6 +4,7 @@
 //! only names them and prepares and removes the pod level above them.
 
 mod driver;
+pub mod pressure;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;

@@ -555,7 +555,10 @@ fn new_record(
         user: user::User::default(),
         env: Vec::new(),
         cwd: String::new(),
-        stop_signal: rc.stop_signal.clone(),
+        stop_signal: spec
+            .stop_signal
+            .clone()
+            .unwrap_or_else(|| rc.stop_signal.clone()),
         log_path: log_path(&p.spec.log_directory, &spec.log_path)?,
         mounts: Vec::new(),
         spec,
@@ -567,7 +570,10 @@ fn new_record(
 /// cgroup2, which the v1 runtime does not manage) a limit cannot be enforced: it is dropped
 /// where the node has no pages of that size (there is nothing to take), and otherwise the call
 /// fails, as a limit berth cannot honour must.
-fn enforceable_hugepages(limits: &[(String, u64)], controller: bool) -> Result<Vec<(String, u64)>> {
+pub(super) fn enforceable_hugepages(
+    limits: &[(String, u64)],
+    controller: bool,
+) -> Result<Vec<(String, u64)>> {
     if controller {
         return Ok(limits.to_vec());
     }

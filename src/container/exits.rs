@@ -38,7 +38,20 @@ impl Containers {
         if !dead {
             return;
         }
-        tracing::warn!(pod = %pod_id, "the pod's monitor died: its containers are exited, the pod is stopped");
+        // StopPodSandbox and RemovePodSandbox end the monitor themselves, holding the pod's
+        // lock until the pod is NotReady or gone: waiting for the lock tells that ending from
+        // a death, which alone is warned of and stops the pod. (Not held past the check:
+        // stopping the pod below takes it again.) Either way a container still recorded
+        // running has lost its watcher and is recorded exited.
+        let expected = {
+            let _op = pod.lock().await;
+            self.pods.get(pod_id).is_err() || pod.record().state != crate::sandbox::PodState::Ready
+        };
+        if expected {
+            tracing::debug!(pod = %pod_id, "the pod's monitor ended with the pod's stop");
+        } else {
+            tracing::warn!(pod = %pod_id, "the pod's monitor died: its containers are exited, the pod is stopped");
+        }
         for id in self.of_pod(pod_id) {
             let Ok(ctr) = self.get(&id) else { continue };
             let _op = ctr.op.lock().await;
@@ -55,6 +68,9 @@ impl Containers {
             self.publish(&id, pod_id, EventKind::Stopped, None);
         }
         self.drop_monitor(pod_id);
+        if expected {
+            return;
+        }
         let was_ready = pod.record().state == crate::sandbox::PodState::Ready;
         match self.pods.stop(pod_id).await {
             Ok(()) if was_ready => self.publish(pod_id, pod_id, EventKind::Stopped, None),

@@ -226,21 +226,47 @@ impl Containers {
     }
 }
 
-/// A signal by name (`SIGTERM`, `TERM`, `15`).
+/// A signal by name (`SIGTERM`, `TERM`, `SIGRTMIN+3`, `SIGCLD`) or number (`15`), as an
+/// image's STOPSIGNAL or a CRI stop_signal gives it; none for anything else.
 pub fn signal_number(s: &str) -> Option<i32> {
     let s = s.trim();
     if s.is_empty() {
         return None;
     }
     if let Ok(n) = s.parse::<i32>() {
-        return Some(n);
+        return (1..=libc::SIGRTMAX()).contains(&n).then_some(n);
     }
-    let name = if s.to_uppercase().starts_with("SIG") {
-        s.to_uppercase()
-    } else {
-        format!("SIG{}", s.to_uppercase())
+    let upper = s.to_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    // Real-time signals are counted from either end of their range.
+    let rt = |base: i32, off: &str, sign: i32| {
+        let off: i32 = if off.is_empty() { 0 } else { off.parse().ok()? };
+        let n = base + sign * off;
+        (libc::SIGRTMIN()..=libc::SIGRTMAX())
+            .contains(&n)
+            .then_some(n)
     };
-    name.parse::<nix::sys::signal::Signal>()
+    if let Some(off) = name.strip_prefix("RTMIN") {
+        return match off.strip_prefix('+') {
+            Some(off) => rt(libc::SIGRTMIN(), off, 1),
+            None => rt(libc::SIGRTMIN(), off, 1).filter(|_| off.is_empty()),
+        };
+    }
+    if let Some(off) = name.strip_prefix("RTMAX") {
+        return match off.strip_prefix('-') {
+            Some(off) => rt(libc::SIGRTMAX(), off, -1),
+            None => rt(libc::SIGRTMAX(), off, -1).filter(|_| off.is_empty()),
+        };
+    }
+    // Old names of the same signals, which the CRI lists too.
+    let name = match name {
+        "CLD" => "CHLD",
+        "IOT" => "ABRT",
+        "POLL" => "IO",
+        n => n,
+    };
+    format!("SIG{name}")
+        .parse::<nix::sys::signal::Signal>()
         .ok()
         .map(|s| s as i32)
 }
@@ -248,6 +274,19 @@ pub fn signal_number(s: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_signals_of_every_spelling() {
+        assert_eq!(signal_number("SIGRTMIN+3"), Some(libc::SIGRTMIN() + 3));
+        assert_eq!(signal_number("SIGRTMAX-2"), Some(libc::SIGRTMAX() - 2));
+        assert_eq!(signal_number("SIGRTMIN"), Some(libc::SIGRTMIN()));
+        assert_eq!(signal_number("SIGCLD"), Some(libc::SIGCHLD));
+        assert_eq!(signal_number("SIGIOT"), Some(libc::SIGABRT));
+        assert_eq!(signal_number("SIGPOLL"), Some(libc::SIGIO));
+        assert_eq!(signal_number("SIGRTMAX+1"), None);
+        assert_eq!(signal_number("0"), None);
+        assert_eq!(signal_number("SIGNOPE"), None);
+    }
 
     #[test]
     fn stop_signals_by_name_or_number() {

@@ -13,10 +13,12 @@ pub mod capabilities;
 mod cgroup_view;
 mod checks;
 mod create;
+pub mod detail;
 mod exec;
 mod exits;
 pub mod image_file;
 mod lifecycle;
+pub use lifecycle::signal_number;
 mod reconcile;
 pub mod rootfs;
 pub mod seccomp;
@@ -75,6 +77,9 @@ pub struct MountSpec {
     /// own with each of its volumes).
     #[serde(default)]
     pub idmap: Option<crate::sandbox::UserNs>,
+    /// Flags for the bind mount: `noexec`, `nodev`, `nosuid` (CRI mount_options).
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 /// A host device given to the container.
@@ -193,6 +198,9 @@ pub struct ContainerSpec {
     pub resources: Resources,
     /// Security.
     pub security: ContainerSecurity,
+    /// The signal a stop sends first (a name, "SIGUSR1"), over the image's STOPSIGNAL.
+    #[serde(default)]
+    pub stop_signal: Option<String>,
 }
 
 /// A container's lifecycle state.

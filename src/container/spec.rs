@@ -139,6 +139,7 @@ fn user_mount(m: &MountSpec, resolved_source: &Path) -> Value {
     if m.readonly {
         opts.push(if m.recursive_read_only { "rro" } else { "ro" });
     }
+    opts.extend(m.options.iter().map(String::as_str));
     json!({"destination": m.container_path, "type": "bind", "source": resolved_source, "options": opts})
 }
 

@@ -11,6 +11,7 @@ use rustix::fd::OwnedFd;
 use rustix::fs::{Mode as FileMode, OFlags};
 
 use super::{ContainerRecord, Containers, CtrState};
+use crate::cgroup::pressure::{self, Pressure};
 use crate::cgroup::{Cgroups, Mode};
 
 /// At most this many threads read one list's figures.
@@ -39,6 +40,19 @@ pub struct Stats {
     pub layer: Option<(PathBuf, u64, u64)>,
     /// Processes in the container's cgroup.
     pub processes: Option<u64>,
+    /// cpu, memory and io pressure (cgroup v2 only).
+    pub pressure: Pressures,
+}
+
+/// A cgroup's pressure files, each where the node has it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pressures {
+    /// `cpu.pressure`.
+    pub cpu: Option<Pressure>,
+    /// `memory.pressure`.
+    pub memory: Option<Pressure>,
+    /// `io.pressure`.
+    pub io: Option<Pressure>,
 }
 
 /// Memory figures.
@@ -107,6 +121,8 @@ pub struct PodStats {
     pub interfaces: Option<Vec<Interface>>,
     /// Processes in the pod's cgroup.
     pub processes: Option<u64>,
+    /// The pod cgroup's pressure (cgroup v2 only).
+    pub pressure: Pressures,
     /// Its containers'.
     pub containers: Vec<Stats>,
 }
@@ -125,6 +141,7 @@ impl Containers {
             cpu,
             memory,
             processes,
+            pressure,
             ..
         } = figures(&self.pods.cgroups, &p.cgroup);
         if cpu.is_none() && memory.is_none() {
@@ -137,7 +154,9 @@ impl Containers {
         });
         // Read through any process in the pod's network namespace: its init (when the pod
         // has one) or a running container's.
-        let interfaces = p.net.as_ref().and_then(|_| {
+        // A network of its own, made by berth's bridge or by the CNI plugins.
+        let own_network = p.net.is_some() || p.cni.is_some();
+        let interfaces = own_network.then_some(()).and_then(|_| {
             let running = ctrs
                 .iter()
                 .filter(|c| c.state == CtrState::Running && c.pid > 0)
@@ -156,6 +175,7 @@ impl Containers {
             memory,
             interfaces,
             processes,
+            pressure,
             containers: ctrs.into_iter().filter_map(|c| self.one(c)).collect(),
             record: p,
         })
@@ -187,6 +207,7 @@ impl Containers {
             cpu_user_system_ns,
             memory,
             processes,
+            pressure,
         } = figures(&self.pods.cgroups, &rel);
         if cpu.is_none() && memory.is_none() {
             return None; // gone meanwhile
@@ -219,6 +240,7 @@ impl Containers {
             memory,
             layer: Some((dir, bytes, inodes)),
             processes,
+            pressure,
             record: rec,
         })
     }
@@ -362,6 +384,7 @@ struct Figures {
     cpu_user_system_ns: Option<(u64, u64)>,
     memory: Option<Memory>,
     processes: Option<u64>,
+    pressure: Pressures,
 }
 
 /// The figures of the cgroup `rel`: one directory opened per hierarchy (one on v2), processes
@@ -384,17 +407,32 @@ fn figures(cg: &Cgroups, rel: &Path) -> Figures {
             .and_then(|f| CgDir::at(f.parent()?))
             .map(|d| d.processes()),
     };
+    let pressure = match (cg.mode, &mem) {
+        (Mode::Unified, Some(d)) => {
+            let read = |f: &str| d.read(f).as_deref().and_then(pressure::parse);
+            Pressures {
+                cpu: read("cpu.pressure"),
+                memory: read("memory.pressure"),
+                io: read("io.pressure"),
+            }
+        }
+        _ => Pressures::default(),
+    };
     Figures {
         cpu,
         cpu_user_system_ns,
         memory: mem.and_then(|d| memory(cg.mode, &d)),
         processes,
+        pressure,
     }
 }
 
-/// v1 cpu time and its user and kernel parts, ns, from the one table `cpuacct.usage_all`
-/// (per cpu: user, system; their sum is `cpuacct.usage`), else from the three files.
+/// v1 cpu time and its user and kernel parts, ns. The total is `cpuacct.usage`, charged at
+/// every context switch; the parts come from `cpuacct.usage_all` (per cpu: user, system), which
+/// the kernel samples at each tick: its sum moves in 4 ms steps, so an idle container's rate
+/// would read 0. Without `cpuacct.usage` the table's sum is the best there is.
 fn cpu_v1(d: &CgDir) -> (Option<u64>, Option<(u64, u64)>) {
+    let precise = d.u64("cpuacct.usage");
     if let Some(t) = d.read("cpuacct.usage_all") {
         let (mut user, mut system) = (0u64, 0u64);
         for l in t.lines().skip(1) {
@@ -407,10 +445,10 @@ fn cpu_v1(d: &CgDir) -> (Option<u64>, Option<(u64, u64)>) {
                 system += s;
             }
         }
-        return (Some(user + system), Some((user, system)));
+        return (Some(precise.unwrap_or(user + system)), Some((user, system)));
     }
     let parts = || Some((d.u64("cpuacct.usage_user")?, d.u64("cpuacct.usage_sys")?));
-    (d.u64("cpuacct.usage"), parts())
+    (precise, parts())
 }
 
 /// v2 cpu time and its parts, ns, from `cpu.stat`.
@@ -534,6 +572,9 @@ mod tests {
         .unwrap();
         let d = CgDir::at(&t).unwrap();
         assert_eq!(cpu_v1(&d), (Some(33), Some((30, 3))));
+        // The precise counter, when there, is the total; the tick table only splits it.
+        std::fs::write(t.join("cpuacct.usage"), "35\n").unwrap();
+        assert_eq!(cpu_v1(&d), (Some(35), Some((30, 3))));
         std::fs::remove_file(t.join("cpuacct.usage_all")).unwrap();
         for (f, v) in [
             ("cpuacct.usage", "50\n"),

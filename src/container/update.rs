@@ -22,7 +22,14 @@ impl Containers {
                 rec.id
             )));
         }
-        // kubelet sends the pod's hugepage limits with every update: the same ones pass.
+        // kubelet sends the pod's hugepage limits with every update (a zero for each page size
+        // the kernel knows). They are filtered as create filtered them, so limits berth does
+        // not manage compare equal to what create applied; only a real change is refused.
+        let mut new = new;
+        new.hugepage_limits = super::create::enforceable_hugepages(
+            &new.hugepage_limits,
+            self.pods.cgroups.has_controller("hugetlb"),
+        )?;
         if !new.hugepage_limits.is_empty()
             && new.hugepage_limits != rec.spec.resources.hugepage_limits
         {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use super::{Cri, ns_mode};
@@ -57,6 +57,7 @@ fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
             m.container_path
         )));
     }
+    let options = mount_options(&m.container_path, m.mount_options)?;
     // selinux_relabel is ignored: no SELinux on these nodes.
     Ok(MountSpec {
         container_path: m.container_path,
@@ -65,6 +66,82 @@ fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
         recursive_read_only: m.recursive_read_only,
         propagation,
         idmap,
+        options,
+    })
+}
+
+/// The per-mount flags berth applies to a bind mount (RuntimeFeatures.mount_options). Anything
+/// else is refused by name: `ro` has its own field, and a flag that widens what the mount allows
+/// (exec, dev, suid) is never what a volume needs.
+const MOUNT_OPTIONS: [&str; 3] = ["noexec", "nodev", "nosuid"];
+
+fn mount_options(path: &str, options: Vec<String>) -> Result<Vec<String>, Status> {
+    let mut out: Vec<String> = Vec::new();
+    for o in options {
+        if !MOUNT_OPTIONS.contains(&o.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "mount {path}: mount option {o:?} is not taken (berth applies {})",
+                MOUNT_OPTIONS.join(", ")
+            )));
+        }
+        if !out.contains(&o) {
+            out.push(o);
+        }
+    }
+    Ok(out)
+}
+
+/// A CRI stop signal as the name berth records ("SIGUSR1", "SIGRTMIN+3"); none for
+/// RUNTIME_DEFAULT, which leaves the image's STOPSIGNAL or SIGTERM in force.
+pub(super) fn stop_signal_name(v: i32) -> Result<Option<String>, Status> {
+    let sig = cri::Signal::try_from(v)
+        .map_err(|_| Status::invalid_argument(format!("stop_signal: unknown signal {v}")))?;
+    if sig == cri::Signal::RuntimeDefault {
+        return Ok(None);
+    }
+    let name = sig.as_str_name().trim_start_matches("SIGNAL_");
+    let name = if let Some(n) = name.strip_prefix("SIGRTMINPLUS") {
+        format!("SIGRTMIN+{n}")
+    } else if let Some(n) = name.strip_prefix("SIGRTMAXMINUS") {
+        format!("SIGRTMAX-{n}")
+    } else {
+        name.to_string()
+    };
+    Ok(Some(name))
+}
+
+/// The CRI value of the signal a stop sends: the recorded name's number, reported as the
+/// first (canonical) CRI name with that number; SIGTERM when nothing is recorded.
+pub(super) fn cri_stop_signal(name: &str) -> i32 {
+    let n = crate::container::signal_number(name).unwrap_or(libc::SIGTERM);
+    (1..=65)
+        .find(|&v| {
+            stop_signal_name(v)
+                .ok()
+                .flatten()
+                .and_then(|s| crate::container::signal_number(&s))
+                == Some(n)
+        })
+        .unwrap_or(cri::Signal::Sigterm as i32)
+}
+
+/// An env value: the OCI spec (and so every runtime berth hands it to) carries the
+/// environment as UTF-8 strings, so a value that is not UTF-8 cannot reach the process byte
+/// for byte. It fails the call naming the variable rather than being altered; a NUL byte
+/// cannot be in an environment at all.
+fn env_value(key: &str, value: Vec<u8>) -> Result<String, Status> {
+    if let Some(i) = value.iter().position(|&b| b == 0) {
+        return Err(Status::invalid_argument(format!(
+            "env {key}: the value has a NUL byte at offset {i}, which no process environment \
+             can hold"
+        )));
+    }
+    String::from_utf8(value).map_err(|e| {
+        Status::invalid_argument(format!(
+            "env {key}: the value is not UTF-8 (invalid byte at offset {}); the OCI runtime \
+             spec carries the environment as UTF-8 strings, so berth cannot pass it unaltered",
+            e.utf8_error().valid_up_to()
+        ))
     })
 }
 
@@ -84,6 +161,13 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     if md.name.is_empty() {
         return Err(Status::invalid_argument("container metadata has no name"));
     }
+    if let Some(d) = c.cdi_devices.first() {
+        return Err(Status::invalid_argument(format!(
+            "cdi_devices: CDI device {:?} cannot be given: berth does not read CDI specs yet",
+            d.name
+        )));
+    }
+    let stop_signal = stop_signal_name(c.stop_signal)?;
     let image = c
         .image
         .map(|i| i.image)
@@ -103,7 +187,14 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         command: c.command,
         args: c.args,
         working_dir: c.working_dir,
-        envs: c.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        envs: c
+            .envs
+            .into_iter()
+            .map(|kv| {
+                let v = env_value(&kv.key, kv.value)?;
+                Ok((kv.key, v))
+            })
+            .collect::<Result<_, Status>>()?,
         mounts: c.mounts.into_iter().map(mount).collect::<Result<_, _>>()?,
         devices: c
             .devices
@@ -121,6 +212,7 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
         stdin_once: c.stdin_once,
         tty: c.tty,
         resources: resources(r),
+        stop_signal,
         security: ContainerSecurity {
             privileged: sc.privileged,
             run_as_user: sc.run_as_user.map(|v| v.value),
@@ -308,6 +400,7 @@ fn cri_mount(m: &MountSpec, src: &std::path::Path) -> cri::Mount {
         } as i32,
         uid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.uids)).collect(),
         gid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.gids)).collect(),
+        mount_options: m.options.clone(),
         ..Default::default()
     }
 }
@@ -359,6 +452,7 @@ pub(super) fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
                 supplemental_groups: r.user.additional_gids.iter().map(|g| *g as i64).collect(),
             }),
         }),
+        stop_signal: cri_stop_signal(&r.stop_signal),
     }
 }
 

@@ -2,7 +2,7 @@
 //! translated as they leave. A subscriber that reads too slowly (its backlog overflows) gets a
 //! ResourceExhausted and its stream ends; kubelet then relists and subscribes again.
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use super::container::container_status;

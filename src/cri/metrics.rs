@@ -3,188 +3,15 @@
 //! dashboards written for cAdvisor keep working. Values are whole units of the name (the CRI
 //! carries integers), so the cpu `_seconds_total` counters move in steps of a second.
 
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::MetricType::{Counter, Gauge};
+use crate::cri::v1 as cri;
 
 use super::Cri;
-use crate::container::stats::{Memory, PodStats, Stats};
-
-/// The labels every metric has, as cAdvisor names them: the container's CRI name (empty for
-/// the pod's own cgroup), the container's id (the pod's for pod-level figures), its image, the
-/// runtime's name for it (its id here), and the pod's namespace and name.
-const BASE_LABELS: [&str; 6] = ["container", "id", "image", "name", "namespace", "pod"];
-
-/// One metric berth reports: name, help, type and the labels it adds to the base ones.
-struct Desc {
-    name: &'static str,
-    help: &'static str,
-    kind: cri::MetricType,
-    extra: &'static [&'static str],
-}
-
-const fn d(
-    name: &'static str,
-    help: &'static str,
-    kind: cri::MetricType,
-    extra: &'static [&'static str],
-) -> Desc {
-    Desc {
-        name,
-        help,
-        kind,
-        extra,
-    }
-}
-
-const NET: &[&str] = &["interface"];
-
-/// Every metric berth can report; ListMetricDescriptors answers these.
-const DESCS: &[Desc] = &[
-    d(
-        "container_cpu_usage_seconds_total",
-        "Cumulative cpu time consumed in seconds.",
-        Counter,
-        &["cpu"],
-    ),
-    d(
-        "container_cpu_user_seconds_total",
-        "Cumulative user cpu time consumed in seconds.",
-        Counter,
-        &[],
-    ),
-    d(
-        "container_cpu_system_seconds_total",
-        "Cumulative system cpu time consumed in seconds.",
-        Counter,
-        &[],
-    ),
-    d(
-        "container_memory_usage_bytes",
-        "Current memory usage in bytes, including all memory regardless of when it was accessed.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_memory_working_set_bytes",
-        "Current working set in bytes.",
-        Gauge,
-        &[],
-    ),
-    d("container_memory_rss", "Size of RSS in bytes.", Gauge, &[]),
-    d(
-        "container_memory_cache",
-        "Number of bytes of page cache memory.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_memory_swap",
-        "Container swap usage in bytes.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_memory_failures_total",
-        "Cumulative count of memory allocation failures.",
-        Counter,
-        &["failure_type", "scope"],
-    ),
-    d(
-        "container_oom_events_total",
-        "Count of out of memory events observed for the container.",
-        Counter,
-        &[],
-    ),
-    d(
-        "container_fs_usage_bytes",
-        "Number of bytes that are consumed by the container on this filesystem.",
-        Gauge,
-        &["device"],
-    ),
-    d(
-        "container_fs_inodes_used",
-        "Number of inodes the container's writable layer uses.",
-        Gauge,
-        &["device"],
-    ),
-    d(
-        "container_processes",
-        "Number of processes running inside the container.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_start_time_seconds",
-        "Start time of the container since unix epoch in seconds.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_last_seen",
-        "Last time a container was seen by the exporter.",
-        Gauge,
-        &[],
-    ),
-    d(
-        "container_network_receive_bytes_total",
-        "Cumulative count of bytes received.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_receive_packets_total",
-        "Cumulative count of packets received.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_receive_packets_dropped_total",
-        "Cumulative count of packets dropped while receiving.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_receive_errors_total",
-        "Cumulative count of errors encountered while receiving.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_transmit_bytes_total",
-        "Cumulative count of bytes transmitted.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_transmit_packets_total",
-        "Cumulative count of packets transmitted.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_transmit_packets_dropped_total",
-        "Cumulative count of packets dropped while transmitting.",
-        Counter,
-        NET,
-    ),
-    d(
-        "container_network_transmit_errors_total",
-        "Cumulative count of errors encountered while transmitting.",
-        Counter,
-        NET,
-    ),
-];
+use super::metric_descs::{DESCS, label_keys};
+use crate::cgroup::pressure::Pressure;
+use crate::container::detail::Detail;
+use crate::container::stats::{Memory, PodStats, Pressures, Stats};
 
 const NS: u64 = 1_000_000_000;
-
-/// A metric's label keys: the base ones, then its own.
-fn label_keys(d: &Desc) -> Vec<String> {
-    BASE_LABELS
-        .iter()
-        .chain(d.extra)
-        .map(|s| s.to_string())
-        .collect()
-}
 
 /// Collects one subject's metrics (a container, or the pod's own cgroup): its base label
 /// values and timestamp are fixed, each metric adds its extra label values.
@@ -221,6 +48,77 @@ impl Sink {
         });
     }
 
+    /// The pressure files' totals (cgroup v2): `waiting` is some tasks, `stalled` all.
+    fn pressure(&mut self, p: &Pressures) {
+        for (what, file) in [("cpu", p.cpu), ("memory", p.memory), ("io", p.io)] {
+            let Some(Pressure { some, full }) = file else {
+                continue;
+            };
+            let name = |kind: &str| format!("container_pressure_{what}_{kind}_seconds_total");
+            self.push(&name("waiting"), &[], some.total_ns / NS);
+            if let Some(full) = full {
+                self.push(&name("stalled"), &[], full.total_ns / NS);
+            }
+        }
+    }
+
+    /// The figures only the metrics carry; `layer` names the writable layer's filesystem.
+    fn detail(&mut self, d: &Detail, layer: Option<&str>) {
+        if let Some(c) = d.cfs {
+            self.push("container_cpu_cfs_periods_total", &[], c.periods);
+            self.push(
+                "container_cpu_cfs_throttled_periods_total",
+                &[],
+                c.throttled_periods,
+            );
+            self.push(
+                "container_cpu_cfs_throttled_seconds_total",
+                &[],
+                c.throttled_ns / NS,
+            );
+        }
+        let l = &d.limits;
+        for (name, v) in [
+            ("container_spec_cpu_period", l.cpu_period_us),
+            ("container_spec_cpu_quota", l.cpu_quota_us),
+            ("container_spec_cpu_shares", l.cpu_shares),
+            ("container_spec_memory_limit_bytes", l.memory),
+            ("container_spec_memory_swap_limit_bytes", l.swap),
+            ("container_memory_failcnt", d.memory_failcnt),
+            ("container_memory_kernel_usage", d.memory_kernel),
+            ("container_memory_mapped_file", d.memory_mapped_file),
+            ("container_memory_max_usage_bytes", d.memory_max_usage),
+            ("container_threads", d.threads),
+            ("container_file_descriptors", d.fds),
+            ("container_sockets", d.sockets),
+        ] {
+            if let Some(v) = v {
+                self.push(name, &[], v);
+            }
+        }
+        // The pids limit, or 0 for none (as the descriptor says).
+        if d.threads.is_some() {
+            self.push("container_threads_max", &[], l.pids.unwrap_or(0));
+        }
+        if let (Some(fs), Some(dev)) = (d.fs, layer) {
+            self.push("container_fs_limit_bytes", &[dev], fs.bytes);
+            self.push("container_fs_inodes_total", &[dev], fs.inodes);
+            self.push("container_fs_inodes_free", &[dev], fs.inodes_free);
+        }
+        for io in &d.io {
+            let dev = [io.name.as_str()];
+            self.push("container_fs_reads_bytes_total", &dev, io.read_bytes);
+            self.push("container_fs_reads_total", &dev, io.reads);
+            self.push("container_fs_writes_bytes_total", &dev, io.write_bytes);
+            self.push("container_fs_writes_total", &dev, io.writes);
+            let (major, minor) = (io.major.to_string(), io.minor.to_string());
+            for (op, v) in [("Read", io.read_bytes), ("Write", io.write_bytes)] {
+                let labels = [io.name.as_str(), &major, &minor, op];
+                self.push("container_blkio_device_usage_total", &labels, v);
+            }
+        }
+    }
+
     fn cpu(&mut self, usage_ns: Option<u64>) {
         if let Some(u) = usage_ns {
             self.push("container_cpu_usage_seconds_total", &["total"], u / NS);
@@ -247,7 +145,7 @@ impl Sink {
 }
 
 /// A container's metrics.
-fn container_metrics(s: &Stats, namespace: &str, pod: &str) -> cri::ContainerMetrics {
+fn container_metrics(s: &Stats, d: &Detail, namespace: &str, pod: &str) -> cri::ContainerMetrics {
     let r = &s.record;
     let image = if r.image_name.is_empty() {
         &r.spec.image
@@ -280,6 +178,11 @@ fn container_metrics(s: &Stats, namespace: &str, pod: &str) -> cri::ContainerMet
         );
     }
     k.push("container_last_seen", &[], s.timestamp.max(0) as u64 / NS);
+    k.pressure(&s.pressure);
+    k.detail(
+        d,
+        s.layer.as_ref().map(|l| l.0.to_string_lossy()).as_deref(),
+    );
     cri::ContainerMetrics {
         container_id: r.id.clone(),
         metrics: k.out,
@@ -288,7 +191,8 @@ fn container_metrics(s: &Stats, namespace: &str, pod: &str) -> cri::ContainerMet
 
 /// A pod's metrics: its own cgroup's and its interfaces' (labelled with container "" as
 /// cAdvisor labels a pod's cgroup), and each container's.
-fn pod_metrics(p: &PodStats) -> cri::PodSandboxMetrics {
+/// `details` are the containers' detail, in `p.containers`' order.
+fn pod_metrics(p: &PodStats, details: &[Detail]) -> cri::PodSandboxMetrics {
     let r = &p.record;
     let (ns, name) = (&r.spec.namespace, &r.spec.name);
     let mut k = Sink::new(["", &r.id, "", &r.id, ns, name], p.timestamp);
@@ -297,6 +201,7 @@ fn pod_metrics(p: &PodStats) -> cri::PodSandboxMetrics {
     if let Some(n) = p.processes {
         k.push("container_processes", &[], n);
     }
+    k.pressure(&p.pressure);
     for i in p.interfaces.iter().flatten() {
         let n = [i.name.as_str()];
         for (dir, c) in [("receive", i.rx), ("transmit", i.tx)] {
@@ -313,7 +218,8 @@ fn pod_metrics(p: &PodStats) -> cri::PodSandboxMetrics {
         container_metrics: p
             .containers
             .iter()
-            .map(|c| container_metrics(c, ns, name))
+            .zip(details.iter().chain(std::iter::repeat(&Detail::default())))
+            .map(|(c, d)| container_metrics(c, d, ns, name))
             .collect(),
     }
 }
@@ -340,7 +246,17 @@ impl Cri {
                 .containers
                 .pod_stats(pods)
                 .iter()
-                .map(pod_metrics)
+                .map(|p| {
+                    let details: Vec<Detail> = p
+                        .containers
+                        .iter()
+                        .map(|c| {
+                            let layer = c.layer.as_ref().map(|l| l.0.as_path());
+                            self.rt.containers.detail(&c.record, layer)
+                        })
+                        .collect();
+                    pod_metrics(p, &details)
+                })
                 .collect(),
         }
     }
@@ -362,7 +278,11 @@ mod tests {
                 "{}",
                 d.name
             );
-            assert_eq!(d.kind == Counter, d.name.ends_with("_total"), "{}", d.name);
+            // cAdvisor's two exceptions: a counter named after its kernel file, and a gauge
+            // of how many inodes a filesystem has.
+            let counter = (d.name.ends_with("_total") && d.name != "container_fs_inodes_total")
+                || d.name == "container_memory_failcnt";
+            assert_eq!(d.kind == cri::MetricType::Counter, counter, "{}", d.name);
         }
     }
 
@@ -407,9 +327,10 @@ mod tests {
             memory: Some(mem),
             interfaces: Some(vec![iface]),
             processes: Some(4),
+            pressure: Default::default(),
             containers: Vec::new(),
         };
-        let m = pod_metrics(&p);
+        let m = pod_metrics(&p, &[]);
         let descs: std::collections::HashMap<&str, Vec<String>> =
             DESCS.iter().map(|d| (d.name, label_keys(d))).collect();
         assert!(m.metrics.len() >= 15);

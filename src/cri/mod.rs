@@ -6,22 +6,26 @@ mod container;
 mod deadline;
 mod events;
 mod image;
+mod lists;
+mod metric_descs;
 mod metrics;
 mod runtime_info;
 mod sandbox;
 mod stats;
 mod trace;
+pub mod v1;
 
 use std::sync::Arc;
 
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
-use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use crate::cri::v1 as cri;
+use crate::cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use crate::cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
 use crate::runtime::Runtime;
 use crate::sandbox::NsMode;
+use lists::{ListStream, chunked};
 use trace::rpc;
 
 pub use deadline::DeadlineLayer;
@@ -126,6 +130,11 @@ type EventStream = std::pin::Pin<
 #[tonic::async_trait]
 impl RuntimeService for Cri {
     type GetContainerEventsStream = EventStream;
+    type StreamPodSandboxesStream = ListStream<cri::StreamPodSandboxesResponse>;
+    type StreamContainersStream = ListStream<cri::StreamContainersResponse>;
+    type StreamContainerStatsStream = ListStream<cri::StreamContainerStatsResponse>;
+    type StreamPodSandboxStatsStream = ListStream<cri::StreamPodSandboxStatsResponse>;
+    type StreamPodSandboxMetricsStream = ListStream<cri::StreamPodSandboxMetricsResponse>;
 
     async fn version(&self, r: Request<cri::VersionRequest>) -> RpcResult<cri::VersionResponse> {
         rpc("Version", async { self.version(r.into_inner()) }).await
@@ -409,10 +418,137 @@ impl RuntimeService for Cri {
         })
         .await
     }
+
+    async fn stream_pod_sandboxes(
+        &self,
+        r: Request<cri::StreamPodSandboxesRequest>,
+    ) -> RpcResult<Self::StreamPodSandboxesStream> {
+        let filter = r.into_inner().filter;
+        rpc("StreamPodSandboxes", async {
+            let items = self
+                .list_pod_sandbox(cri::ListPodSandboxRequest { filter })?
+                .items;
+            Ok(chunked(items, |pod_sandboxes| {
+                cri::StreamPodSandboxesResponse { pod_sandboxes }
+            }))
+        })
+        .await
+    }
+
+    async fn stream_containers(
+        &self,
+        r: Request<cri::StreamContainersRequest>,
+    ) -> RpcResult<Self::StreamContainersStream> {
+        let filter = r.into_inner().filter;
+        rpc("StreamContainers", async {
+            let items = self.list_containers(cri::ListContainersRequest { filter })?;
+            Ok(chunked(items.containers, |containers| {
+                cri::StreamContainersResponse { containers }
+            }))
+        })
+        .await
+    }
+
+    async fn stream_container_stats(
+        &self,
+        r: Request<cri::StreamContainerStatsRequest>,
+    ) -> RpcResult<Self::StreamContainerStatsStream> {
+        let filter = r.into_inner().filter;
+        rpc("StreamContainerStats", async {
+            let items = self
+                .off_worker(move |c| {
+                    c.list_container_stats(cri::ListContainerStatsRequest { filter })
+                })
+                .await?;
+            Ok(chunked(items.stats, |container_stats| {
+                cri::StreamContainerStatsResponse { container_stats }
+            }))
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_stats(
+        &self,
+        r: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> RpcResult<Self::StreamPodSandboxStatsStream> {
+        let filter = r.into_inner().filter;
+        rpc("StreamPodSandboxStats", async {
+            let items = self
+                .off_worker(move |c| {
+                    c.list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter })
+                })
+                .await?;
+            Ok(chunked(items.stats, |pod_sandbox_stats| {
+                cri::StreamPodSandboxStatsResponse { pod_sandbox_stats }
+            }))
+        })
+        .await
+    }
+
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> RpcResult<Self::StreamPodSandboxMetricsStream> {
+        rpc("StreamPodSandboxMetrics", async {
+            let items = self
+                .off_worker(move |c| Ok(c.list_pod_sandbox_metrics()))
+                .await?;
+            Ok(chunked(items.pod_metrics, |pod_sandbox_metrics| {
+                cri::StreamPodSandboxMetricsResponse {
+                    pod_sandbox_metrics,
+                }
+            }))
+        })
+        .await
+    }
+
+    async fn update_pod_sandbox_resources(
+        &self,
+        r: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> RpcResult<cri::UpdatePodSandboxResourcesResponse> {
+        rpc("UpdatePodSandboxResources", async {
+            self.update_pod_sandbox_resources(r.into_inner())
+        })
+        .await
+    }
+
+    async fn checkpoint_pod(
+        &self,
+        _r: Request<cri::CheckpointPodRequest>,
+    ) -> RpcResult<cri::CheckpointPodResponse> {
+        // Alpha in Kubernetes 1.37; no runtime ships it.
+        rpc("CheckpointPod", async {
+            Err(unimplemented("CheckpointPod"))
+        })
+        .await
+    }
+
+    async fn restore_pod(
+        &self,
+        _r: Request<cri::RestorePodRequest>,
+    ) -> RpcResult<cri::RestorePodResponse> {
+        rpc("RestorePod", async { Err(unimplemented("RestorePod")) }).await
+    }
 }
 
 #[tonic::async_trait]
 impl ImageService for Cri {
+    type StreamImagesStream = ListStream<cri::StreamImagesResponse>;
+
+    async fn stream_images(
+        &self,
+        r: Request<cri::StreamImagesRequest>,
+    ) -> RpcResult<Self::StreamImagesStream> {
+        let filter = r.into_inner().filter;
+        rpc("StreamImages", async {
+            let items = self.list_images(cri::ListImagesRequest { filter })?;
+            Ok(chunked(items.images, |images| cri::StreamImagesResponse {
+                images,
+            }))
+        })
+        .await
+    }
+
     async fn list_images(
         &self,
         r: Request<cri::ListImagesRequest>,

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use super::Cri;
@@ -76,6 +76,10 @@ impl Cri {
             // Features are claimed only once they are implemented: kubelet trusts them.
             features: Some(cri::RuntimeFeatures {
                 supplemental_groups_policy: true,
+                // A user-namespaced pod on the node's network is refused at RunPodSandbox.
+                user_namespaces_host_network: false,
+                // noexec, nodev and nosuid per bind mount, under every handler.
+                mount_options: true,
             }),
         })
     }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use super::{Cri, ns_mode};
@@ -337,5 +337,43 @@ impl Cri {
             .collect();
         items.sort_by_key(|p| std::cmp::Reverse(p.created_at));
         Ok(cri::ListPodSandboxResponse { items })
+    }
+}
+
+impl Cri {
+    /// UpdatePodSandboxResources (in-place resize of a pod's own limits). kubelet itself
+    /// writes a pod's limits to the pod cgroup it names in `cgroup_parent`, before or after
+    /// this call as the resize direction needs; the call tells the runtime, which sizes only
+    /// what it owns beyond that cgroup. berth runs no VM or other per-pod machinery to resize,
+    /// so it checks the pod and the values and answers; it never writes kubelet's cgroup.
+    pub(super) fn update_pod_sandbox_resources(
+        &self,
+        req: cri::UpdatePodSandboxResourcesRequest,
+    ) -> Result<cri::UpdatePodSandboxResourcesResponse, Status> {
+        tracing::Span::current().record("pod", &req.pod_sandbox_id);
+        let pod = self.rt.pods.get(&req.pod_sandbox_id)?;
+        let v2 = self.rt.pods.cgroups.mode != crate::cgroup::Mode::Legacy;
+        for (what, r) in [("overhead", &req.overhead), ("resources", &req.resources)] {
+            let Some(r) = r else { continue };
+            if r.cpu_quota < -1
+                || r.cpu_period < 0
+                || r.cpu_shares < 0
+                || r.memory_limit_in_bytes < 0
+            {
+                return Err(Status::invalid_argument(format!(
+                    "pod {}: {what}: negative values (cpu_quota {}, cpu_period {}, cpu_shares \
+                     {}, memory_limit_in_bytes {})",
+                    pod.id, r.cpu_quota, r.cpu_period, r.cpu_shares, r.memory_limit_in_bytes
+                )));
+            }
+            if !r.unified.is_empty() && !v2 {
+                return Err(Status::invalid_argument(format!(
+                    "pod {}: {what}: unified needs a cgroup v2 node; this one is cgroup v1",
+                    pod.id
+                )));
+            }
+        }
+        tracing::info!(pod = %pod.id, "pod resources updated (kubelet sizes the pod cgroup)");
+        Ok(cri::UpdatePodSandboxResourcesResponse {})
     }
 }

@@ -1,13 +1,14 @@
 //! ContainerStats, ListContainerStats, PodSandboxStats and ListPodSandboxStats: the
 //! domain's figures (`container::stats`) in the CRI's terms.
 
-use k8s_cri::v1 as cri;
+use crate::cri::v1 as cri;
 use tonic::Status;
 
 use super::Cri;
 use super::container::metadata;
+use crate::cgroup::pressure::{Pressure, Stall};
 use crate::container::CtrFilter;
-use crate::container::stats::{PodStats, Stats};
+use crate::container::stats::{PodStats, Pressures, Stats};
 
 impl Cri {
     pub(super) fn container_stats(
@@ -110,12 +111,18 @@ fn cri_pod_stats(s: PodStats) -> cri::PodSandboxStats {
             annotations: r.spec.annotations.clone().into_iter().collect(),
         }),
         linux: Some(cri::LinuxPodSandboxStats {
-            cpu: Some(cri::CpuUsage {
-                timestamp: s.timestamp,
-                usage_core_nano_seconds: s.cpu_usage_ns.and_then(v),
-                usage_nano_cores: s.cpu_nano_cores.and_then(v),
-            }),
-            memory: Some(memory_usage(s.timestamp, s.memory.as_ref())),
+            cpu: Some(cpu_usage(
+                s.timestamp,
+                s.cpu_usage_ns,
+                s.cpu_nano_cores,
+                &s.pressure,
+            )),
+            memory: Some(memory_usage(
+                s.timestamp,
+                s.memory.as_ref(),
+                psi(s.pressure.memory),
+            )),
+            io: io_usage(s.timestamp, &s.pressure),
             network: s.interfaces.as_ref().map(|ifs| cri::NetworkUsage {
                 timestamp: s.timestamp,
                 default_interface: ifs.first().map(iface),
@@ -132,7 +139,11 @@ fn cri_pod_stats(s: PodStats) -> cri::PodSandboxStats {
 }
 
 /// Memory figures as the CRI has them (only a timestamp when they could not be read).
-fn memory_usage(timestamp: i64, m: Option<&crate::container::stats::Memory>) -> cri::MemoryUsage {
+fn memory_usage(
+    timestamp: i64,
+    m: Option<&crate::container::stats::Memory>,
+    psi: Option<cri::PsiStats>,
+) -> cri::MemoryUsage {
     let v = |value: u64| Some(cri::UInt64Value { value });
     match m {
         Some(m) => cri::MemoryUsage {
@@ -143,12 +154,48 @@ fn memory_usage(timestamp: i64, m: Option<&crate::container::stats::Memory>) -> 
             rss_bytes: v(m.rss),
             page_faults: v(m.page_faults),
             major_page_faults: v(m.major_page_faults),
+            psi,
         },
         None => cri::MemoryUsage {
             timestamp,
+            psi,
             ..Default::default()
         },
     }
+}
+
+/// A pressure file as the CRI has it. A missing `full` line (cpu before Linux 5.13) is left
+/// out rather than reported as zero.
+fn psi(p: Option<Pressure>) -> Option<cri::PsiStats> {
+    let data = |s: Stall| cri::PsiData {
+        total: s.total_ns,
+        avg10: s.avg10,
+        avg60: s.avg60,
+        avg300: s.avg300,
+    };
+    p.map(|p| cri::PsiStats {
+        full: p.full.map(data),
+        some: Some(data(p.some)),
+    })
+}
+
+/// cpu figures as the CRI has them.
+fn cpu_usage(at: i64, ns: Option<u64>, nano_cores: Option<u64>, p: &Pressures) -> cri::CpuUsage {
+    let v = |value: u64| Some(cri::UInt64Value { value });
+    cri::CpuUsage {
+        timestamp: at,
+        usage_core_nano_seconds: ns.and_then(v),
+        usage_nano_cores: nano_cores.and_then(v),
+        psi: psi(p.cpu),
+    }
+}
+
+/// IO figures: only pressure, and only where the cgroup has it (v2).
+fn io_usage(timestamp: i64, p: &Pressures) -> Option<cri::IoUsage> {
+    p.io.map(|_| cri::IoUsage {
+        timestamp,
+        psi: psi(p.io),
+    })
 }
 
 /// The CRI's view of a container's figures.
@@ -162,12 +209,18 @@ fn cri_stats(s: Stats) -> cri::ContainerStats {
             labels: r.spec.labels.clone().into_iter().collect(),
             annotations: r.spec.annotations.clone().into_iter().collect(),
         }),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp,
-            usage_core_nano_seconds: s.cpu_usage_ns.and_then(v),
-            usage_nano_cores: s.cpu_nano_cores.and_then(v),
-        }),
-        memory: Some(memory_usage(s.timestamp, s.memory.as_ref())),
+        cpu: Some(cpu_usage(
+            s.timestamp,
+            s.cpu_usage_ns,
+            s.cpu_nano_cores,
+            &s.pressure,
+        )),
+        memory: Some(memory_usage(
+            s.timestamp,
+            s.memory.as_ref(),
+            psi(s.pressure.memory),
+        )),
+        io: io_usage(s.timestamp, &s.pressure),
         swap: s
             .memory
             .as_ref()
