@@ -32,6 +32,8 @@ cgroup_parent = "/$cgroup_tag"
 mirrors = ["http://127.0.0.1:5000"]
 [registries."gcr.io"]
 mirrors = ["http://127.0.0.1:5000"]
+[registries."k8s.gcr.io"]
+mirrors = ["http://127.0.0.1:5000"]
 [registries."docker.io"]
 mirrors = ["http://127.0.0.1:5000"]
 EOT
