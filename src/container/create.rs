@@ -140,7 +140,7 @@ impl Containers {
         rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
         rec.mounts = host_mounts(&rec.spec.mounts)?;
         self.ensure_targets(rec, image, &rootfs_dir)?;
-        rec.spec.resources.hugepage_limits = enforceable_hugepages(
+        rec.spec.resources.hugepage_limits = super::update::enforceable_hugepages(
             &rec.spec.resources.hugepage_limits,
             self.pods.cgroups.has_controller("hugetlb"),
         )?;
@@ -563,32 +563,6 @@ fn new_record(
         mounts: Vec::new(),
         spec,
     })
-}
-
-/// The hugepage limits the runtime is given. kubelet sends one for every page size the kernel
-/// knows (0 = none allowed). Without a hugetlb controller (this hybrid host has it only on
-/// cgroup2, which the v1 runtime does not manage) a limit cannot be enforced: it is dropped
-/// where the node has no pages of that size (there is nothing to take), and otherwise the call
-/// fails, as a limit berth cannot honour must.
-pub(super) fn enforceable_hugepages(
-    limits: &[(String, u64)],
-    controller: bool,
-) -> Result<Vec<(String, u64)>> {
-    if controller {
-        return Ok(limits.to_vec());
-    }
-    for (size, limit) in limits {
-        match crate::cgroup::hugepages(size) {
-            None | Some(0) => {}
-            Some(n) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "hugepage limit {limit} for {size} pages cannot be enforced: this node has \
-                     {n} such pages but no hugetlb cgroup controller the runtime manages"
-                )));
-            }
-        }
-    }
-    Ok(Vec::new())
 }
 
 /// The request's host paths: absolute, existing; symlinks resolved so the mount shows the

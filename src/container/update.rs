@@ -26,7 +26,7 @@ impl Containers {
         // the kernel knows). They are filtered as create filtered them, so limits berth does
         // not manage compare equal to what create applied; only a real change is refused.
         let mut new = new;
-        new.hugepage_limits = super::create::enforceable_hugepages(
+        new.hugepage_limits = enforceable_hugepages(
             &new.hugepage_limits,
             self.pods.cgroups.has_controller("hugetlb"),
         )?;
@@ -343,6 +343,32 @@ fn apply_all(writes: &[Write]) -> std::result::Result<(), String> {
         done.push((&w.file, old));
     }
     Ok(())
+}
+
+/// The hugepage limits the runtime is given. kubelet sends one for every page size the kernel
+/// knows (0 = none allowed). Without a hugetlb controller (this hybrid host has it only on
+/// cgroup2, which the v1 runtime does not manage) a limit cannot be enforced: it is dropped
+/// where the node has no pages of that size (there is nothing to take), and otherwise the call
+/// fails, as a limit berth cannot honour must.
+pub(super) fn enforceable_hugepages(
+    limits: &[(String, u64)],
+    controller: bool,
+) -> Result<Vec<(String, u64)>> {
+    if controller {
+        return Ok(limits.to_vec());
+    }
+    for (size, limit) in limits {
+        match crate::cgroup::hugepages(size) {
+            None | Some(0) => {}
+            Some(n) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "hugepage limit {limit} for {size} pages cannot be enforced: this node has \
+                     {n} such pages but no hugetlb cgroup controller the runtime manages"
+                )));
+            }
+        }
+    }
+    Ok(Vec::new())
 }
 
 #[cfg(test)]
