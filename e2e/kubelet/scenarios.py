@@ -198,6 +198,7 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 featureGates:
   PodAndContainerStatsFromCRI: true
+  ContainerStopSignals: true
 resolvConf: /etc/resolv.conf
 """
     with open(f"{WORK}/kubelet.yaml", "w") as f:
@@ -881,6 +882,31 @@ def bench_exec(rounds=30):
     until("ex is gone", lambda: pod("ex") is None, timeout=120)
 
 
+@scenario("16 a container's lifecycle.stopSignal (SIGUSR1) is what it receives when its pod goes")
+def stop_signal():
+    out = f"{WORK}/stopsig"
+    os.makedirs(out, exist_ok=True)
+    # The shell sleeps in the background and waits, so a trap runs as the signal arrives.
+    script = ("trap 'echo usr1 > /out/got; exit 0' USR1; trap 'echo term > /out/got; exit 0' TERM; "
+              "while true; do sleep 1 & wait; done")
+    write_manifest("stopsig", {
+        "os": {"name": "linux"},
+        "terminationGracePeriodSeconds": 20,
+        "containers": [{"name": "c", "image": BUSYBOX, "command": ["sh", "-c", script],
+                        "lifecycle": {"stopSignal": "SIGUSR1"},
+                        "volumeMounts": [{"name": "out", "mountPath": "/out"}]}],
+        "volumes": [{"name": "out", "hostPath": {"path": out}}]})
+    until("stopsig runs", lambda: running("stopsig", "c"), timeout=120)
+    until("kubelet reports the stop signal",
+          lambda: (ctr_status("stopsig", "c") or {}).get("stopSignal") == "SIGUSR1", timeout=30)
+    os.remove(f"{MANIFESTS}/stopsig.json")
+    until("the container answered a signal", lambda: os.path.exists(f"{out}/got"), timeout=60)
+    got = open(f"{out}/got").read().strip()
+    assert got == "usr1", f"the container got {got}, not SIGUSR1"
+    until("stopsig is gone", lambda: pod("stopsig") is None, timeout=120)
+    return "SIGUSR1 received; containerStatuses[].stopSignal SIGUSR1"
+
+
 def crictl_alone(rounds=10):
     """The median time of `crictl version`: crictl's own start and one trivial call."""
     times = []
@@ -906,7 +932,7 @@ def main():
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
                   crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec,
-                  kubelet_port_forward, user_namespace_pod]:
+                  kubelet_port_forward, user_namespace_pod, stop_signal]:
             s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "
