@@ -391,7 +391,23 @@ impl Runtime {
         let image = self.images.find(&spec.image).ok_or_else(|| {
             Error::NotFound(format!("image {:?} not found (pull it first)", spec.image))
         })?;
-        self.containers.create(pod, spec, image).await
+        // Image volumes name images pulled on the node, as the container's own image does.
+        let mut spec = spec;
+        let mut volumes: Vec<Arc<crate::image::Image>> = Vec::new();
+        for m in &mut spec.mounts {
+            let Some(v) = m.image.as_mut() else { continue };
+            let img = self.images.find(&v.image).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "mount {}: image volume {:?} not found (pull it first)",
+                    m.container_path, v.image
+                ))
+            })?;
+            v.image_id = img.record.id.clone();
+            if !volumes.iter().any(|i| i.record.id == img.record.id) {
+                volumes.push(img);
+            }
+        }
+        self.containers.create(pod, spec, image, volumes).await
     }
 }
 

@@ -256,3 +256,197 @@ async fn mount_options_noexec_nodev_nosuid_reach_the_bind_mount() {
     assert_eq!(w.leftovers(), before);
     w.remove_pod(&pod.0).await;
 }
+
+/// A read-only image volume of `image` at `at`, all of it or `sub`.
+fn image_volume(at: &str, image: &str, sub: &str) -> cri::Mount {
+    cri::Mount {
+        container_path: at.into(),
+        readonly: true,
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        image_sub_path: sub.into(),
+        ..Default::default()
+    }
+}
+
+const VOLUME_LINKS: &str = "docker.io/berth-test/volume-links:latest";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volumes_give_an_image_read_only_whole_or_one_path_never_a_node_path() {
+    let mut w = World::new().await;
+    let bb = pull(&w.env.berthd, BUSYBOX).await;
+    let links = pull(&w.env.berthd, VOLUME_LINKS).await;
+    let pod = w.pod("imagevol").await;
+    let before = w.leftovers();
+    let mut c = container("iv", &["sleep", "3600"]);
+    c.mounts = vec![
+        image_volume("/iv", &bb, ""),
+        // Named by tag, as kubelet may: reported by the ID it was found as.
+        image_volume("/etcv", VOLUME_LINKS, "escape-abs/etc"),
+        image_volume("/relv", &links, "escape-rel/etc"),
+        image_volume("/data.txt", &links, "lib/app/data.txt"),
+    ];
+    let id = w.run(&pod, c).await;
+    // The whole image: its files, read-only, its programs runnable from there.
+    assert_eq!(w.out(&id, &["ls", "/iv/bin/sh"]).await.trim(), "/iv/bin/sh");
+    let (code, out) = w.sh(&id, "touch /iv/written").await;
+    assert_ne!(code, 0, "the image volume took a write: {out}");
+    assert!(out.contains("Read-only"), "{out}");
+    assert!(w.out(&id, &["/iv/bin/ls", "/iv"]).await.contains("bin"));
+    // Sub paths through links resolve inside the image: the node's /etc never shows.
+    assert_eq!(
+        w.out(&id, &["ls", "-A", "/etcv"]).await.trim(),
+        "volume-marker"
+    );
+    assert_eq!(
+        w.out(&id, &["ls", "-A", "/relv"]).await.trim(),
+        "volume-marker"
+    );
+    assert_eq!(w.out(&id, &["cat", "/data.txt"]).await, "data of the image");
+    let (_, info) = w
+        .sh(&id, "grep -E ' /(iv|etcv|data.txt) ' /proc/self/mountinfo")
+        .await;
+    assert_eq!(info.lines().count(), 3, "{info}");
+    for l in info.lines() {
+        let flags = l.split_whitespace().nth(5).unwrap_or_default();
+        assert!(flags.split(',').any(|f| f == "ro"), "not read-only: {l}");
+    }
+    let st = w.status(&id).await;
+    let reported: Vec<(String, String, String, String, bool)> = st
+        .mounts
+        .iter()
+        .filter_map(|m| {
+            let i = m.image.as_ref()?;
+            Some((
+                m.container_path.clone(),
+                i.image_ref.clone(),
+                m.image_sub_path.clone(),
+                m.host_path.clone(),
+                m.readonly,
+            ))
+        })
+        .collect();
+    let want = |p: &str, r: &str, s: &str| {
+        (
+            p.to_string(),
+            r.to_string(),
+            s.to_string(),
+            String::new(),
+            true,
+        )
+    };
+    assert_eq!(
+        reported,
+        [
+            want("/iv", &bb, ""),
+            want("/etcv", &links, "escape-abs/etc"),
+            want("/relv", &links, "escape-rel/etc"),
+            want("/data.txt", &links, "lib/app/data.txt"),
+        ]
+    );
+    // The container holds its volume's image: removing the image and collecting leaves the
+    // files it reads.
+    w.env
+        .berthd
+        .images()
+        .await
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec {
+                image: links.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(w.out(&id, &["cat", "/data.txt"]).await, "data of the image");
+    assert_eq!(
+        w.out(&id, &["ls", "-A", "/etcv"]).await.trim(),
+        "volume-marker"
+    );
+    w.remove(&id).await;
+    // Nothing staged for the runtime stays mounted on the node.
+    assert_eq!(w.leftovers(), before);
+    w.remove_pod(&pod.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volumes_that_cannot_be_given_as_asked_fail_by_name_leaving_nothing() {
+    let mut w = World::new().await;
+    let bb = pull(&w.env.berthd, BUSYBOX).await;
+    let links = pull(&w.env.berthd, VOLUME_LINKS).await;
+    let fifo = pull(&w.env.berthd, "docker.io/berth-test/fifo-passwd:latest").await;
+    let pod = w.pod("imagevol-bad").await;
+    let before = w.leftovers();
+    let writable = cri::Mount {
+        readonly: false,
+        ..image_volume("/v", &bb, "")
+    };
+    let with_host = cri::Mount {
+        host_path: "/tmp".into(),
+        ..image_volume("/v", &bb, "")
+    };
+    let shared = cri::Mount {
+        propagation: cri::MountPropagation::PropagationHostToContainer as i32,
+        ..image_volume("/v", &bb, "")
+    };
+    let sub_alone = cri::Mount {
+        container_path: "/v".into(),
+        host_path: "/tmp".into(),
+        image_sub_path: "etc".into(),
+        ..Default::default()
+    };
+    let cases = [
+        (writable, Code::InvalidArgument, "readonly must be set"),
+        (
+            with_host,
+            Code::InvalidArgument,
+            "host_path \"/tmp\" is given too",
+        ),
+        (shared, Code::InvalidArgument, "propagation must be private"),
+        (
+            sub_alone,
+            Code::InvalidArgument,
+            "image_sub_path \"etc\" is given without an image",
+        ),
+        (
+            image_volume("/v", &bb, "../etc"),
+            Code::InvalidArgument,
+            "without '..'",
+        ),
+        (
+            image_volume("/v", &bb, "/etc"),
+            Code::InvalidArgument,
+            "without '..'",
+        ),
+        (
+            image_volume("/v", &links, "not-existing"),
+            Code::InvalidArgument,
+            "does not exist in the image",
+        ),
+        (
+            image_volume("/v", &fifo, "etc/passwd"),
+            Code::InvalidArgument,
+            "only a directory or a regular file",
+        ),
+        (
+            image_volume("/v", "docker.io/berth-test/never-pulled:latest", ""),
+            Code::NotFound,
+            "not found (pull it first)",
+        ),
+    ];
+    for (m, code, says) in cases {
+        let mut c = container("bad", &["sleep", "3600"]);
+        c.mounts = vec![m];
+        let err = w.create(&pod, c).await.unwrap_err();
+        assert_eq!(
+            (err.code(), err.message().contains(says)),
+            (code, true),
+            "{says}: {err:?}"
+        );
+        assert!(err.message().contains("/v"), "{}", err.message());
+    }
+    assert_eq!(w.leftovers(), before);
+    w.remove_pod(&pod.0).await;
+}

@@ -1,7 +1,8 @@
 //! Pods with a user namespace of their own (userns_options mode POD): the mapping the
 //! container sees, its root filesystem owned by its own root through an idmapped mount, node
-//! ids outside 0, and the requests berth cannot honour yet refused by name. Not yet claimed in
-//! the handler features: shared PID namespaces and volumes are still refused.
+//! ids outside 0, volumes and image volumes idmapped, and the requests berth cannot honour yet
+//! refused by name. Not yet claimed in the handler features: shared PID namespaces and volumes
+//! are still refused.
 
 mod common;
 
@@ -247,8 +248,23 @@ async fn volumes_of_a_user_namespaced_pod_are_idmapped() {
             readonly: true,
             ..Default::default()
         },
+        // An image volume: its layers are idmapped like the root filesystem's.
+        cri::Mount {
+            container_path: "/iv".into(),
+            readonly: true,
+            image: Some(cri::ImageSpec {
+                image: BUSYBOX.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
     ];
     let id = w.run(&pod, c).await;
+    assert_eq!(
+        w.out(&id, &["stat", "-c", "%u:%g", "/iv/bin/sh"]).await,
+        "0:0"
+    );
+    assert_eq!(w.out(&id, &["/iv/bin/echo", "ran"]).await, "ran");
     // The node's root's files are the pod root's inside; what it writes is the node's root's
     // on the node (the copy maps ids both ways).
     assert_eq!(
@@ -394,11 +410,24 @@ async fn a_kill_with_a_volume_copy_attached_leaves_the_host_data_and_no_mount() 
     let pod = w.run_pod(c).await;
     let volume = |name: &str| {
         let mut c = container(name, &["sleep", "3600"]);
-        c.mounts = vec![cri::Mount {
-            container_path: "/data".into(),
-            host_path: host.to_string_lossy().into_owned(),
-            ..Default::default()
-        }];
+        c.mounts = vec![
+            cri::Mount {
+                container_path: "/data".into(),
+                host_path: host.to_string_lossy().into_owned(),
+                ..Default::default()
+            },
+            // An image volume's overlay and its sub path's copy are attached the same way.
+            cri::Mount {
+                container_path: "/ibin".into(),
+                readonly: true,
+                image: Some(cri::ImageSpec {
+                    image: BUSYBOX.into(),
+                    ..Default::default()
+                }),
+                image_sub_path: "bin".into(),
+                ..Default::default()
+            },
+        ];
         c
     };
     let b = &mut w.env.berthd;
@@ -408,9 +437,23 @@ async fn a_kill_with_a_volume_copy_attached_leaves_the_host_data_and_no_mount() 
     w.rt = w.env.berthd.runtime().await;
     assert!(w.create(&pod, volume("v")).await.is_err());
     w.env.berthd.wait_exit(std::time::Duration::from_secs(10));
-    // The copy is still attached, as the kill left it.
+    // The copy, the image's overlay and its sub path's copy are still attached, as the kill
+    // left them.
     let idmapped = w.env.berthd.state.join("idmapped");
-    assert_eq!(std::fs::read_dir(&idmapped).unwrap().count(), 1);
+    let mut left: Vec<String> = std::fs::read_dir(&idmapped)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .split_once('.')
+                .unwrap()
+                .1
+                .to_string()
+        })
+        .collect();
+    left.sort();
+    assert_eq!(left, ["0", "img1", "img1.sub"]);
     let b = &mut w.env.berthd;
     b.env = Vec::new();
     b.restart();
@@ -422,6 +465,7 @@ async fn a_kill_with_a_volume_copy_attached_leaves_the_host_data_and_no_mount() 
     );
     let id = w.run(&pod, volume("v")).await;
     assert_eq!(w.out(&id, &["cat", "/data/keep"]).await, "mine");
+    assert_eq!(w.out(&id, &["/ibin/echo", "ran"]).await, "ran");
     w.remove_pod(&pod.0).await;
     assert_eq!(
         std::fs::read_to_string(host.join("keep")).unwrap(),

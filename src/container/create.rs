@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::{
     ContainerRecord, ContainerSpec, Containers, Ctr, CtrState, MountSpec, image_file, internal,
-    mon_err, name_key, now_ns, rootfs, spec, user, volumes_idmapped,
+    mon_err, name_key, now_ns, rootfs, spec, user, volumes, volumes_idmapped,
 };
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -30,6 +30,7 @@ impl Containers {
         pod: Arc<Pod>,
         spec: ContainerSpec,
         image: Arc<Image>,
+        volumes: Vec<Arc<Image>>,
     ) -> Result<String> {
         let key = name_key(&pod.id, &spec.name, spec.attempt);
         let ticket = match self.names.reserve(&key).await {
@@ -50,7 +51,7 @@ impl Containers {
             |c| &c.names,
             ticket,
             self.unclaimed_timeout,
-            move |this| async move { this.create_reserved(pod, spec, image).await },
+            move |this| async move { this.create_reserved(pod, spec, image, volumes).await },
             |this, id| async move {
                 let _ = this.stop(&id, Duration::ZERO).await;
                 if let Err(e) = this.remove(&id).await {
@@ -68,6 +69,7 @@ impl Containers {
         pod: Arc<Pod>,
         spec: ContainerSpec,
         image: Arc<Image>,
+        volumes: Vec<Arc<Image>>,
     ) -> Result<String> {
         // Serialized with the pod's Stop/Remove: no container appears in a pod going away.
         let _pod_op = pod.lock().await;
@@ -106,7 +108,7 @@ impl Containers {
             .write()
             .expect("containers poisoned")
             .insert(id.clone(), ctr.clone());
-        match self.make(&mut rec, &p, &image).await {
+        match self.make(&mut rec, &p, &image, &volumes).await {
             Ok(()) => {
                 rec.state = CtrState::Created;
                 let persisted = self.persist(&rec);
@@ -129,8 +131,24 @@ impl Containers {
 
     /// The steps of CreateContainer, in order. The record written before them lets `undo`
     /// take back whatever exists (each of its steps is safe when its object is missing).
-    async fn make(&self, rec: &mut ContainerRecord, p: &PodRecord, image: &Image) -> Result<()> {
+    async fn make(
+        &self,
+        rec: &mut ContainerRecord,
+        p: &PodRecord,
+        image: &Image,
+        volumes: &[Arc<Image>],
+    ) -> Result<()> {
         let t0 = std::time::Instant::now();
+        let held: Vec<&Image> = std::iter::once(image)
+            .chain(volumes.iter().map(|v| v.as_ref()))
+            .collect();
+        self.images
+            .hold(&rec.id, &held)
+            .await
+            .map_err(|e| match e {
+                crate::image::ImageError::NotFound(_) => Error::NotFound(e.to_string()),
+                e => Error::Internal(e.to_string()),
+            })?;
         let rootfs_dir = self.make_rootfs(&rec.id, image, p)?;
         // Before any runtime sees the root: its /dev and the rest must not lead out of it.
         rootfs::check_runtime_dirs(&rootfs_dir)
@@ -138,27 +156,15 @@ impl Containers {
         crate::failpoint::hit("create:rootfs").await;
         let t_mount = t0.elapsed();
         rec.user = self.resolve_user(rec, image, &rootfs_dir).await?;
-        rec.mounts = host_mounts(&rec.spec.mounts)?;
-        self.ensure_targets(rec, image, &rootfs_dir)?;
+        rec.mounts = volumes::host_mounts(&rec.spec.mounts)?;
         rec.spec.resources.hugepage_limits = super::update::enforceable_hugepages(
             &rec.spec.resources.hugepage_limits,
             self.pods.cgroups.has_controller("hugetlb"),
         )?;
-        // A user-namespaced pod's volumes go to the runtime as idmapped copies, attached until
-        // the container holds them.
-        let (attached, mounts) = match p.spec.namespaces.user {
-            Some(_) if !rec.mounts.is_empty() => {
-                let (a, m) = volumes_idmapped::attach(
-                    &self.layout.idmapped(),
-                    &rec.id,
-                    &rec.mounts,
-                    &self.pods.ns_dir(&p.id).join("user"),
-                )
-                .map_err(Error::InvalidArgument)?;
-                (Some(a), m)
-            }
-            _ => (None, rec.mounts.clone()),
-        };
+        // What the runtime binds: attached (idmapped copies, image volumes) until the
+        // container holds its binds of them.
+        let (attached, mounts) = self.volume_sources(rec, p, volumes)?;
+        self.ensure_targets(rec, image, &rootfs_dir, &mounts)?;
         self.write_spec(rec, p, image, &rootfs_dir, &mounts)?;
         crate::failpoint::hit("create:spec").await;
         // The record written at the start already lets an undo reach the monitor: nothing
@@ -181,8 +187,8 @@ impl Containers {
         Ok(())
     }
 
-    /// The container's root filesystem: a hold on the image, the writable layer, the
-    /// overlay, and targets for the pod's file mounts.
+    /// The container's root filesystem: the writable layer, the overlay, and targets for the
+    /// pod's file mounts.
     fn make_rootfs(&self, id: &str, image: &Image, p: &PodRecord) -> Result<PathBuf> {
         let dir = self.ctr_dir(id);
         let upper = self.layout.layers().join(id);
@@ -199,9 +205,6 @@ impl Containers {
                 })
                 .map_err(internal("creating the container's directories"))?;
         }
-        self.images
-            .hold(id, image)
-            .map_err(|e| Error::Internal(e.to_string()))?;
         let rootfs_dir = dir.join("rootfs");
         let userns = p
             .spec
@@ -213,7 +216,7 @@ impl Containers {
             std::os::unix::fs::chown(upper.join("upper"), Some(u.uids.host), Some(u.gids.host))
                 .map_err(internal("handing the writable layer to the pod's root"))?;
         }
-        rootfs::mount_overlay(
+        super::overlay::mount_overlay(
             &self.images.lower_dirs(image),
             &upper.join("upper"),
             &upper.join("work"),
@@ -227,28 +230,6 @@ impl Containers {
         )
         .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(rootfs_dir)
-    }
-
-    /// The working directory and the request's mount targets, made inside the root where the
-    /// image lacks them or has dangling links there (their targets are made, inside the root).
-    fn ensure_targets(&self, rec: &ContainerRecord, image: &Image, root: &Path) -> Result<()> {
-        let cwd = spec::working_dir(&rec.spec, &image.config);
-        let mut targets = vec![(cwd, rootfs::Target::Dir)];
-        for (m, src) in &rec.mounts {
-            let kind = if src.is_dir() {
-                rootfs::Target::Dir
-            } else {
-                rootfs::Target::File
-            };
-            targets.push((m.container_path.clone(), kind));
-        }
-        for (t, kind) in targets {
-            if t.starts_with('/') {
-                rootfs::ensure_target(root, &t, kind)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-            }
-        }
-        Ok(())
     }
 
     /// Who the process runs as, names resolved through the image's own files.
@@ -514,7 +495,7 @@ impl Containers {
             tracing::warn!(container = id, error = %e, "removing the container record's copy");
         }
         let dir = self.ctr_dir(id);
-        rootfs::unmount(&dir.join("rootfs"));
+        super::overlay::unmount(&dir.join("rootfs"));
         volumes_idmapped::detach_left(&self.layout.idmapped(), Some(id));
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_dir_all(self.layout.layers().join(id));
@@ -563,34 +544,6 @@ fn new_record(
         mounts: Vec::new(),
         spec,
     })
-}
-
-/// The request's host paths: absolute, existing; symlinks resolved so the mount shows the
-/// target.
-fn host_mounts(mounts: &[MountSpec]) -> Result<Vec<(MountSpec, PathBuf)>> {
-    let mut out = Vec::new();
-    for m in mounts {
-        if m.container_path.is_empty() || !m.container_path.starts_with('/') {
-            return Err(Error::InvalidArgument(format!(
-                "mount container path {:?} must be absolute",
-                m.container_path
-            )));
-        }
-        if !m.host_path.starts_with('/') {
-            return Err(Error::InvalidArgument(format!(
-                "mount host path {:?} must be absolute",
-                m.host_path
-            )));
-        }
-        let resolved = std::fs::canonicalize(&m.host_path).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "mount host path {:?} cannot be used: {e}",
-                m.host_path
-            ))
-        })?;
-        out.push((m.clone(), resolved));
-    }
-    Ok(out)
 }
 
 /// `log_directory/log_path`, with the relative part checked.

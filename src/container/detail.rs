@@ -333,7 +333,12 @@ impl super::Containers {
             return Detail::default();
         };
         let rel = self.pods.cgroups.container_cgroup(&pod.cgroup(), &rec.id);
-        read_detail(&self.pods.cgroups, &rel, layer)
+        let mut d = read_detail(&self.pods.cgroups, &rel, layer);
+        // cgroup v2 holds a weight made from the shares: report the shares given.
+        if d.limits.cpu_shares.is_none() && rec.spec.resources.cpu_shares > 0 {
+            d.limits.cpu_shares = Some(rec.spec.resources.cpu_shares as u64);
+        }
+        d
     }
 }
 

@@ -17,8 +17,10 @@ pub mod detail;
 mod exec;
 mod exits;
 pub mod image_file;
+mod image_volumes;
 mod lifecycle;
 pub use lifecycle::signal_number;
+mod overlay;
 mod reconcile;
 pub mod rootfs;
 pub mod seccomp;
@@ -26,6 +28,7 @@ pub mod spec;
 pub mod stats;
 mod update;
 pub mod user;
+mod volumes;
 mod volumes_idmapped;
 
 use std::collections::{BTreeMap, HashMap};
@@ -80,6 +83,22 @@ pub struct MountSpec {
     /// Flags for the bind mount: `noexec`, `nodev`, `nosuid` (CRI mount_options).
     #[serde(default)]
     pub options: Vec<String>,
+    /// An image volume: the files of this image instead of a host path.
+    #[serde(default)]
+    pub image: Option<ImageVolume>,
+}
+
+/// An image volume's source (CRI `Mount.image`, `image_sub_path`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVolume {
+    /// The image as the request named it.
+    pub image: String,
+    /// The image's ID, found when the container is made.
+    #[serde(default)]
+    pub image_id: String,
+    /// A directory or file of the image, relative to its root, given instead of all of it.
+    #[serde(default)]
+    pub sub_path: String,
 }
 
 /// A host device given to the container.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::exits::apply_exit;
-use super::{ContainerRecord, Containers, Ctr, CtrState, name_key, now_ns, rootfs};
+use super::{ContainerRecord, Containers, Ctr, CtrState, name_key, now_ns};
 use crate::error::{Error, Result};
 use crate::monitor::proto::{self, request};
 use crate::sandbox::PodState;
@@ -28,7 +28,7 @@ impl Containers {
         for _ in 0..detached {
             store::Tally::add(&self.reconciled.removed);
         }
-        let records = self.read_records()?;
+        let records = self.read_records().await?;
         let pods: HashMap<String, PodState> = self.pods.ids().into_iter().collect();
         let (held, unanswered) = self.held_by_monitors(&pods).await;
         for r in records {
@@ -60,7 +60,7 @@ impl Containers {
     /// recorded as ended by the node's restart (exit code 255, reason `NodeRestarted`). Its
     /// image is held again; its writable layer is still in `--root`. One that was still being
     /// created is dropped.
-    fn restore_from_copies(&self) -> Result<()> {
+    async fn restore_from_copies(&self) -> Result<()> {
         let refuse = |e: store::StoreError| Error::Internal(store::refusal(&e));
         for (id, mut r) in self.copies.read_all::<ContainerRecord>().map_err(refuse)? {
             let dir = self.ctr_dir(&id);
@@ -89,10 +89,21 @@ impl Containers {
             crate::layout::private_dir(&dir)
                 .map_err(|e| crate::error::from_io("restoring a container directory", e))?;
             self.persist(&r)?;
-            if let Some(img) = self.images.find(&r.image_id)
-                && let Err(e) = self.images.hold(&id, &img)
+            // Its own image and its image volumes' (those still here).
+            let mut ids = vec![r.image_id.as_str()];
+            ids.extend(
+                r.spec
+                    .mounts
+                    .iter()
+                    .filter_map(|m| m.image.as_ref())
+                    .map(|v| v.image_id.as_str()),
+            );
+            let images: Vec<_> = ids.iter().filter_map(|i| self.images.find(i)).collect();
+            let held: Vec<&crate::image::Image> = images.iter().map(|i| i.as_ref()).collect();
+            if !held.is_empty()
+                && let Err(e) = self.images.hold(&id, &held).await
             {
-                tracing::warn!(container = %id, error = %e, "holding the image of a restored container");
+                tracing::warn!(container = %id, error = %e, "holding the images of a restored container");
             }
             store::Tally::add(&self.reconciled.restored);
         }
@@ -101,8 +112,8 @@ impl Containers {
 
     /// The container records; a directory without one is removed (it was made just before
     /// its record), an unreadable one is an error.
-    fn read_records(&self) -> Result<Vec<ContainerRecord>> {
-        self.restore_from_copies()?;
+    async fn read_records(&self) -> Result<Vec<ContainerRecord>> {
+        self.restore_from_copies().await?;
         let mut records = Vec::new();
         let Ok(rd) = std::fs::read_dir(self.layout.containers()) else {
             return Ok(records);
@@ -124,7 +135,7 @@ impl Containers {
                 Ok(None) => {
                     tracing::warn!(container = %name, "removing a container directory without a record");
                     store::Tally::add(&self.reconciled.removed);
-                    rootfs::unmount(&e.path().join("rootfs"));
+                    super::overlay::unmount(&e.path().join("rootfs"));
                     let _ = std::fs::remove_dir_all(e.path());
                 }
                 Err(e) => return Err(Error::Internal(store::refusal(&e))),

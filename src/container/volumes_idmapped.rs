@@ -15,8 +15,16 @@ use nix::mount::{MntFlags, umount2};
 
 use super::MountSpec;
 
-/// Copies attached for one creation; detached when dropped.
+/// Mounts attached for one creation (these copies, image volumes); detached when dropped.
+#[derive(Default)]
 pub struct Attached(Vec<PathBuf>);
+
+impl Attached {
+    /// Takes a mount point made for this creation: detached (and removed) with the rest.
+    pub fn push(&mut self, at: PathBuf) {
+        self.0.push(at);
+    }
+}
 
 impl Drop for Attached {
     fn drop(&mut self) {
@@ -27,17 +35,17 @@ impl Drop for Attached {
 }
 
 /// Attaches an idmapped copy (recursive, as the runtime binds volumes with rbind) of each
-/// mount's host source under `dir`, mapped with the user namespace pinned at `userns`;
-/// returns the mounts with those copies as their sources.
+/// mount's host source under `dir`, mapped with the user namespace pinned at `userns`, into
+/// `attached`; returns the mounts with those copies as their sources.
 pub fn attach(
+    attached: &mut Attached,
     dir: &Path,
     ctr: &str,
     mounts: &[(MountSpec, PathBuf)],
     userns: &Path,
-) -> Result<(Attached, Vec<(MountSpec, PathBuf)>), String> {
+) -> Result<Vec<(MountSpec, PathBuf)>, String> {
     use rustix::mount::{MoveMountFlags, OpenTreeFlags};
     let ns = std::fs::File::open(userns).map_err(|e| format!("{}: {e}", userns.display()))?;
-    let mut attached = Attached(Vec::new());
     let mut out = Vec::new();
     for (n, (m, src)) in mounts.iter().enumerate() {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
@@ -55,7 +63,7 @@ pub fn attach(
             std::fs::File::create_new(&at).map(drop)
         }
         .map_err(|e| fail("making its mount point", &e))?;
-        attached.0.push(at.clone());
+        attached.push(at.clone());
         let tree = rustix::mount::open_tree(
             rustix::fs::CWD,
             src,
@@ -85,11 +93,11 @@ pub fn attach(
         .map_err(|e| fail("attaching the idmapped copy", &e))?;
         out.push((m.clone(), at));
     }
-    Ok((attached, out))
+    Ok(out)
 }
 
-/// Detaches and removes what is attached at `at` (a mount point of this module's).
-fn detach(at: &Path) {
+/// Detaches and removes what is attached at `at` (a mount point of a creation's).
+pub fn detach(at: &Path) {
     // A mount point may hold a copy stacked more than once (a crash between attaching and
     // recording): detach until nothing is mounted there.
     for _ in 0..8 {

@@ -9,87 +9,8 @@ use tonic::Status;
 
 use super::{Cri, ns_mode};
 use crate::container::{
-    ContainerRecord, ContainerSecurity, ContainerSpec, CtrFilter, CtrState, DeviceSpec, MountSpec,
-    Propagation, Resources,
+    ContainerRecord, ContainerSecurity, ContainerSpec, CtrFilter, CtrState, DeviceSpec, Resources,
 };
-
-fn mount(m: cri::Mount) -> Result<MountSpec, Status> {
-    let idmap = match (m.uid_mappings.as_slice(), m.gid_mappings.as_slice()) {
-        ([], []) => None,
-        ([u], [g]) => Some(crate::sandbox::UserNs {
-            uids: id_range(u),
-            gids: id_range(g),
-        }),
-        _ => {
-            return Err(Status::invalid_argument(format!(
-                "mount {}: an idmapped mount takes exactly one uid and one gid mapping \
-                 (uid_mappings, gid_mappings)",
-                m.container_path
-            )));
-        }
-    };
-    if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
-        return Err(Status::invalid_argument(format!(
-            "mount {}: image volumes are not supported by berth yet",
-            m.container_path
-        )));
-    }
-    let propagation = match cri::MountPropagation::try_from(m.propagation) {
-        Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
-        Ok(cri::MountPropagation::PropagationHostToContainer) => Propagation::HostToContainer,
-        Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "mount {}: unknown propagation {}",
-                m.container_path, m.propagation
-            )));
-        }
-    };
-    if m.recursive_read_only && !m.readonly {
-        return Err(Status::invalid_argument(format!(
-            "mount {}: recursive_read_only needs readonly",
-            m.container_path
-        )));
-    }
-    if m.recursive_read_only && propagation != Propagation::Private {
-        return Err(Status::invalid_argument(format!(
-            "mount {}: recursive_read_only needs private propagation",
-            m.container_path
-        )));
-    }
-    let options = mount_options(&m.container_path, m.mount_options)?;
-    // selinux_relabel is ignored: no SELinux on these nodes.
-    Ok(MountSpec {
-        container_path: m.container_path,
-        host_path: m.host_path,
-        readonly: m.readonly,
-        recursive_read_only: m.recursive_read_only,
-        propagation,
-        idmap,
-        options,
-    })
-}
-
-/// The per-mount flags berth applies to a bind mount (RuntimeFeatures.mount_options). Anything
-/// else is refused by name: `ro` has its own field, and a flag that widens what the mount allows
-/// (exec, dev, suid) is never what a volume needs.
-const MOUNT_OPTIONS: [&str; 3] = ["noexec", "nodev", "nosuid"];
-
-fn mount_options(path: &str, options: Vec<String>) -> Result<Vec<String>, Status> {
-    let mut out: Vec<String> = Vec::new();
-    for o in options {
-        if !MOUNT_OPTIONS.contains(&o.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "mount {path}: mount option {o:?} is not taken (berth applies {})",
-                MOUNT_OPTIONS.join(", ")
-            )));
-        }
-        if !out.contains(&o) {
-            out.push(o);
-        }
-    }
-    Ok(out)
-}
 
 /// A CRI stop signal as the name berth records ("SIGUSR1", "SIGRTMIN+3"); none for
 /// RUNTIME_DEFAULT, which leaves the image's STOPSIGNAL or SIGTERM in force.
@@ -113,15 +34,26 @@ pub(super) fn stop_signal_name(v: i32) -> Result<Option<String>, Status> {
 /// The CRI value of the signal a stop sends: the recorded name's number, reported as the
 /// first (canonical) CRI name with that number; SIGTERM when nothing is recorded.
 pub(super) fn cri_stop_signal(name: &str) -> i32 {
-    let n = crate::container::signal_number(name).unwrap_or(libc::SIGTERM);
-    (1..=65)
-        .find(|&v| {
-            stop_signal_name(v)
+    // Signal number → first CRI value naming it, built once: every ContainerStatus and
+    // container event asks.
+    static BY_NUMBER: std::sync::OnceLock<HashMap<i32, i32>> = std::sync::OnceLock::new();
+    let table = BY_NUMBER.get_or_init(|| {
+        let mut t = HashMap::new();
+        for v in (1..).take_while(|&v| cri::Signal::try_from(v).is_ok()) {
+            if let Some(n) = stop_signal_name(v)
                 .ok()
                 .flatten()
                 .and_then(|s| crate::container::signal_number(&s))
-                == Some(n)
-        })
+            {
+                t.entry(n).or_insert(v);
+            }
+        }
+        t
+    });
+    let n = crate::container::signal_number(name).unwrap_or(libc::SIGTERM);
+    table
+        .get(&n)
+        .copied()
         .unwrap_or(cri::Signal::Sigterm as i32)
 }
 
@@ -143,14 +75,6 @@ fn env_value(key: &str, value: Vec<u8>) -> Result<String, Status> {
             e.utf8_error().valid_up_to()
         ))
     })
-}
-
-fn id_range(m: &cri::IdMapping) -> crate::sandbox::IdRange {
-    crate::sandbox::IdRange {
-        container: m.container_id,
-        host: m.host_id,
-        len: m.length,
-    }
 }
 
 /// The domain's view of a ContainerConfig.
@@ -195,7 +119,11 @@ fn container_spec(c: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
                 Ok((kv.key, v))
             })
             .collect::<Result<_, Status>>()?,
-        mounts: c.mounts.into_iter().map(mount).collect::<Result<_, _>>()?,
+        mounts: c
+            .mounts
+            .into_iter()
+            .map(super::mounts::mount)
+            .collect::<Result<_, _>>()?,
         devices: c
             .devices
             .into_iter()
@@ -378,33 +306,6 @@ fn load_seccomp(path: &str) -> Result<serde_json::Value, Status> {
     serde_json::to_value(section).map_err(|e| bad(e.to_string()))
 }
 
-fn cri_id_range(r: &crate::sandbox::IdRange) -> cri::IdMapping {
-    cri::IdMapping {
-        container_id: r.container,
-        host_id: r.host,
-        length: r.len,
-    }
-}
-
-/// A mount as ContainerStatus reports it (its host path resolved).
-fn cri_mount(m: &MountSpec, src: &std::path::Path) -> cri::Mount {
-    cri::Mount {
-        container_path: m.container_path.clone(),
-        host_path: src.to_string_lossy().into_owned(),
-        readonly: m.readonly,
-        recursive_read_only: m.recursive_read_only,
-        propagation: match m.propagation {
-            Propagation::Private => cri::MountPropagation::PropagationPrivate,
-            Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer,
-            Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
-        } as i32,
-        uid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.uids)).collect(),
-        gid_mappings: m.idmap.iter().map(|u| cri_id_range(&u.gids)).collect(),
-        mount_options: m.options.clone(),
-        ..Default::default()
-    }
-}
-
 fn state(s: CtrState) -> i32 {
     (match s {
         CtrState::Creating | CtrState::Created => cri::ContainerState::ContainerCreated,
@@ -419,7 +320,11 @@ fn map(m: &BTreeMap<String, String>) -> HashMap<String, String> {
 
 /// A container's status as ContainerStatus and GetContainerEvents answer it.
 pub(super) fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
-    let mounts = r.mounts.iter().map(|(m, src)| cri_mount(m, src)).collect();
+    let mounts = r
+        .mounts
+        .iter()
+        .map(|(m, src)| super::mounts::cri_mount(m, src))
+        .collect();
     cri::ContainerStatus {
         id: r.id.clone(),
         metadata: Some(metadata(r)),

@@ -179,13 +179,8 @@ fn container_metrics(s: &Stats, d: &Detail, namespace: &str, pod: &str) -> cri::
     }
     k.push("container_last_seen", &[], s.timestamp.max(0) as u64 / NS);
     k.pressure(&s.pressure);
-    let mut d = d.clone();
-    // cgroup v2 holds a weight made from the shares: report the shares given.
-    if d.limits.cpu_shares.is_none() && r.spec.resources.cpu_shares > 0 {
-        d.limits.cpu_shares = Some(r.spec.resources.cpu_shares as u64);
-    }
     k.detail(
-        &d,
+        d,
         s.layer.as_ref().map(|l| l.0.to_string_lossy()).as_deref(),
     );
     cri::ContainerMetrics {

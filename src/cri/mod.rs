@@ -9,6 +9,7 @@ mod image;
 mod lists;
 mod metric_descs;
 mod metrics;
+mod mounts;
 mod runtime_info;
 mod sandbox;
 mod stats;

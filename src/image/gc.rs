@@ -1,7 +1,7 @@
 //! What keeps content and snapshots alive, and their collection: images hold theirs, a pull in
 //! flight holds what it fetched (a lease dropped when the pull ends), a container holds its
-//! image durably (`state/leases/<owner>.json`). Garbage collection runs after RemoveImage and
-//! after a container's hold is released.
+//! image and its image volumes' images durably (`state/leases/<owner>.json`). Garbage
+//! collection runs after RemoveImage and after a container's hold is released.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -40,18 +40,41 @@ impl ImageStore {
         PullLease { store: self, id }
     }
 
-    /// Holds an image's layers for `owner` (a container), durably, until `release`.
-    pub fn hold(&self, owner: &str, img: &Image) -> Result<(), ImageError> {
-        let items: Vec<String> = img
-            .chain_ids()
-            .into_iter()
-            .chain(img.content_digests())
-            .collect();
+    /// Holds the layers of `images` (a container's own and its image volumes') for `owner`,
+    /// durably, until `release`. Taken under the collector's lock, and only for images still
+    /// here: an image removed between a caller finding it and this hold is NotFound, never
+    /// held half-deleted.
+    pub async fn hold(&self, owner: &str, images: &[&Image]) -> Result<(), ImageError> {
+        let _commit = self.commit.lock().await;
+        {
+            let idx = self.read_index();
+            if let Some(gone) = images
+                .iter()
+                .find(|i| !idx.by_id.contains_key(&i.record.id))
+            {
+                return Err(ImageError::NotFound(format!(
+                    "{} (removed while the container was being made)",
+                    gone.record.id
+                )));
+            }
+        }
+        let mut items: Vec<String> = Vec::new();
+        for img in images {
+            for i in img.chain_ids().into_iter().chain(img.content_digests()) {
+                if !items.contains(&i) {
+                    items.push(i);
+                }
+            }
+        }
         store::write_json_volatile(
             &self.leases_dir.join(format!("{owner}.json")),
             &LeaseRecord {
                 owner: owner.to_string(),
-                image_id: img.record.id.clone(),
+                image_id: images
+                    .first()
+                    .map(|i| i.record.id.clone())
+                    .unwrap_or_default(),
+                volume_images: images.iter().skip(1).map(|i| i.record.id.clone()).collect(),
                 items: items.clone(),
             },
         )?;

@@ -335,6 +335,9 @@ pub struct ImageStore {
 struct LeaseRecord {
     owner: String,
     image_id: String,
+    /// The images of the owner's image volumes (records from before image volumes lack it).
+    #[serde(default)]
+    volume_images: Vec<String>,
     items: Vec<String>,
 }
 

@@ -271,8 +271,8 @@ impl World {
     }
 }
 
-/// Pulls `image` into `b`; panics if that fails.
-pub async fn pull(b: &super::Berthd, image: &str) {
+/// Pulls `image` into `b` and returns its image_ref (the image ID); panics if that fails.
+pub async fn pull(b: &super::Berthd, image: &str) -> String {
     b.images()
         .await
         .pull_image(cri::PullImageRequest {
@@ -283,7 +283,9 @@ pub async fn pull(b: &super::Berthd, image: &str) {
             ..Default::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner()
+        .image_ref
 }
 
 /// PodSandboxStatus of `id`; panics if the call fails.
