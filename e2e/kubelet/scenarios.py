@@ -4,7 +4,7 @@ does to a runtime every day. Run by e2e/kubelet/run inside a network namespace o
 the fixtures registry on its loopback; this script starts berthd and kubelet there, writes
 manifests, watches kubelet's read-only API and crictl, and reports each scenario.
 
-Usage: scenarios.py WORK BERTHD KUBELET CRICTL CGROUP_TAG [--bench N] [--containerd]
+Usage: scenarios.py WORK BERTHD KUBELET CRICTL CGROUP_TAG [--bench N] [--containerd] [--only 16,17]
 With --bench N it only measures static pod start (manifest written -> container running, as
 kubelet reports it) for N pods and prints median and p90; with --containerd as well, the
 runtime is Debian's containerd (with the CNI bridge plugin) instead of berthd, for comparison.
@@ -30,12 +30,15 @@ import urllib.request
 WORK, BERTHD, KUBELET, CRICTL, TAG = sys.argv[1:6]
 BENCH = int(sys.argv[sys.argv.index("--bench") + 1]) if "--bench" in sys.argv else 0
 CONTAINERD = "--containerd" in sys.argv
+# --only 16,17: just those scenarios (by number), for working on one.
+ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 NODE = "berth-node"
 SOCK = f"{WORK}/berth.sock"
 MANIFESTS = f"{WORK}/manifests"
 LOGS = f"{WORK}/pod-logs"
 BUSYBOX = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
 NGINX = "registry.k8s.io/e2e-test-images/nginx:1.14-2"
+VOLUME_IMAGE = "docker.io/berth-test/volume-links:latest"  # an image mounted, never run
 procs = {}
 results = []
 WITH_VOLUMES = set()  # pods whose manifest has volumes (kubelet reports volume stats for them)
@@ -140,7 +143,7 @@ def crictl(*args):
 
 def crictl_json(*args):
     r = crictl(*args, "-o", "json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, f"crictl {' '.join(args)}: exit {r.returncode}: {r.stderr}"
     return json.loads(r.stdout)
 
 
@@ -261,6 +264,7 @@ def scenario(title):
             except Exception as e:
                 results.append((title, False, str(e)))
                 log(f"FAIL {title}: {e}")
+        run.number = title.split()[0]
         return run
     return wrap
 
@@ -907,6 +911,41 @@ def stop_signal():
     return "SIGUSR1 received; containerStatuses[].stopSignal SIGUSR1"
 
 
+@scenario("17 an image volume (GA in 1.36), whole and by subPath, is the image's files, read-only")
+def image_volume():
+    write_manifest("imagevol", {
+        "terminationGracePeriodSeconds": 1,
+        "volumes": [{"name": "img", "image": {"reference": VOLUME_IMAGE,
+                                              "pullPolicy": "IfNotPresent"}}],
+        "containers": [{"name": "c", "image": BUSYBOX, "command": ["sleep", "3600"],
+                        "volumeMounts": [{"name": "img", "mountPath": "/img"},
+                                         {"name": "img", "mountPath": "/imgetc",
+                                          "subPath": "etc"}]}]})
+    until("imagevol runs", lambda: running("imagevol", "c"), timeout=120)
+    ids = [c["id"] for c in crictl_json("ps", "--name", "^c$", "--label",
+                                        f"io.kubernetes.pod.name=imagevol-{NODE}")["containers"]]
+    assert len(ids) == 1, ids
+    r = crictl("exec", "-s", ids[0], "cat", "/img/lib/app/data.txt")
+    assert r.returncode == 0 and r.stdout.strip() == "data of the image", (r.stdout, r.stderr)
+    # The subPath goes through the image's own links: its /etc, never the node's.
+    r = crictl("exec", "-s", ids[0], "ls", "-A", "/imgetc")
+    assert r.returncode == 0 and r.stdout.split() == ["volume-marker"], (r.stdout, r.stderr)
+    r = crictl("exec", "-s", ids[0], "touch", "/img/written")
+    assert r.returncode != 0 and "Read-only" in r.stderr, (r.stdout, r.stderr)
+    # inspect and inspecti print JSON by default (and take no flag after the id).
+    r = crictl("inspect", ids[0])
+    assert r.returncode == 0, r.stderr
+    mounts = json.loads(r.stdout)["status"]["mounts"]
+    refs = {m["containerPath"]: (m.get("image") or {}).get("imageRef", "") for m in mounts}
+    r = crictl("inspecti", VOLUME_IMAGE)
+    assert r.returncode == 0, r.stderr
+    image_id = json.loads(r.stdout)["status"]["id"]
+    assert refs.get("/img") == image_id and refs.get("/imgetc") == image_id, refs
+    os.remove(f"{MANIFESTS}/imagevol.json")
+    until("imagevol is gone", lambda: pod("imagevol") is None, timeout=120)
+    return f"files of {VOLUME_IMAGE} at /img and its etc at /imgetc, read-only; imageRef {image_id[:19]}"
+
+
 def crictl_alone(rounds=10):
     """The median time of `crictl version`: crictl's own start and one trivial call."""
     times = []
@@ -932,8 +971,9 @@ def main():
         for s in [nginx_ready, liveness_restart, init_first, host_port, log_rotation,
                   remove_manifest, berthd_crash, seccomp_default, stats_summary,
                   crictl_stats_events, port_forward, crictl_exec_attach, kubelet_exec,
-                  kubelet_port_forward, user_namespace_pod, stop_signal]:
-            s()
+                  kubelet_port_forward, user_namespace_pod, stop_signal, image_volume]:
+            if ONLY is None or s.number in ONLY:
+                s()
         errors = runtime_errors()
         log("CRI calls kubelet logged as failed (code, berth's message, kubelet's context): "
             f"{len(errors)} kinds")
